@@ -1,0 +1,108 @@
+"""Small shared utilities: the user-facing error type, atomic file writes, content hashes, caches.
+
+Every module raises :class:`DiscoverError` for bad input; ``discover.py`` turns it into one line on
+stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO_DIR = Path(__file__).resolve().parent
+
+
+class DiscoverError(Exception):
+    """A user-facing error: bad input, a missing or corrupt file. Printed as one line."""
+
+
+def cache_dir() -> Path:
+    """Root of the content-keyed caches (``$DISCOVER_CACHE`` or ``~/.cache/discover``)."""
+    root = Path(os.environ.get("DISCOVER_CACHE", Path.home() / ".cache" / "discover"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A reader never sees a half-written file: either the old content or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; move it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-serialisable description (sorted keys): the key of a content cache."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def ensure_writable_dir(path: str | os.PathLike, flag: str, force: bool = False,
+                        allowed: tuple[str, ...] = ()) -> Path:
+    """Check that ``path`` can be written as an output directory.
+
+    Refuses a non-empty directory (unless ``force``, or it only holds names in ``allowed``) and
+    an unwritable parent, with one-line errors that name ``flag``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DiscoverError(f"{flag}: {path} exists and is not a directory")
+    if path.is_dir():
+        foreign = [p.name for p in path.iterdir() if p.name not in allowed]
+        if foreign and not force:
+            raise DiscoverError(f"{flag}: {path} is not empty ({len(foreign)} entries); "
+                                "pass --force to overwrite")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise DiscoverError(f"{flag}: {parent} is not writable")
+    return path

@@ -1,0 +1,226 @@
+"""LWTA layers against hand-computed references (DISCOVER Eq. 1-2, 6; Sec. 3.1 KL)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lwta
+from common import DiscoverError
+
+# Upper 0.1 % points of the chi-square distribution (statistics tables), by degrees of freedom.
+CHI2_999 = {1: 10.828, 3: 16.266, 7: 24.322}
+
+
+def _blocks(y: torch.Tensor, U: int, conv: bool) -> torch.Tensor:
+    """Output regrouped as (..., U) blocks, by plain indexing."""
+    if conv:
+        N, C, H, W = y.shape
+        return y.reshape(N, C // U, U, H, W).permute(0, 1, 3, 4, 2)
+    return y.reshape(*y.shape[:-1], y.shape[-1] // U, U)
+
+
+@pytest.mark.parametrize("U", [2, 4, 8])
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("state", ["train", "sample", "argmax"])
+def test_one_winner_per_block_passes_its_input(U: int, conv: bool, state: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 2 * U, 5, 4) if conv else torch.randn(3, 7, 3 * U)
+    layer = (lwta.ConvLWTA if conv else lwta.LWTA)(U)
+    layer.train(state == "train")
+    layer.mode = "argmax" if state == "argmax" else "sample"
+    y = layer(x)
+    assert y.shape == x.shape
+    nz = _blocks(y != 0, U, conv).sum(-1)
+    assert torch.all(nz == 1)  # exactly one winner per block and position
+    assert (y != 0).float().mean().item() == pytest.approx(1 / U, abs=0)
+    mask = y != 0
+    assert torch.equal(y[mask], x[mask])  # the winner passes its linear response
+    # winners() agrees with the support of the output
+    w = lwta.winners(layer)
+    support = _blocks(mask, U, conv).float().argmax(-1)
+    assert torch.equal(w.reshape(support.shape), support)
+
+
+def test_argmax_mode_is_deterministic_and_picks_the_max() -> None:
+    layer = lwta.LWTA(4).eval()
+    layer.mode = "argmax"
+    x = torch.randn(16, 32)
+    y1, y2 = layer(x), layer(x)
+    assert torch.equal(y1, y2)
+    ref = x.reshape(16, 8, 4)
+    keep = ref == ref.max(-1, keepdim=True).values
+    assert torch.equal(y1, (ref * keep).reshape(16, 32))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_winner_frequencies_match_softmax(training: bool) -> None:
+    """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test."""
+    torch.manual_seed(1234)
+    h = torch.tensor([1.0, -0.5, 0.3, 2.0])
+    n = 20_000
+    layer = lwta.LWTA(4).train(training)
+    layer(h.repeat(n, 1))
+    counts = np.bincount(lwta.winners(layer).reshape(-1).numpy(), minlength=4)
+    p = np.exp(h.double().numpy())
+    p /= p.sum()
+    chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
+    assert chi2 < CHI2_999[3], (counts, n * p)
+
+
+@pytest.mark.parametrize("tau", [0.67, 1.3])
+def test_straight_through_gradient_matches_hand_derivation(tau: float) -> None:
+    """Backward = gradient of the soft Gumbel sample (Eq. 6), derived by hand in float64:
+    y = xi_hard * h forward; dL/dh = w*xi_hard + J_soft^T (w*h) / tau, J = diag(s) - s s^T."""
+    torch.manual_seed(0)
+    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)  # 5 rows, 2 blocks of U=3
+    g = -torch.log(-torch.log(torch.rand(5, 2, 3, dtype=torch.float64)))
+    w = torch.randn(5, 6, dtype=torch.float64)
+    y, _ = lwta.compete(h.reshape(5, 2, 3), -1, tau=tau, training=True, mode="sample", gumbel=g)
+    (y.reshape(5, 6) * w).sum().backward()
+
+    H, G, Wt = h.detach().numpy().reshape(5, 2, 3), g.numpy(), w.numpy().reshape(5, 2, 3)
+    z = (H + G) / tau
+    s = np.exp(z - z.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    hard = np.eye(3)[z.argmax(-1)]
+    grad = np.zeros_like(H)
+    for r in range(5):
+        for b in range(2):
+            J = (np.diag(s[r, b]) - np.outer(s[r, b], s[r, b])) / tau  # d soft / d h
+            grad[r, b] = Wt[r, b] * hard[r, b] + J.T @ (Wt[r, b] * H[r, b])
+    np.testing.assert_allclose(h.grad.numpy().reshape(5, 2, 3), grad, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y.detach().numpy(), hard * H, rtol=0, atol=0)
+
+
+def test_kl_closed_form_and_batch_average() -> None:
+    """U=2: KL = p log(2p) + (1-p) log(2(1-p)), p = sigmoid(a-b); summed over blocks, averaged
+    over examples."""
+    x = torch.tensor([[0.0, 1.0, 2.0, 2.0], [3.0, -1.0, 0.5, 0.0]])
+    layer = lwta.LWTA(2).train()
+    layer(x)
+
+    def kl2(a: float, b: float) -> float:
+        p = 1 / (1 + np.exp(b - a))
+        return p * np.log(2 * p) + (1 - p) * np.log(2 * (1 - p))
+
+    expected = (kl2(0, 1) + kl2(2, 2) + kl2(3, -1) + kl2(0.5, 0)) / 2
+    assert lwta.kl_divergence(layer).item() == pytest.approx(expected, rel=1e-6)
+    layer(torch.full((3, 8), 0.7))  # uniform responses: q equals the prior
+    assert lwta.kl_divergence(layer).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_is_differentiable_and_sums_layers() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), lwta.LWTA(4), torch.nn.Linear(8, 8), lwta.LWTA(2))
+    model.train()
+    model(torch.randn(6, 4))
+    kl = lwta.kl_divergence(model)
+    parts = [m.last_kl for m in lwta.lwta_modules(model).values()]
+    assert kl.item() == pytest.approx(sum(p.item() for p in parts))
+    kl.backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+
+
+def test_conv_competition_is_per_position() -> None:
+    """Hand-built 2x2 example: channels (0,1) and (2,3) compete separately at each pixel."""
+    x = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]],
+                       [[2.0, -3.0], [0.1, 4.0]],
+                       [[0.0, 9.0], [-1.0, -5.0]],
+                       [[1.0, 8.0], [-2.0, -4.0]]]])
+    expected = torch.tensor([[[[0.0, -2.0], [0.5, 0.0]],
+                              [[2.0, 0.0], [0.0, 4.0]],
+                              [[0.0, 9.0], [-1.0, 0.0]],
+                              [[1.0, 0.0], [0.0, -4.0]]]])
+    layer = lwta.ConvLWTA(2).eval()
+    layer.mode = "argmax"
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("arch,U,reference", [
+    ("deit_tiny", 16, "timm"),
+    ("resnet18", 2, "torchvision"),
+])
+def test_cvn_has_its_twins_parameter_count(arch: str, U: int, reference: str) -> None:
+    cvn, twin = lwta.build(arch, U=U), lwta.build(arch)
+    if reference == "timm":
+        import timm
+        stock = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    else:
+        import torchvision
+        stock = torchvision.models.resnet18(num_classes=365)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(cvn) == count(twin) == count(stock)
+    assert set(cvn.state_dict()) == set(stock.state_dict())
+    n_lwta = len(lwta.lwta_modules(cvn))
+    assert n_lwta == (12 if arch == "deit_tiny" else 17)
+
+
+def test_resnet_sites_fire_once_each() -> None:
+    model = lwta.build("resnet18_world", U=2).eval()
+    calls: dict[str, int] = {}
+    for name, m in lwta.lwta_modules(model).items():
+        m.register_forward_hook(lambda mod, i, o, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    model(torch.randn(2, 3, 64, 64))
+    assert len(calls) == 9 and set(calls.values()) == {1}
+
+
+def test_set_mode_and_bad_arguments() -> None:
+    model = lwta.build("deit_world", U=4)
+    lwta.set_mode(model, "argmax")
+    assert {m.mode for m in lwta.lwta_modules(model).values()} == {"argmax"}
+    with pytest.raises(DiscoverError, match="mode"):
+        lwta.set_mode(model, "greedy")
+    with pytest.raises(DiscoverError, match=r"blocks\.0\.mlp\.act.*K=512.*U=3"):
+        lwta.build("deit_world", U=3)
+    with pytest.raises(DiscoverError, match="U must be"):
+        lwta.build("deit_world", U=1)
+    with pytest.raises(DiscoverError, match="unknown arch"):
+        lwta.build("vgg16", U=2)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def _outputs_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    lwta.set_mode(a, "argmax"), lwta.set_mode(b, "argmax")
+    with torch.no_grad():
+        return torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_save_load_roundtrip(tmp_path) -> None:
+    model = lwta.build("deit_world", U=8, num_classes=10)
+    lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 8, "num_classes": 10, "classes": list("abcdefghij")})
+    loaded, meta = lwta.load(tmp_path / "run")
+    assert meta["U"] == 8 and meta["classes"][0] == "a"
+    assert _outputs_equal(model, loaded)
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module_prefix"])
+def test_third_party_pth_variants(tmp_path, wrap: str) -> None:
+    model = lwta.build("resnet18_world", act="relu", num_classes=5)
+    sd = model.state_dict()
+    obj = {"plain": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd},
+           "module_prefix": {f"module.{k}": v for k, v in sd.items()}}[wrap]
+    torch.save(obj, tmp_path / "w.pth")
+    loaded, _ = lwta.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=5)
+    assert _outputs_equal(model, loaded)
+
+
+def test_mismatched_and_corrupt_checkpoints(tmp_path) -> None:
+    model = lwta.build("resnet18_world", act="relu", num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    with pytest.raises(DiscoverError, match=r"shape mismatch: fc\.weight \(5, 512\) vs \(7, 512\)"):
+        lwta.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=7)
+    sd = model.state_dict()
+    sd.pop("fc.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "m.pth")
+    with pytest.raises(DiscoverError, match=r"missing: fc\.bias; unexpected: extra\.weight"):
+        lwta.load(tmp_path / "m.pth", arch="resnet18_world", act="relu", num_classes=5)
+    (tmp_path / "bad.pth").write_bytes(b"\x80\x04 not a checkpoint")
+    with pytest.raises(DiscoverError, match="cannot be read"):
+        lwta.load(tmp_path / "bad.pth", arch="resnet18_world")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(DiscoverError, match="missing meta.json"):
+        lwta.load(tmp_path / "run")
