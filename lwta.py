@@ -34,8 +34,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
+from numba import njit, prange
 import torch.nn.functional as F
 
 from common import DiscoverError, atomic_path, write_json_atomic
@@ -44,19 +46,149 @@ MODES = ("sample", "argmax")
 
 
 # --- the competition ------------------------------------------------------------------------------
+# Both layer types hand the competition a (G, U, S) view: G independent groups (batch x blocks),
+# U competitors, S positions that share nothing (1 for tokens/linear outputs, H*W for conv maps).
+# On CPU float32 the work runs in fused Numba kernels (one pass forward, one backward); elsewhere
+# (CUDA, other dtypes) in plain torch ops. Both take their random numbers from torch's generator,
+# so a seeded run is reproducible.
 
 def gumbel_like(h: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise g = -log(-log V), V ~ U(0,1), drawn as -log(E) with E ~ Exp(1)."""
-    return -torch.empty_like(h).exponential_().log()
+    """Standard Gumbel noise g = -log(-log V), V ~ U(0,1)."""
+    return -torch.rand_like(h).clamp_(min=1e-20).log_().neg_().log_()
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _eval_kernel(h, v, sample, out, idx):  # pragma: no cover - compiled
+    """Inference: winner ~ Categorical(softmax(h)) by inverse CDF of one uniform v per block
+    (``sample``), or argmax h. out = winner's h, others 0 (Eq. 1-2)."""
+    G, U, S = h.shape
+    for g in prange(G):
+        e = np.empty(U, np.float32)
+        for s in range(S):
+            w = 0
+            m = h[g, 0, s]
+            for u in range(1, U):
+                if h[g, u, s] > m:
+                    m = h[g, u, s]
+                    w = u
+            if sample:
+                tot = np.float32(0.0)
+                for u in range(U):
+                    e[u] = math.exp(h[g, u, s] - m)
+                    tot += e[u]
+                t = v[g, s] * tot
+                acc = np.float32(0.0)
+                w = U - 1
+                for u in range(U):
+                    acc += e[u]
+                    if acc > t:
+                        w = u
+                        break
+            for u in range(U):
+                out[g, u, s] = 0.0
+            out[g, w, s] = h[g, w, s]
+            idx[g, s] = w
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _train_fwd_kernel(h, gum, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
+    """Training forward (Eq. 6): soft = softmax((h + g) / tau), hard = its argmax, out = hard * h.
+    Also pi = softmax(h), lse = logsumexp(h) per block (kept for the backward pass) and
+    kl[g] = sum over positions of KL(pi || 1/U) (Sec. 3.1)."""
+    G, U, S = h.shape
+    logU = math.log(U)
+    for g in prange(G):
+        klg = 0.0
+        for s in range(S):
+            zm = -np.inf
+            hm = -np.inf
+            w = 0
+            for u in range(U):
+                z = (h[g, u, s] + gum[g, u, s]) / tau
+                soft[g, u, s] = z
+                if z > zm:
+                    zm = z
+                    w = u
+                if h[g, u, s] > hm:
+                    hm = h[g, u, s]
+            tot = np.float32(0.0)
+            th = np.float32(0.0)
+            for u in range(U):
+                ez = math.exp(soft[g, u, s] - zm)
+                soft[g, u, s] = ez
+                tot += ez
+                eh = math.exp(h[g, u, s] - hm)
+                pi[g, u, s] = eh
+                th += eh
+            inv, invh = np.float32(1.0) / tot, np.float32(1.0) / th
+            lse_b = hm + math.log(th)
+            lse[g, s] = lse_b
+            klb = logU
+            for u in range(U):
+                soft[g, u, s] *= inv
+                pi[g, u, s] *= invh
+                klb += pi[g, u, s] * (h[g, u, s] - lse_b)
+                out[g, u, s] = 0.0
+            out[g, w, s] = h[g, w, s]
+            idx[g, s] = w
+            klg += klb
+        kl[g] = klg
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
+    """Straight-Through backward: dL/dh = gy * hard + J_soft^T (gy * h) / tau, plus gkl times
+    dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (log pi = h - lse)."""
+    G, U, S = h.shape
+    for g in prange(G):
+        for s in range(S):
+            dot = np.float32(0.0)
+            ent = np.float32(0.0)
+            lse_b = lse[g, s]
+            for u in range(U):
+                dot += gy[g, u, s] * h[g, u, s] * soft[g, u, s]
+                ent += pi[g, u, s] * (h[g, u, s] - lse_b)
+            for u in range(U):
+                gh[g, u, s] = (soft[g, u, s] * (gy[g, u, s] * h[g, u, s] - dot) / tau
+                               + gkl * pi[g, u, s] * (h[g, u, s] - lse_b - ent))
+            w = idx[g, s]
+            gh[g, w, s] += gy[g, w, s]
+
+
+class _FusedTrainLWTA(torch.autograd.Function):
+    """CPU float32 training competition: returns (y, winner index, KL summed over all blocks).
+
+    Saves h, the soft sample and pi (three activation-sized buffers) so that the backward pass
+    needs no transcendental function."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, g: torch.Tensor, tau: float):
+        h = h.contiguous()
+        out, soft, pi = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
+        idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
+        lse = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype)
+        kl = torch.empty(h.shape[0], dtype=torch.float64)
+        _train_fwd_kernel(h.detach().numpy(), g.contiguous().numpy(), np.float32(tau), out.numpy(),
+                          idx.numpy(), soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
+        ctx.save_for_backward(h, soft, idx, pi, lse)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(idx)
+        return out, idx, kl.sum().to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor, _gidx: Any, gkl: torch.Tensor | None):
+        h, soft, idx, pi, lse = ctx.saved_tensors
+        gh = torch.empty_like(h)
+        gkl_f = 0.0 if gkl is None else float(gkl)
+        _train_bwd_kernel(gy.contiguous().numpy(), h.numpy(), soft.numpy(), idx.numpy(),
+                          np.float32(ctx.tau), np.float32(gkl_f), pi.numpy(), lse.numpy(), gh.numpy())
+        return gh, None, None
 
 
 class _StraightThroughLWTA(torch.autograd.Function):
-    """Eq. 1 and 6 fused: y = hard(xi~) * h forward; d/dh of soft(xi~) * h backward.
-
-    With z = (h + g) / tau, soft = softmax(z) (the log-normaliser of log pi cancels inside the
-    softmax), hard = one_hot(argmax z). Saves h, soft and the winner index (not the one-hot, nor an
-    autograd graph of several elementwise ops), so memory is about twice the activation.
-    Returns (y, winner index); the index is not differentiable.
+    """Eq. 1 and 6 in torch ops (any device): y = hard(xi~) * h forward; d/dh of soft(xi~) * h
+    backward. With z = (h + g) / tau, soft = softmax(z) (log pi's normaliser cancels inside the
+    softmax), hard = one_hot(argmax z). Returns (y, winner index); the index is not differentiable.
     """
 
     @staticmethod
@@ -80,25 +212,46 @@ class _StraightThroughLWTA(torch.autograd.Function):
         return gh, None, None, None
 
 
-def compete(h: torch.Tensor, dim: int, *, tau: float, training: bool, mode: str,
-            gumbel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the competition of Eq. 1-2 along ``dim`` (of size U). Returns (output, winner index
-    with ``dim`` kept). ``gumbel`` overrides the noise (tests pass it to reproduce a draw by hand).
-    """
-    if training:
-        g = gumbel_like(h) if gumbel is None else gumbel
-        return _StraightThroughLWTA.apply(h, g, tau, dim)
-    if mode == "argmax":
-        idx = h.argmax(dim, keepdim=True)
-    else:  # Gumbel-max trick: argmax(log pi + g) ~ Categorical(pi)
-        idx = (h + (gumbel_like(h) if gumbel is None else gumbel)).argmax(dim, keepdim=True)
-    return torch.zeros_like(h).scatter_(dim, idx, h.gather(dim, idx)), idx
-
-
 def block_kl(h: torch.Tensor, dim: int, U: int) -> torch.Tensor:
     """KL[q(xi_b) || Categorical(1/U)] = sum_u pi_u (log pi_u - log(1/U)), per block (Sec. 3.1)."""
     logp = h.log_softmax(dim)
     return (logp.exp() * (logp + math.log(U))).sum(dim)
+
+
+def _fused_ok(h: torch.Tensor) -> bool:
+    return h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: bool = True,
+            gumbel: torch.Tensor | None = None, fused: bool | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The competition of Eq. 1-2 on a ``(G, U, S)`` tensor of unit responses.
+
+    Returns (output, winner index ``(G, S)``, KL summed over all blocks or None). Training draws a
+    Straight-Through Gumbel-softmax sample (Eq. 6); evaluation samples pi ("sample") or takes the
+    argmax ("argmax"). ``gumbel`` (training) fixes the noise; ``fused`` forces a path (tests).
+    """
+    fused = _fused_ok(h) if fused is None else fused
+    U = h.shape[1]
+    if training:
+        g = gumbel_like(h) if gumbel is None else gumbel
+        if fused:
+            y, idx, kl = _FusedTrainLWTA.apply(h, g.to(h.dtype), tau)
+            return y, idx, kl if want_kl else None
+        y, idx = _StraightThroughLWTA.apply(h, g, tau, 1)
+        return y, idx.squeeze(1), block_kl(h, 1, U).sum() if want_kl else None
+    if fused and not h.requires_grad:
+        h = h.contiguous()
+        out = torch.empty_like(h)
+        idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
+        v = torch.rand(h.shape[0], h.shape[2]) if mode == "sample" else out[:, 0]
+        _eval_kernel(h.numpy(), v.numpy(), mode == "sample", out.numpy(), idx.numpy())
+        return out, idx, None
+    if mode == "argmax":
+        idx = h.argmax(1, keepdim=True)
+    else:  # Gumbel-max trick: argmax(log pi + g) ~ Categorical(pi)
+        idx = (h + gumbel_like(h)).argmax(1, keepdim=True)
+    return torch.zeros_like(h).scatter_(1, idx, h.gather(1, idx)), idx.squeeze(1), None
 
 
 class LWTABase(nn.Module):
@@ -106,7 +259,7 @@ class LWTABase(nn.Module):
 
     def __init__(self, U: int, tau: float = 0.67, mode: str = "sample", name: str = "") -> None:
         super().__init__()
-        if not isinstance(U, int) or U < 2:
+        if isinstance(U, bool) or not isinstance(U, int) or U < 2:
             raise DiscoverError(f"LWTA: U must be an integer >= 2 (competitors per block), got {U!r}")
         if mode not in MODES:
             raise DiscoverError(f"LWTA: mode must be one of {MODES}, got {mode!r}")
@@ -122,12 +275,11 @@ class LWTABase(nn.Module):
         if K % self.U:
             raise DiscoverError(f"LWTA layer {self.name or '?'}: width K={K} is not divisible by U={self.U}")
 
-    def _compete(self, h: torch.Tensor, dim: int) -> torch.Tensor:
-        y, idx = compete(h, dim, tau=self.tau, training=self.training, mode=self.mode)
-        self.last_winners = idx.squeeze(dim).detach()
-        if self.training and self.track_kl:
-            self.last_kl = block_kl(h, dim, self.U).sum() / h.shape[0]
-        return y
+    def _compete(self, h: torch.Tensor, n_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        want_kl = self.training and self.track_kl
+        y, idx, kl = compete(h, tau=self.tau, training=self.training, mode=self.mode, want_kl=want_kl)
+        self.last_kl = kl / n_examples if kl is not None else None
+        return y, idx
 
 
 class LWTA(LWTABase):
@@ -140,8 +292,9 @@ class LWTA(LWTABase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = x.shape[-1]
         self._check_width(K)
-        h = x.reshape(*x.shape[:-1], K // self.U, self.U)
-        return self._compete(h, -1).reshape(x.shape)
+        y, idx = self._compete(x.reshape(-1, self.U, 1), x.shape[0] if x.dim() > 1 else 1)
+        self.last_winners = idx.reshape(*x.shape[:-1], K // self.U)
+        return y.reshape(x.shape)
 
 
 class ConvLWTA(LWTABase):
@@ -153,8 +306,9 @@ class ConvLWTA(LWTABase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, C, H, W = x.shape
         self._check_width(C)
-        h = x.reshape(N, C // self.U, self.U, H, W)
-        return self._compete(h, 2).reshape(x.shape)
+        y, idx = self._compete(x.reshape(N * (C // self.U), self.U, H * W), N)
+        self.last_winners = idx.reshape(N, C // self.U, H, W)
+        return y.reshape(x.shape)
 
 
 def lwta_modules(model: nn.Module) -> dict[str, LWTABase]:

@@ -54,43 +54,68 @@ def test_argmax_mode_is_deterministic_and_picks_the_max() -> None:
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_winner_frequencies_match_softmax(training: bool) -> None:
-    """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_winner_frequencies_match_softmax(training: bool, fused: bool) -> None:
+    """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test,
+    for the fused CPU kernels and the torch path alike."""
     torch.manual_seed(1234)
     h = torch.tensor([1.0, -0.5, 0.3, 2.0])
     n = 20_000
-    layer = lwta.LWTA(4).train(training)
-    layer(h.repeat(n, 1))
-    counts = np.bincount(lwta.winners(layer).reshape(-1).numpy(), minlength=4)
+    _, idx, _ = lwta.compete(h.repeat(n, 1).reshape(n, 4, 1), tau=0.67, training=training,
+                             mode="sample", fused=fused)
+    counts = np.bincount(idx.reshape(-1).numpy(), minlength=4)
     p = np.exp(h.double().numpy())
     p /= p.sum()
     chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
     assert chi2 < CHI2_999[3], (counts, n * p)
 
 
-@pytest.mark.parametrize("tau", [0.67, 1.3])
-def test_straight_through_gradient_matches_hand_derivation(tau: float) -> None:
-    """Backward = gradient of the soft Gumbel sample (Eq. 6), derived by hand in float64:
-    y = xi_hard * h forward; dL/dh = w*xi_hard + J_soft^T (w*h) / tau, J = diag(s) - s s^T."""
-    torch.manual_seed(0)
-    h = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)  # 5 rows, 2 blocks of U=3
-    g = -torch.log(-torch.log(torch.rand(5, 2, 3, dtype=torch.float64)))
-    w = torch.randn(5, 6, dtype=torch.float64)
-    y, _ = lwta.compete(h.reshape(5, 2, 3), -1, tau=tau, training=True, mode="sample", gumbel=g)
-    (y.reshape(5, 6) * w).sum().backward()
-
-    H, G, Wt = h.detach().numpy().reshape(5, 2, 3), g.numpy(), w.numpy().reshape(5, 2, 3)
+def _hand_st_gradient(H: np.ndarray, G: np.ndarray, Wt: np.ndarray, tau: float):
+    """Eq. 6 by hand, float64, blocks along axis 1 of (R, U): returns (y, dL/dh) for L = sum(w*y)."""
     z = (H + G) / tau
-    s = np.exp(z - z.max(-1, keepdims=True))
-    s /= s.sum(-1, keepdims=True)
-    hard = np.eye(3)[z.argmax(-1)]
+    s = np.exp(z - z.max(1, keepdims=True))
+    s /= s.sum(1, keepdims=True)
+    hard = np.eye(H.shape[1])[z.argmax(1)]
     grad = np.zeros_like(H)
-    for r in range(5):
-        for b in range(2):
-            J = (np.diag(s[r, b]) - np.outer(s[r, b], s[r, b])) / tau  # d soft / d h
-            grad[r, b] = Wt[r, b] * hard[r, b] + J.T @ (Wt[r, b] * H[r, b])
-    np.testing.assert_allclose(h.grad.numpy().reshape(5, 2, 3), grad, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(y.detach().numpy(), hard * H, rtol=0, atol=0)
+    for r in range(H.shape[0]):
+        J = (np.diag(s[r]) - np.outer(s[r], s[r])) / tau  # d soft / d h
+        grad[r] = Wt[r] * hard[r] + J.T @ (Wt[r] * H[r])
+    return hard * H, grad
+
+
+@pytest.mark.parametrize("tau", [0.67, 1.3])
+@pytest.mark.parametrize("fused", [False, True])
+def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool) -> None:
+    """Backward = gradient of the soft Gumbel sample (Eq. 6): y = xi_hard * h forward;
+    dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T."""
+    dtype = torch.float32 if fused else torch.float64
+    torch.manual_seed(0)
+    h = torch.randn(10, 3, 1, dtype=dtype, requires_grad=True)  # 10 blocks of U=3
+    g = -torch.log(-torch.log(torch.rand(10, 3, 1, dtype=dtype)))
+    w = torch.randn(10, 3, 1, dtype=dtype)
+    y, idx, _ = lwta.compete(h, tau=tau, training=True, mode="sample", want_kl=False, gumbel=g, fused=fused)
+    (y * w).sum().backward()
+    ref_y, ref_grad = _hand_st_gradient(h.detach().double().numpy()[..., 0], g.double().numpy()[..., 0],
+                                        w.double().numpy()[..., 0], tau)
+    tol = 1e-5 if fused else 1e-12
+    np.testing.assert_allclose(h.grad.double().numpy()[..., 0], ref_grad, rtol=tol, atol=tol)
+    np.testing.assert_allclose(y.detach().double().numpy()[..., 0], ref_y, rtol=0, atol=0)
+    assert torch.equal(idx[:, 0], torch.as_tensor(ref_y != 0).float().argmax(1))
+
+
+def test_fused_kl_gradient_matches_torch_autograd() -> None:
+    """The fused kernel's KL and its gradient equal torch autograd on log_softmax (float64)."""
+    torch.manual_seed(3)
+    h32 = torch.randn(12, 4, 5, requires_grad=True)  # conv-like: 5 positions per group
+    g = -torch.log(-torch.log(torch.rand(12, 4, 5)))
+    _, _, kl = lwta.compete(h32, tau=0.67, training=True, mode="sample", gumbel=g, fused=True)
+    (2.5 * kl).backward()
+    h64 = h32.detach().double().requires_grad_(True)
+    logp = h64.log_softmax(1)
+    ref = (logp.exp() * (logp + np.log(4))).sum()
+    (2.5 * ref).backward()
+    assert kl.item() == pytest.approx(ref.item(), rel=1e-5)
+    np.testing.assert_allclose(h32.grad.numpy(), h64.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_kl_closed_form_and_batch_average() -> None:
