@@ -66,5 +66,128 @@ def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | Non
     console.print(table)
 
 
+@cli.command("train")
+@click.option("--arch", required=True, help="deit_tiny, deit_small, resnet18, deit_world, resnet18_world.")
+@click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block: train a CVN.")
+@click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Train the plain twin.")
+@click.option("--data", required=True, help="world:TASK or an ImageFolder root with train/ and val/.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--epochs", type=int, default=None, help="Epochs (recipe default: 300 DeiT, 90 ResNet, 8 world).")
+@click.option("--batch-size", type=int, default=None, help="Global batch size (split over ranks).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (DeiT recipe: 5e-4*batch/512).")
+@click.option("--min-lr", type=float, default=1e-5, show_default=True)
+@click.option("--warmup-epochs", type=int, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default=None)
+@click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of the KL term of the ELBO.")
+@click.option("--tau", type=float, default=0.67, show_default=True, help="Gumbel-softmax temperature.")
+@click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
+              help="Mixed precision on CUDA (CPU runs fp32).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=int, default=4, show_default=True, help="Data-loader workers (ImageFolder).")
+@click.option("--img-size", type=int, default=None)
+@click.option("--train-size", type=int, default=20_000, show_default=True, help="World: training images.")
+@click.option("--val-size", type=int, default=2_000, show_default=True, help="World: validation images.")
+@click.option("--stop-after", type=int, default=None, help="Stop after this many epochs (resume later).")
+@click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (bit-exact on CPU).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
+def train_cmd(resume: bool, force: bool, **opts) -> None:
+    """Train a CVN (--U) or its plain twin (--act) with the DISCOVER recipes (ELBO = CE + KL)."""
+    import train
+
+    if opts["U"] is None and opts["act"] is None:
+        raise DiscoverError("give --U N (a CVN) or --act gelu|relu (its plain twin)")
+    meta = train.train(train.TrainConfig(**opts), resume=resume, force=force)
+    m = meta["metrics"]
+    if m:
+        console.print(f"[bold]{opts['out']}[/]: val top-1 {m['val_top1']:.2f}% "
+                      f"(argmax {m['val_top1_argmax']:.2f}%) after epoch {meta['epoch'] + 1}")
+
+
+@cli.command("record")
+@click.option("--model", "model_spec", required=True,
+              help="Run directory, weights file (.pth/.safetensors + --arch), timm:NAME[:WEIGHTS] or "
+                   "torchvision:NAME[:WEIGHTS] (WEIGHTS: a file, 'pretrained' or a torchvision enum).")
+@click.option("--layers", default=None, help="Comma-separated named_modules() paths; 'lwta' = every LWTA layer.")
+@click.option("--probe", default=None, help="world:N[:SEED] (seed 2 by default) or an image folder.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Directory of <layer>.safetensors files.")
+@click.option("--summary", type=click.Choice(["auto", "cls", "mean", "max", "identity"]), default="auto",
+              show_default=True, help="auto: class token of ViT tokens, spatial mean of conv maps, vectors as is.")
+@click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+              help="LWTA winners: drawn from the posterior (seeded) or the argmax.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled LWTA winners.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--list-layers", is_flag=True, help="Print every named module with its output shape and exit.")
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
+@click.option("--arch", default=None, help="Architecture of a weights file (see lwta.ARCHS).")
+@click.option("--U", "U", type=int, default=None, help="Weights file: competitors per LWTA block.")
+@click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str | None, summary: str,
+               mode: str, seed: int, batch_size: int, list_layers: bool, skip_bad: bool, arch: str | None,
+               U: int | None, act: str | None, device: str) -> None:
+    """Record layer activations on a probe set: one N x K safetensors file per layer (cached)."""
+    import time
+
+    import torch
+    from rich.table import Table
+
+    import record
+    from common import ensure_writable_dir
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DiscoverError(f"--device {device}: not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiscoverError(f"--device {device}: CUDA is not available")
+    if not list_layers:
+        missing = [f for f, v in (("--layers", layers), ("--probe", probe), ("--out", out)) if not v]
+        if missing:
+            raise DiscoverError(f"record: missing {', '.join(missing)} (or pass --list-layers)")
+        ensure_writable_dir(out, "--out", force=True)
+    model, meta = record.load_model(model_spec, arch=arch, U=U, act=act)
+    model.to(dev)
+    pr = record.load_probe(probe, skip_bad=skip_bad) if probe else None
+    if pr is not None and pr.skipped:
+        err_console.print(f"[yellow]skipped {len(pr.skipped)} unreadable image(s)[/] "
+                          f"(first: {pr.skipped[0]})", highlight=False)
+    if list_layers:
+        rows = record.describe_layers(model, meta, pr)
+        table = Table(title=f"{model_spec}: output shapes for one {meta['img_size']}px image")
+        for col in ("layer", "type", "output shape", "U"):
+            table.add_column(col, justify="right" if col == "U" else "left")
+        for r in rows:
+            shape = r["shape"] + (f" (x{r['calls']} calls)" if r["calls"] > 1 else "")
+            u = f"[bold green]LWTA {r['U']}[/]" if r["U"] else ""
+            table.add_row(r["layer"], r["type"], shape, u)
+        console.print(table)
+        return
+    names = [s.strip() for s in layers.split(",") if s.strip()]
+    done: list[str] = []
+
+    def log(msg: str) -> None:
+        done.append(msg)
+        console.print(msg, highlight=False)
+
+    t0 = time.perf_counter()
+    paths = record.record_layers(model, meta, names, pr, out, summary=summary, mode=mode, seed=seed,
+                                 batch_size=batch_size, log=log)
+    secs = time.perf_counter() - t0
+    table = Table(title=f"{pr.n} probe images ({pr.spec}) -> {out}")
+    for col in ("layer", "U", "summary", "shape", "file"):
+        table.add_column(col)
+    for name, p in paths.items():
+        info = record.read_metadata(p)
+        table.add_row(name, info.get("U", ""), info.get("summary_applied", ""), info.get("shape", ""), str(p))
+    console.print(table)
+    if any(m.endswith(": recorded") for m in done):
+        console.print(f"{secs:.1f} s ({pr.n / secs:.0f} images/s, image loading included)", highlight=False)
+
+
 if __name__ == "__main__":
     cli()

@@ -1,0 +1,155 @@
+"""Training: ELBO, S-sample evaluation, bit-exact resume, DDP equivalence, bad input."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lwta
+import train
+from common import DiscoverError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--arch", "deit_world", "--data", "world:object", "--train-size", "96", "--val-size", "32",
+        "--batch-size", "32", "--seed", "3"]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "discover.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_elbo_is_ce_plus_kl_by_hand() -> None:
+    """Eq. 3 per example: mean CE + w * (sum over blocks of KL(pi_b || 1/U)) / batch."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4, bias=False), lwta.LWTA(2), torch.nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, -1.0], [0.5, 0.5]]))
+        model[2].weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0], [0, 0, 0, 1.0]]))
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    y = torch.tensor([2, 0])
+    model.train()
+    logits = model(x)
+    loss, ce, kl = train.elbo_loss(model, logits, y, kl_weight=0.5)
+
+    L = logits.detach().double().numpy()
+    ref_ce = np.mean([np.log(np.exp(L[i]).sum()) - L[i, y[i]] for i in range(2)])
+    h = x.double().numpy() @ model[0].weight.detach().double().numpy().T  # responses (2, 4)
+
+    def kl2(a: float, b: float) -> float:
+        p = 1 / (1 + np.exp(b - a))
+        return p * np.log(2 * p) + (1 - p) * np.log(2 * (1 - p))
+
+    ref_kl = sum(kl2(h[i, 0], h[i, 1]) + kl2(h[i, 2], h[i, 3]) for i in range(2)) / 2
+    assert ce.item() == pytest.approx(ref_ce, rel=1e-6)
+    assert kl.item() == pytest.approx(ref_kl, rel=1e-5)
+    assert loss.item() == pytest.approx(ref_ce + 0.5 * ref_kl, rel=1e-5)
+
+
+def test_evaluate_averages_the_logits_of_s_samples() -> None:
+    """val_top1 = accuracy of the mean logits of S posterior samples; argmax mode separately."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), lwta.LWTA(4), torch.nn.Linear(8, 3))
+    x, y = torch.randn(40, 3), torch.randint(0, 3, (40,))
+    ds = torch.utils.data.TensorDataset(x, y)
+    data = train.Data(ds, ds, ["a", "b", "c"], on_gpu_augment=False)
+    cfg = train.resolve(train.TrainConfig(arch="deit_world", data="world:object", out="-", samples=3))
+    loader = torch.utils.data.DataLoader(ds, batch_size=40)
+    torch.manual_seed(7)
+    got = train.evaluate(model, loader, cfg, data, torch.device("cpu"), train.Dist())
+
+    torch.manual_seed(7)  # the same draws, by hand: one argmax pass, then S sampled passes
+    x, y = next(iter(loader))  # (creating a loader iterator draws a seed from the global RNG)
+    model.eval()
+    with torch.no_grad():
+        lwta.set_mode(model, "argmax")
+        arg = model(x)
+        lwta.set_mode(model, "sample")
+        draws = [model(x) for _ in range(3)]
+    mean = (draws[0] + draws[1] + draws[2]) / 3
+    assert got["val_top1"] == pytest.approx(100 * (mean.argmax(1) == y).float().mean().item())
+    assert got["val_top1_argmax"] == pytest.approx(100 * (arg.argmax(1) == y).float().mean().item())
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])  # the samples do differ
+
+
+def test_schedules() -> None:
+    cfg = train.resolve(train.TrainConfig(arch="deit_tiny", data="x", out="-", batch_size=1024))
+    assert cfg.lr == pytest.approx(5e-4 * 1024 / 512) and cfg.weight_decay == 0.02
+    assert train.get_lr(0, cfg, 10) == pytest.approx(1e-6)
+    assert train.get_lr(50, cfg, 10) == pytest.approx(cfg.lr)  # end of 5 warm-up epochs
+    assert train.get_lr(3000, cfg, 10) == pytest.approx(cfg.min_lr)
+    r = train.resolve(train.TrainConfig(arch="resnet18", data="x", out="-"))
+    assert (r.optimizer, r.lr, r.weight_decay, r.epochs) == ("sgd", 0.1, 1e-4, 90)
+    assert train.get_lr(29 * 10 + 9, r, 10) == pytest.approx(0.1)
+    assert train.get_lr(30 * 10, r, 10) == pytest.approx(0.01)
+    assert train.get_lr(60 * 10, r, 10) == pytest.approx(0.001)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    """3 epochs straight == 2 epochs, stop, resume 1 (CPU, fixed seed): identical weights."""
+    common = [*TINY, "--U", "8", "--epochs", "3"]
+    a = _cli("train", *common, "--out", str(tmp_path / "a"))
+    assert a.returncode == 0, a.stderr
+    b1 = _cli("train", *common, "--out", str(tmp_path / "b"), "--stop-after", "2")
+    assert b1.returncode == 0, b1.stderr
+    assert train.latest_checkpoint(tmp_path / "b").name == "epoch_0001.pt"
+    b2 = _cli("train", *common, "--out", str(tmp_path / "b"), "--resume")
+    assert b2.returncode == 0, b2.stderr
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() .splitlines()[2].split('"lr"')[0] == lines[2].split('"lr"')[0]
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    """One optimisation step on 2 ranks x 32 images == one process on the combined 64."""
+    args = ["--arch", "deit_world", "--act", "gelu", "--data", "world:object", "--train-size", "64",
+            "--val-size", "16", "--batch-size", "64", "--epochs", "1", "--seed", "5", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "ddp")
+    init = lwta.build("deit_world", act="gelu").state_dict()
+    moved = 0
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(w1[k], init[k]))
+    assert moved > 10  # the step did change the weights
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["train", "--arch", "vgg", "--U", "2", "--data", "world:object", "--out", str(tmp_path / "x")], "unknown"),
+        (["train", *TINY, "--U", "7", "--out", str(tmp_path / "y")], "not divisible by U=7"),
+        (["train", "--arch", "deit_world", "--U", "8", "--data", "world:nope", "--out", str(tmp_path / "z")], "unknown task"),
+        (["train", "--arch", "deit_world", "--U", "8", "--data", str(tmp_path), "--out", str(tmp_path / "w")], "train/"),
+        (["train", *TINY, "--U", "8", "--out", str(tmp_path / "v"), "--resume"], "no checkpoint"),
+        (["train", *TINY, "--out", str(tmp_path / "u")], "--U N"),
+    ]
+    for args, expected in cases:
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], r.stderr
+        assert "Traceback" not in r.stderr
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    r = _cli("train", *TINY, "--U", "8", "--out", str(occupied))
+    assert r.returncode == 2 and "not empty" in r.stderr and (occupied / "notes.txt").read_text() == "mine"

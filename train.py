@@ -1,0 +1,478 @@
+"""Train Competitive Vision Networks (CVNs) and their GELU/ReLU twins, as DISCOVER does (App. A.1).
+
+One process (CPU or one GPU)::
+
+    python discover.py train --arch deit_world --U 8 --data world:object --out runs/deit8
+    python discover.py train --arch deit_world --act gelu --data world:object --out runs/deit_gelu
+    python discover.py train ... --out runs/deit8 --resume          # continue from the last epoch
+
+Several GPUs on one node (DistributedDataParallel; rank 0 alone writes)::
+
+    torchrun --nproc_per_node 8 train.py --arch deit_tiny --U 16 --data /data/imagenet --out runs/t16 --amp bf16
+
+The loss is the negative ELBO of Eq. 3 per example: cross-entropy + kl_weight * KL[q(xi) || p(xi)]
+with the KL of every LWTA layer summed over blocks and averaged over the batch (SPEC §2).
+Checkpoints are written every epoch, atomically, as one file holding model, optimizer, RNG and epoch;
+``model.safetensors`` + ``meta.json`` beside them are what the other commands load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lwta
+from common import DiscoverError, atomic_path, sha256_json, write_text_atomic
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WORLD_TRAIN_SEED, WORLD_VAL_SEED = 0, 1  # world.py's seed convention
+
+
+# --- configuration and recipes -------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    arch: str
+    data: str
+    out: str
+    U: int | None = None
+    act: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None  # peak lr; DeiT recipes scale 5e-4 * batch / 512
+    min_lr: float = 1e-5
+    warmup_epochs: int | None = None
+    warmup_lr: float = 1e-6
+    weight_decay: float | None = None
+    optimizer: str | None = None  # adamw | sgd
+    momentum: float = 0.9
+    schedule: str | None = None  # cosine | step
+    step_epochs: int = 30
+    gamma: float = 0.1
+    kl_weight: float = 1.0
+    tau: float = 0.67
+    samples: int = 4  # posterior samples averaged at evaluation (the paper's 4)
+    amp: str = "off"  # bf16 | fp16 | off (CUDA only)
+    seed: int = 0
+    workers: int = 4
+    img_size: int | None = None
+    train_size: int = 20_000  # world: images per epoch (rendered once)
+    val_size: int = 2_000
+    crop_scale: float | None = None  # RandomResizedCrop lower scale bound
+    stop_after: int | None = None  # stop after this many epochs in this invocation
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # DISCOVER App. A.1: DeiT from scratch, AdamW, 5 warm-up epochs from 1e-6, cosine, wd 0.02,
+    # crop + flip only (DropPath, colour jitter, erasing, CutMix, MixUp off for CVNs).
+    "deit": dict(optimizer="adamw", lr=5e-4, lr_scaled=True, weight_decay=0.02, epochs=300,
+                 warmup_epochs=5, schedule="cosine", batch_size=256, crop_scale=0.08),
+    # ResNet-18 on Places365: SGD 0.1, momentum 0.9, x0.1 every 30 epochs, wd 1e-4, batch 256.
+    "resnet": dict(optimizer="sgd", lr=0.1, lr_scaled=False, weight_decay=1e-4, epochs=90,
+                   warmup_epochs=0, schedule="step", batch_size=256, crop_scale=0.08),
+    # The 64x64 world: short runs that fit minutes on 2 CPU cores (the schedule shapes as above).
+    "deit_world": dict(optimizer="adamw", lr=2e-3, lr_scaled=False, weight_decay=0.02, epochs=8,
+                       warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7),
+    "resnet_world": dict(optimizer="sgd", lr=0.05, lr_scaled=False, weight_decay=1e-4, epochs=8,
+                         warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7),
+}
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill the unset hyper-parameters from the arch family's recipe; validate the rest."""
+    if cfg.arch not in lwta.ARCHS:
+        raise DiscoverError(f"--arch: unknown {cfg.arch!r}; choose one of {', '.join(lwta.ARCHS)}")
+    family = lwta.ARCHS[cfg.arch].family + ("_world" if cfg.arch.endswith("_world") else "")
+    recipe = RECIPES[family]
+    c = dataclasses.replace(cfg)
+    for key in ("optimizer", "weight_decay", "epochs", "warmup_epochs", "schedule", "batch_size", "crop_scale"):
+        if getattr(c, key) is None:
+            setattr(c, key, recipe[key])
+    if c.lr is None:
+        c.lr = recipe["lr"] * (c.batch_size / 512 if recipe["lr_scaled"] else 1.0)
+    if c.img_size is None:
+        c.img_size = lwta.ARCHS[c.arch].img_size
+    checks = [(c.epochs >= 1, "--epochs must be >= 1"), (c.batch_size >= 1, "--batch-size must be >= 1"),
+              (c.lr > 0, "--lr must be > 0"), (c.samples >= 1, "--samples must be >= 1"),
+              (c.optimizer in ("adamw", "sgd"), "--optimizer must be adamw or sgd"),
+              (c.schedule in ("cosine", "step"), "--schedule must be cosine or step"),
+              (c.amp in ("bf16", "fp16", "off"), "--amp must be bf16, fp16 or off"),
+              (c.kl_weight >= 0, "--kl-weight must be >= 0"),
+              (c.train_size >= 1 and c.val_size >= 1, "--train-size/--val-size must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise DiscoverError(msg)
+    return c
+
+
+def get_lr(it: int, cfg: TrainConfig, iters_per_epoch: int) -> float:
+    """Learning rate at iteration ``it``: linear warm-up from warmup_lr, then cosine to min_lr
+    (DeiT), or the step schedule lr * gamma^(epoch // step_epochs) (ResNet)."""
+    warm = cfg.warmup_epochs * iters_per_epoch
+    if it < warm:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * it / warm
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** ((it // iters_per_epoch) // cfg.step_epochs)
+    total = cfg.epochs * iters_per_epoch
+    progress = (it - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    classes: list[str]
+    on_gpu_augment: bool  # world tensors are augmented batch-wise in torch (no worker processes)
+
+
+class _UInt8Images(torch.utils.data.Dataset):
+    """In-memory uint8 images (N, H, W, 3) with labels: the rendered world."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.images[i], self.labels[i], i
+
+
+def _render_world(task: str, n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    import world
+
+    if task not in world.TASKS:
+        raise DiscoverError(f"--data world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
+    images, attrs = world.render_batch(seed, 0, n, size=size)
+    labels = torch.tensor([world.label(a, task) for a in attrs], dtype=torch.int64)
+    return torch.from_numpy(images), labels, list(world.TASKS[task])
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """``world:TASK`` (rendered once: train seed 0, val seed 1) or an ImageFolder root with
+    ``train/`` and ``val/`` (ImageNet, Places365 layout)."""
+    if cfg.data.startswith("world:"):
+        task = cfg.data.split(":", 1)[1]
+        xtr, ytr, classes = _render_world(task, cfg.train_size, WORLD_TRAIN_SEED, cfg.img_size)
+        xva, yva, _ = _render_world(task, cfg.val_size, WORLD_VAL_SEED, cfg.img_size)
+        return Data(_UInt8Images(xtr, ytr), _UInt8Images(xva, yva), classes, True)
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.data)
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise DiscoverError(f"--data {root}: expected an ImageFolder root with {sub}/ inside "
+                                "(or world:TASK)")
+    norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale, 1.0)),
+                                   transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm])
+    val_tf = transforms.Compose([transforms.Resize(int(cfg.img_size / 0.875)), transforms.CenterCrop(cfg.img_size),
+                                 transforms.ToTensor(), norm])
+    try:
+        train = datasets.ImageFolder(str(root / "train"), train_tf)
+        val = datasets.ImageFolder(str(root / "val"), val_tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DiscoverError(f"--data {root}: {str(e).splitlines()[0]}") from None
+    if train.classes != val.classes:
+        raise DiscoverError(f"--data {root}: train/ and val/ have different class folders")
+    return Data(train, val, train.classes, False)
+
+
+def augment_uint8(x: torch.Tensor, size: int, crop_scale: float, keys: list[int] | None = None) -> torch.Tensor:
+    """World batch (B, H, W, 3) uint8 -> normalised float (B, 3, size, size). With ``keys`` (one
+    int per image: training), a RandomResizedCrop (scale >= crop_scale) and a horizontal flip whose
+    parameters come from a generator seeded by the image's key, so an image is augmented the same
+    way however the batch is split over processes."""
+    x = x.permute(0, 3, 1, 2).float().div_(255)
+    if keys is not None:
+        B = x.shape[0]
+        r = torch.stack([torch.rand(4, generator=torch.Generator().manual_seed(k)) for k in keys])
+        side = (crop_scale + (1 - crop_scale) * r[:, 0]).sqrt()
+        theta = torch.zeros(B, 2, 3)
+        theta[:, 0, 0] = side * torch.where(r[:, 3] < 0.5, -1.0, 1.0)
+        theta[:, 0, 2] = (r[:, 1] * 2 - 1) * (1 - side)
+        theta[:, 1, 1] = side
+        theta[:, 1, 2] = (r[:, 2] * 2 - 1) * (1 - side)
+        grid = F.affine_grid(theta, [B, 3, size, size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    elif x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --- distributed ---------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: TrainConfig, data: Data,
+             device: torch.device, d: Dist) -> dict[str, float]:
+    """Top-1 with ``cfg.samples`` posterior samples whose logits are averaged (the paper's
+    Bayesian averaging) and with the deterministic argmax mode; one pass for a plain twin."""
+    model.eval()
+    has_lwta = bool(lwta.lwta_modules(model))
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # sampled-correct, argmax-correct, n
+    for batch in loader:
+        x, y = _to_device(batch, cfg, data, device, epoch=None)
+        with _autocast(cfg, device):
+            lwta.set_mode(model, "argmax")
+            logits_arg = model(x).float()
+            if has_lwta:
+                lwta.set_mode(model, "sample")
+                logits = sum(model(x).float() for _ in range(cfg.samples)) / cfg.samples
+            else:
+                logits = logits_arg
+        counts += torch.stack([(logits.argmax(1) == y).sum().double(),
+                               (logits_arg.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device)])
+    lwta.set_mode(model, "sample")
+    if d.world_size > 1:
+        dist.all_reduce(counts)
+    n = counts[2].item()
+    return {"val_top1": 100 * counts[0].item() / n, "val_top1_argmax": 100 * counts[1].item() / n}
+
+
+def _to_device(batch: list[Any], cfg: TrainConfig, data: Data, device: torch.device,
+               epoch: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to ``device``; world batches are augmented here (``epoch`` given: training)."""
+    x, y = batch[0], batch[1]
+    if data.on_gpu_augment:
+        keys = None if epoch is None else [(cfg.seed * 100_003 + epoch) * 10_000_019 + int(i) for i in batch[2]]
+        x = augment_uint8(x, cfg.img_size, cfg.crop_scale, keys)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if device.type != "cuda" or cfg.amp == "off":
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+def elbo_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, kl_weight: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Negative ELBO per example (Eq. 3): mean CE + kl_weight * KL (per example). Returns
+    (loss, ce, kl)."""
+    ce = F.cross_entropy(logits.float(), y)
+    kl = lwta.kl_divergence(lwta.unwrap(model)).to(ce.device)
+    return ce + kl_weight * kl, ce, kl
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def _ckpt_dir(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    files = sorted(_ckpt_dir(out).glob("epoch_*.pt"))
+    return files[-1] if files else None
+
+
+def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, epoch: int,
+                    cfg: TrainConfig, meta: dict[str, Any], keep: int = 2) -> None:
+    """One atomic file per epoch (model, optimizer, scaler, RNG, epoch, config); the newest
+    ``keep`` are kept. Then ``model.safetensors`` and ``meta.json``, also atomically."""
+    state = {"model": lwta.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+             "config": dataclasses.asdict(cfg), "rng_cpu": torch.get_rng_state(),
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    path = _ckpt_dir(out) / f"epoch_{epoch:04d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in sorted(_ckpt_dir(out).glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
+    lwta.save(model, out, meta)
+
+
+def _config_key(cfg: TrainConfig) -> str:
+    """What must not change across a resume (everything but the stopping point)."""
+    return sha256_json({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("stop_after", "workers")})
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg.arch`` on ``cfg.data`` into ``cfg.out``; returns the final meta (with metrics)."""
+    cfg = resolve(cfg)
+    d = init_distributed()
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    start_epoch, ckpt = 0, None
+    if resume:
+        last = latest_checkpoint(out)
+        if last is None:
+            raise DiscoverError(f"--resume: {out} has no checkpoint to resume from")
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+        saved = TrainConfig(**{**ckpt["config"], "stop_after": cfg.stop_after, "workers": cfg.workers})
+        if _config_key(resolve(saved)) != _config_key(cfg):
+            diff = [k for k, v in dataclasses.asdict(cfg).items()
+                    if k not in ("stop_after", "workers") and dataclasses.asdict(saved).get(k) != v]
+            raise DiscoverError(f"--resume: options differ from the run in {out}: {', '.join(diff)}")
+        start_epoch = ckpt["epoch"] + 1
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise DiscoverError(f"--out {out} is not empty; pass --resume to continue or --force to overwrite")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg)
+    model = lwta.build(cfg.arch, U=cfg.U, act=cfg.act, num_classes=len(data.classes), img_size=cfg.img_size,
+                       tau=cfg.tau).to(device)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = (torch.optim.AdamW(groups, lr=cfg.lr) if cfg.optimizer == "adamw"
+           else torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum))
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    elif d.world_size > 1:
+        torch.manual_seed(cfg.seed + d.rank)  # same initial weights, own LWTA noise per rank
+    if d.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
+    val_sampler = DistributedSampler(data.val, num_replicas=d.world_size, rank=d.rank, shuffle=False)
+    per_rank = max(1, cfg.batch_size // d.world_size)
+    workers = 0 if data.on_gpu_augment else cfg.workers
+    loader = DataLoader(data.train, batch_size=per_rank, sampler=sampler, num_workers=workers,
+                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    val_loader = DataLoader(data.val, batch_size=per_rank, sampler=val_sampler, num_workers=workers)
+    iters = len(loader)
+    if iters == 0:
+        raise DiscoverError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(data.train)})")
+
+    meta = {"arch": cfg.arch, "U": cfg.U, "act": None if cfg.U else (cfg.act or ("relu" if "resnet" in cfg.arch else "gelu")),
+            "num_classes": len(data.classes), "img_size": cfg.img_size, "classes": data.classes,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "data": cfg.data, "tau": cfg.tau,
+            "config": dataclasses.asdict(cfg), "epoch": start_epoch - 1, "metrics": {},
+            "reproduce": reproduce_command(cfg)}
+    metrics_path = out / "metrics.jsonl"
+    if d.main and resume and metrics_path.exists():  # drop lines of epochs after the checkpoint
+        keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
+        write_text_atomic(metrics_path, "".join(ln + "\n" for ln in keep))
+    elif d.main and not resume and metrics_path.exists():
+        metrics_path.unlink()
+
+    end_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, start_epoch + cfg.stop_after)
+    bar = _progress(progress and d.main)
+    with bar:
+        task = bar.add_task("train", total=(end_epoch - start_epoch) * iters)
+        for epoch in range(start_epoch, end_epoch):
+            model.train()
+            sampler.set_epoch(epoch)
+            t0, seen, sums = time.perf_counter(), 0, torch.zeros(4, dtype=torch.float64)
+            for i, batch in enumerate(loader):
+                it = epoch * iters + i
+                for g in opt.param_groups:
+                    g["lr"] = get_lr(it, cfg, iters)
+                x, y = _to_device(batch, cfg, data, device, epoch=epoch)
+                with _autocast(cfg, device):
+                    logits = model(x)
+                loss, ce, kl = elbo_loss(model, logits, y, cfg.kl_weight)
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                n = len(y)
+                seen += n * d.world_size
+                sums += torch.tensor([ce.item() * n, kl.item() * n, (logits.argmax(1) == y).sum().item(), n],
+                                     dtype=torch.float64)
+                bar.update(task, advance=1, description=(
+                    f"epoch {epoch + 1}/{cfg.epochs} loss {sums[0] / sums[3]:.3f} kl {sums[1] / sums[3]:.2f} "
+                    f"acc {100 * sums[2] / sums[3]:.1f}% {seen / (time.perf_counter() - t0):.0f} img/s"))
+            train_time = time.perf_counter() - t0
+            ev = evaluate(model, val_loader, cfg, data, device, d)
+            record = {"epoch": epoch, "train_ce": (sums[0] / sums[3]).item(), "train_kl": (sums[1] / sums[3]).item(),
+                      "train_top1": (100 * sums[2] / sums[3]).item(), **ev, "lr": opt.param_groups[0]["lr"],
+                      "images_per_s": seen / train_time, "epoch_seconds": time.perf_counter() - t0}
+            if d.main:
+                meta.update(epoch=epoch, metrics=record)
+                save_checkpoint(out, model, opt, scaler, epoch, cfg, meta)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.console.print(f"epoch {epoch + 1}: val top-1 {ev['val_top1']:.2f}% "
+                                  f"(argmax {ev['val_top1_argmax']:.2f}%), {record['epoch_seconds']:.0f} s")
+    if d.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return meta
+
+
+def reproduce_command(cfg: TrainConfig) -> str:
+    """The CLI line that retrains this run (kept in meta.json)."""
+    parts = ["python discover.py train", f"--arch {cfg.arch}", f"--U {cfg.U}" if cfg.U else f"--act {cfg.act or 'default'}",
+             f"--data {cfg.data}", f"--out {cfg.out}", f"--epochs {cfg.epochs}", f"--batch-size {cfg.batch_size}",
+             f"--lr {cfg.lr:g}", f"--seed {cfg.seed}", f"--kl-weight {cfg.kl_weight:g}"]
+    if cfg.data.startswith("world:"):
+        parts += [f"--train-size {cfg.train_size}", f"--val-size {cfg.val_size}"]
+    return " ".join(p for p in parts if "--act default" not in p)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun ... train.py ARGS``: the same options as ``discover.py train``."""
+    import discover
+
+    discover.cli(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
+
+
+if __name__ == "__main__":
+    main()
