@@ -29,9 +29,11 @@ class DiscoverGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except DiscoverError as e:
+        except (DiscoverError, OSError) as e:
             if os.environ.get("DISCOVER_DEBUG"):
                 raise
+            if isinstance(e, OSError):  # the file system said no: name the file and the reason
+                e = DiscoverError(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
@@ -66,6 +68,53 @@ def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | Non
     console.print(table)
 
 
+# --- the synthetic world -------------------------------------------------------------------------
+
+@cli.group("world")
+def world_group() -> None:
+    """The synthetic world: procedural images with known attributes."""
+
+
+@world_group.command("export")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", type=int, required=True, help="Number of images.")
+@click.option("--seed", type=int, default=2, show_default=True, help="World seed (see world.py).")
+@click.option("--task", default="object", show_default=True, help="Class folders by this task.")
+@click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty OUT.")
+def world_export(out: str, n: int, seed: int, task: str, size: int, force: bool) -> None:
+    """Write N world images as an ImageFolder tree OUT/<class>/<index>.png plus OUT/labels.csv."""
+    import csv
+    import io
+
+    from PIL import Image
+    from rich.progress import track
+
+    import world
+    from common import atomic_dir, ensure_writable_dir
+
+    if n < 1:
+        raise DiscoverError(f"--n must be >= 1, got {n}")
+    if size < 16:
+        raise DiscoverError(f"--size must be >= 16, got {size}")
+    if task not in world.TASKS:
+        raise DiscoverError(f"--task: unknown {task!r}; choose one of {', '.join(world.TASKS)}")
+    ensure_writable_dir(out, "OUT", force=force)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", *world.ATTRIBUTES, "caption", "class"])
+    with atomic_dir(out) as tmp:
+        for i in track(range(n), description=f"world seed {seed}", console=err_console):
+            s = world.render(seed, i, size)
+            name = world.class_name(s.attrs, task)
+            rel = f"{name.replace(' ', '_')}/{i:06d}.png"
+            (tmp / rel).parent.mkdir(exist_ok=True)
+            Image.fromarray(s.image).save(tmp / rel)
+            writer.writerow([rel, *s.attrs.values(), s.caption, name])
+        (tmp / "labels.csv").write_text(buf.getvalue())
+    console.print(f"wrote {n} images of world seed {seed} ({task} classes) to {out}")
+
+
 @cli.command("train")
 @click.option("--arch", required=True, help="deit_tiny, deit_small, resnet18, deit_world, resnet18_world.")
 @click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block: train a CVN.")
@@ -80,7 +129,8 @@ def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | Non
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default=None)
-@click.option("--kl-weight", type=float, default=1.0, show_default=True, help="Weight of the KL term of the ELBO.")
+@click.option("--kl-weight", type=float, default=0.01, show_default=True,
+              help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; see train.KL_NOTE).")
 @click.option("--tau", type=float, default=0.67, show_default=True, help="Gumbel-softmax temperature.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
@@ -88,8 +138,8 @@ def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | Non
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True, help="Data-loader workers (ImageFolder).")
 @click.option("--img-size", type=int, default=None)
-@click.option("--train-size", type=int, default=20_000, show_default=True, help="World: training images.")
-@click.option("--val-size", type=int, default=2_000, show_default=True, help="World: validation images.")
+@click.option("--train-size", type=int, default=12_000, show_default=True, help="World: training images.")
+@click.option("--val-size", type=int, default=1_000, show_default=True, help="World: validation images.")
 @click.option("--stop-after", type=int, default=None, help="Stop after this many epochs (resume later).")
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (bit-exact on CPU).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")

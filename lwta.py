@@ -430,7 +430,7 @@ ARCHS: dict[str, Arch] = {
     "deit_tiny": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
     "deit_small": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
     "resnet18": Arch("resnet", _resnet, 365, 224, dict(layers=(2, 2, 2, 2), small_stem=False)),
-    "deit_world": Arch("deit", _vit, 64, 64, dict(patch_size=8, embed_dim=128, depth=6, num_heads=4)),
+    "deit_world": Arch("deit", _vit, 64, 64, dict(patch_size=8, embed_dim=96, depth=4, num_heads=4)),
     "resnet18_world": Arch("resnet", _resnet, 64, 64, dict(layers=(1, 1, 1, 1), small_stem=True)),
 }
 

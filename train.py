@@ -39,6 +39,14 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WORLD_TRAIN_SEED, WORLD_VAL_SEED = 0, 1  # world.py's seed convention
 
 
+KL_NOTE = """The KL of Eq. 3, scaled per example as SPEC §2 asks, is summed over every block of every
+token and layer: for deit_world/8 that is 6 x 65 x 64 = 24 960 blocks per example, about 230 nats at
+initialisation against a cross-entropy of 4. At --kl-weight 1 it pins every block's posterior to the
+uniform prior and the CVN stays at chance (measured: 6 % vs 43 % top-1 without the term, 4 epochs);
+at 0.01 the CVN trains as well as without it. The paper's code release disabled the term entirely.
+The default is therefore 0.01; --kl-weight 1 gives the ELBO read literally."""
+
+
 # --- configuration and recipes -------------------------------------------------------------------
 
 @dataclass
@@ -60,15 +68,15 @@ class TrainConfig:
     schedule: str | None = None  # cosine | step
     step_epochs: int = 30
     gamma: float = 0.1
-    kl_weight: float = 1.0
+    kl_weight: float = 0.01  # see KL_NOTE
     tau: float = 0.67
     samples: int = 4  # posterior samples averaged at evaluation (the paper's 4)
     amp: str = "off"  # bf16 | fp16 | off (CUDA only)
     seed: int = 0
     workers: int = 4
     img_size: int | None = None
-    train_size: int = 20_000  # world: images per epoch (rendered once)
-    val_size: int = 2_000
+    train_size: int = 12_000  # world: images per epoch (rendered once)
+    val_size: int = 1_000
     crop_scale: float | None = None  # RandomResizedCrop lower scale bound
     stop_after: int | None = None  # stop after this many epochs in this invocation
     extra: dict[str, Any] = field(default_factory=dict)

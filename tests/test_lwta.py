@@ -195,8 +195,8 @@ def test_set_mode_and_bad_arguments() -> None:
     assert {m.mode for m in lwta.lwta_modules(model).values()} == {"argmax"}
     with pytest.raises(DiscoverError, match="mode"):
         lwta.set_mode(model, "greedy")
-    with pytest.raises(DiscoverError, match=r"blocks\.0\.mlp\.act.*K=512.*U=3"):
-        lwta.build("deit_world", U=3)
+    with pytest.raises(DiscoverError, match=r"blocks\.0\.mlp\.act.*K=384.*U=5"):
+        lwta.build("deit_world", U=5)
     with pytest.raises(DiscoverError, match="U must be"):
         lwta.build("deit_world", U=1)
     with pytest.raises(DiscoverError, match="unknown arch"):
