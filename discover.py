@@ -239,5 +239,31 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
         console.print(f"{secs:.1f} s ({pr.n / secs:.0f} images/s, image loading included)", highlight=False)
 
 
+@cli.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
+              help="Where the runs, tables and report go.")
+@click.option("--U", "U", type=int, default=8, show_default=True, help="Competitors per LWTA block of the CVN.")
+@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--train-size", type=int, default=12_000, show_default=True)
+@click.option("--force", is_flag=True, help="Use a non-empty --out that no demo wrote.")
+def demo_cmd(out: str, U: int, epochs: int, train_size: int, force: bool) -> None:
+    """The whole story offline: train a CVN and its twin on the world, compare (resumable)."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    import demo
+
+    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, epochs=epochs, train_size=train_size), force=force)
+    table = Table(title="DISCOVER demo: deit_world on the 64-class world task")
+    for col in ("model", "val top-1 (4 samples)", "val top-1 (argmax)", "train s"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, s in summary.items():
+        label = f"CVN U={s['U']}" if s["U"] else f"twin ({s['act']})"
+        table.add_row(label, f"{s['val_top1']:.2f}%", f"{s['val_top1_argmax']:.2f}%", f"{s['train_seconds'] or 0:.0f}")
+    console.print(table)
+    console.print(f"results in [bold]{out}[/] (summary.json)")
+
+
 if __name__ == "__main__":
     cli()

@@ -401,7 +401,9 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             "num_classes": len(data.classes), "img_size": cfg.img_size, "classes": data.classes,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "data": cfg.data, "tau": cfg.tau,
             "config": dataclasses.asdict(cfg), "epoch": start_epoch - 1, "metrics": {},
-            "reproduce": reproduce_command(cfg)}
+            "reproduce": reproduce_command(cfg), "train_seconds": 0.0}
+    if resume and (out / "meta.json").is_file():  # wall time of the epochs already done
+        meta["train_seconds"] = json.loads((out / "meta.json").read_text()).get("train_seconds", 0.0)
     metrics_path = out / "metrics.jsonl"
     if d.main and resume and metrics_path.exists():  # drop lines of epochs after the checkpoint
         keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
@@ -446,7 +448,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                       "train_top1": (100 * sums[2] / sums[3]).item(), **ev, "lr": opt.param_groups[0]["lr"],
                       "images_per_s": seen / train_time, "epoch_seconds": time.perf_counter() - t0}
             if d.main:
-                meta.update(epoch=epoch, metrics=record)
+                meta.update(epoch=epoch, metrics=record, train_seconds=round(meta["train_seconds"] + record["epoch_seconds"], 1))
                 save_checkpoint(out, model, opt, scaler, epoch, cfg, meta)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
