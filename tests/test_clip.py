@@ -1,0 +1,233 @@
+"""The CLIP backend: loading specs and their errors, normalised embeddings that match a hand-run
+encode, content-keyed caches, the P matrix, zero-shot, the world CLIP commands, and the shipped
+world-clip's quality."""
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import clip_backend
+import record
+import world
+import world_clip
+from common import DiscoverError
+
+
+def _random_checkpoint(path: Path, seed: int) -> Path:
+    """A randomly initialised world-clip saved like the shipped one (fp16 safetensors)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    world_clip.register()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(world_clip.NAME)
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("world_clip")
+    return _random_checkpoint(d / "a.safetensors", 0), _random_checkpoint(d / "b.safetensors", 1)
+
+
+@pytest.fixture
+def clip(ckpts) -> clip_backend.ClipModel:
+    return clip_backend.load_clip(f"world-clip:{ckpts[0]}")
+
+
+def _count_calls(monkeypatch, module: torch.nn.Module, method: str) -> list[int]:
+    calls = [0]
+    inner = getattr(module, method)
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(module, method, wrapper)
+    return calls
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+def test_random_checkpoint_loads_through_open_clip_front_door(ckpts) -> None:
+    import open_clip
+    from safetensors.torch import load_file
+
+    world_clip.register()
+    model, _, preprocess = open_clip.create_model_and_transforms("world-clip", pretrained=str(ckpts[0]))
+    saved = load_file(str(ckpts[0]))
+    for name, t in model.state_dict().items():
+        assert torch.equal(t.half(), saved[name]), name
+    assert "Resize(size=64" in str(preprocess)
+
+
+def test_fingerprint_follows_weights_spec_and_preprocessing(ckpts, clip) -> None:
+    again = clip_backend.load_clip(f"world-clip:{ckpts[0]}")
+    other = clip_backend.load_clip(f"world-clip:{ckpts[1]}")
+    assert clip.fingerprint == again.fingerprint != other.fingerprint
+    assert clip.name == "world-clip" and clip.weights == ckpts[0] and not clip.model.training
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ViT-B-33:openai", "close names: ViT-B-32"),
+    ("ViT-B-32:nonsense", "its tags: openai"),
+    ("ViT-B-32:/nowhere/weights.pt", "weights file /nowhere/weights.pt: no such file"),
+    ("ViT-B-32", "give NAME:PRETRAINED"),
+])
+def test_bad_specs_are_one_line_errors(spec, message) -> None:
+    with pytest.raises(DiscoverError) as e:
+        clip_backend.load_clip(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_offline_tag_fails_fast_and_says_how_to_use_a_file(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(clip_backend, "_reachable", lambda host, timeout=1.0: False)  # offline, even in CI
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # and an empty cache
+    t0 = time.perf_counter()
+    with pytest.raises(DiscoverError) as e:
+        clip_backend.load_clip("ViT-B-32:openai")
+    assert time.perf_counter() - t0 < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "could not be downloaded (offline" in msg and "ViT-B-32:/path/to/weights" in msg
+
+
+def test_corrupt_weights_file_is_one_line_error_naming_it(ckpts, tmp_path) -> None:
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint at all")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(ckpts[0].read_bytes()[:100_000])
+    for path in (garbage, truncated):
+        with pytest.raises(DiscoverError) as e:
+            clip_backend.load_clip(f"world-clip:{path}")
+        assert str(path) in str(e.value) and "cannot be loaded" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- embeddings -----------------------------------------------------------------------------------
+
+def test_image_embeddings_are_normalised_and_match_a_manual_encode(clip) -> None:
+    images, _ = world.render_batch(5, 0, 6)
+    emb = clip_backend.embed_images(clip, list(images), key="manual", batch_size=4)
+    assert emb.shape == (6, 128) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    with torch.no_grad():
+        x = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images])
+        manual = F.normalize(clip.model.encode_image(x), dim=-1).numpy()
+        # world-clip's preprocessing of a 64 px world image is world_clip.to_input, what it trained on
+        assert torch.allclose(x, world_clip.to_input(images), atol=1e-6)
+    np.testing.assert_allclose(emb, manual, atol=1e-5)
+    # a probe embeds its own images, at any batch size
+    probe = record.load_probe("world:6:5")
+    np.testing.assert_allclose(clip_backend.embed_images(clip, probe, batch_size=5), manual, atol=1e-5)
+
+
+def test_text_embeddings_and_the_p_matrix(clip) -> None:
+    concepts = ["red", "a striped object", "circle"]
+    text = clip_backend.embed_texts(clip, concepts)
+    with torch.no_grad():
+        manual = F.normalize(clip.model.encode_text(clip.tokenizer(concepts)), dim=-1).numpy()
+    np.testing.assert_allclose(text, manual, atol=1e-5)
+    probe = record.load_probe("world:4:5")
+    P = clip_backend.similarity_matrix(clip, probe, concepts)
+    assert P.shape == (4, 3) and P.dtype == np.float32
+    np.testing.assert_allclose(P, clip_backend.embed_images(clip, probe) @ text.T, atol=1e-6)
+    assert np.abs(P).max() <= 1 + 1e-5
+
+
+def test_cache_is_reused_and_keyed_by_content(ckpts, clip, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DISCOVER_CACHE", str(tmp_path / "cache"))
+    calls = _count_calls(monkeypatch, clip.model, "encode_image")
+    probe = record.load_probe("world:3:9")
+    first = clip_backend.embed_images(clip, probe)
+    assert calls[0] == 1 and len(list((tmp_path / "cache" / "clip").glob("*.npy"))) == 1
+    np.testing.assert_array_equal(clip_backend.embed_images(clip, probe), first)
+    assert calls[0] == 1  # a cache hit never runs the model
+    clip_backend.embed_images(clip, record.load_probe("world:3:10"))
+    assert calls[0] == 2  # another probe
+    images = [probe.get_image(i) for i in range(3)]
+    clip_backend.embed_images(clip, images)
+    clip_backend.embed_images(clip, images)
+    assert calls[0] == 3
+    images[1] = Image.fromarray(255 - np.asarray(images[1]))
+    clip_backend.embed_images(clip, images)
+    assert calls[0] == 4  # other pixels under the same (no) key
+    other = clip_backend.load_clip(f"world-clip:{ckpts[1]}")
+    other_calls = _count_calls(monkeypatch, other.model, "encode_image")
+    clip_backend.embed_images(other, probe)
+    assert other_calls[0] == 1  # other weights
+    text_calls = _count_calls(monkeypatch, clip.model, "encode_text")
+    clip_backend.embed_texts(clip, ["red", "blue"])
+    clip_backend.embed_texts(clip, ["red", "blue"])
+    clip_backend.embed_texts(clip, ["red", "green"])
+    assert text_calls[0] == 2
+
+
+# --- zero-shot and the commands -------------------------------------------------------------------
+
+def test_zeroshot_of_any_clip_matches_world_clips_own(clip) -> None:
+    ours = clip_backend._zeroshot_any(clip, n=24, seed=777, batch_size=10)
+    assert ours == world_clip.zeroshot(clip.model, clip.tokenizer, n=24, seed=777)
+    assert set(ours) == set(world_clip.PROMPTS)
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from discover import cli
+
+    return CliRunner().invoke(cli, ["world", *args])
+
+
+def test_cli_zeroshot_json(ckpts) -> None:
+    res = _cli("zeroshot", "--clip", f"world-clip:{ckpts[0]}", "--n", "8", "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["n"] == 8 and out["seed"] == 777 and set(out["accuracy_percent"]) == set(world_clip.PROMPTS)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["zeroshot", "--n", "0"], "--n must be at least 1"),
+    (["zeroshot", "--clip", "ViT-B-33:openai", "--n", "5"], "close names: ViT-B-32"),
+    (["train-clip", "--out", "NONEMPTY"], "is not empty"),
+    (["train-clip", "--out", "NEW", "--steps", "0"], "--steps must be at least 1"),
+    (["train-clip", "--out", "NEW", "--batch-size", "1"], "--batch-size must be at least 2"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path) -> None:
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "x").write_text("x")
+    paths = {"NONEMPTY": str(tmp_path / "nonempty"), "NEW": str(tmp_path / "new")}
+    res = _cli(*[paths.get(a, a) for a in args])
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and message in res.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_train_clip_defaults_are_train_clips() -> None:
+    from discover import cli
+
+    cmd = cli.commands["world"].commands["train-clip"]
+    defaults = {p.name: p.default for p in cmd.params}
+    signature = inspect.signature(world_clip.train_clip).parameters
+    for name in ("steps", "batch_size", "lr", "seed", "pool"):
+        assert defaults[name] == signature[name].default, name
+
+
+# --- the shipped model ----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not world_clip.WEIGHTS.exists(), reason="world_clip/world-clip.safetensors not trained yet")
+def test_shipped_world_clip_zero_shot_quality() -> None:
+    clip = clip_backend.load_clip()
+    acc = clip_backend.zeroshot(clip, n=300, seed=world_clip.EVAL_SEED)
+    floors = {"color": 90, "size": 90, "background": 90, "shape": 85, "texture": 85, "object": 75}
+    low = {a: f"{acc[a]:.1f} < {f}" for a, f in floors.items() if acc[a] < f}
+    assert not low, f"zero-shot accuracy (%) below its floor: {low}"

@@ -1,0 +1,246 @@
+"""The tiny CLIP shipped with the project: an open_clip model trained on the synthetic world.
+
+``world_clip/world-clip.json`` is an ordinary open_clip model config (ModifiedResNet image tower,
+small transformer text tower); ``world_clip/world-clip.safetensors`` its fp16 weights;
+``world_clip/manifest.json`` how they were made and what they score. It loads like any open_clip
+model::
+
+    import open_clip, world_clip
+    world_clip.register()
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "world-clip", pretrained="world_clip/world-clip.safetensors")
+
+Training (``python discover.py world train-clip --out DIR``): CLIP's symmetric InfoNCE on
+(image, caption) pairs of fresh world images (seeds >= 1000), plus an auxiliary loss that contrasts
+each image with every value of each attribute through short prompts ("a striped object" vs "a
+checkered object" ...): the hard negatives that random caption batches almost never contain.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import world
+from common import REPO_DIR, DiscoverError, atomic_path, sha256_file, write_json_atomic
+
+NAME = "world-clip"
+DIR = REPO_DIR / "world_clip"
+CONFIG = DIR / f"{NAME}.json"
+WEIGHTS = DIR / f"{NAME}.safetensors"
+MANIFEST = DIR / "manifest.json"
+TRAIN_SEED = 1000  # world seed of CLIP training images (see world.py's convention)
+EVAL_SEED = 777
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # open_clip's
+
+# Prompt templates per attribute: averaged at zero-shot time, one drawn per step in training.
+PROMPTS: dict[str, list[str]] = {
+    "shape": ["a {}", "a photo of a {}", "{}", "a {} shape"],
+    "color": ["a {} object", "{}", "something {}", "a photo of a {} thing"],
+    "texture": ["a {} object", "{}", "a {} pattern", "something {}"],
+    "size": ["a {} object", "{}", "a {} thing"],
+    "background": ["a {} background", "{} background", "{}"],
+    "object": ["a {}", "a photo of a {}", "{}"],
+}
+
+
+class WorldConvNet(torch.nn.Module):
+    """world-clip's image trunk: six 3x3 conv-BN-ReLU layers (64 -> 4 px), flattened so the
+    projection sees where things are (shape), not only what (colour, texture). Far fewer ops than
+    a ResNet of the same FLOPs, which is what costs on a CPU at this size."""
+
+    def __init__(self, widths: tuple[int, ...] = (32, 32, 64, 64, 128, 256),
+                 strides: tuple[int, ...] = (2, 1, 2, 1, 2, 2), img_size: int = 64, **_: Any) -> None:
+        super().__init__()
+        layers, c_in = [], 3
+        for w, s in zip(widths, strides):
+            layers += [torch.nn.Conv2d(c_in, w, 3, s, 1, bias=False), torch.nn.BatchNorm2d(w), torch.nn.ReLU(inplace=True)]
+            c_in = w
+        self.features = torch.nn.Sequential(*layers)
+        side = img_size
+        for s in strides:
+            side //= s
+        self.num_features = c_in * side * side
+        self.default_cfg = self.pretrained_cfg = {"pool_size": None}
+
+    def reset_classifier(self, num_classes: int = 0, **_: Any) -> None:  # timm API: no classifier here
+        assert num_classes == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+
+def register() -> None:
+    """Make ``world-clip`` (and its timm image trunk ``world_convnet``) known to open_clip (idempotent)."""
+    import open_clip
+    from timm.models import is_model, register_model
+
+    if not is_model("world_convnet"):
+        @register_model
+        def world_convnet(pretrained: bool = False, **kwargs: Any) -> WorldConvNet:  # noqa: ARG001
+            return WorldConvNet(**{k: v for k, v in kwargs.items() if k in ("widths", "strides", "img_size")})
+    if NAME not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG)
+
+
+def attribute_values(attr: str) -> list[str]:
+    return world.TASKS["object"] if attr == "object" else world.ATTRIBUTES[attr]
+
+
+def attribute_index(attrs: dict[str, str], attr: str) -> int:
+    return world.label(attrs, "object") if attr == "object" else world.ATTRIBUTES[attr].index(attrs[attr])
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> open_clip-normalised (N, 3, H, W) float32."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def prompt_embeddings(model: torch.nn.Module, tokenizer: Any, attr: str, templates: list[str]) -> torch.Tensor:
+    """L2-normalised text embedding of every value of ``attr``, averaged over ``templates``."""
+    values = attribute_values(attr)
+    texts = [t.format(v) for t in templates for v in values]
+    emb = F.normalize(model.encode_text(tokenizer(texts)), dim=-1).view(len(templates), len(values), -1)
+    return F.normalize(emb.mean(0), dim=-1)
+
+
+@torch.no_grad()
+def zeroshot(model: torch.nn.Module, tokenizer: Any, n: int = 1000, seed: int = EVAL_SEED,
+             batch_size: int = 250) -> dict[str, float]:
+    """Zero-shot accuracy (%) per attribute and on the 64-class object task, on fresh images of
+    ``seed``: the nearest prompt-ensemble text embedding of each image."""
+    model.eval()
+    text = {a: prompt_embeddings(model, tokenizer, a, PROMPTS[a]) for a in PROMPTS}
+    correct = {a: 0 for a in PROMPTS}
+    for start in range(0, n, batch_size):
+        images, attrs = world.render_batch(seed, start, min(batch_size, n - start))
+        img = F.normalize(model.encode_image(to_input(images)), dim=-1)
+        for a, t in text.items():
+            pred = (img @ t.T).argmax(1).numpy()
+            correct[a] += int(sum(p == attribute_index(at, a) for p, at in zip(pred, attrs)))
+    return {a: 100.0 * c / n for a, c in correct.items()}
+
+
+def _caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
+    return world.CAPTIONS[rng.integers(len(world.CAPTIONS))].format(**attrs)
+
+
+def train_clip(out: Path, steps: int = 2400, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+               pool: int = 40_000, aux_weight: float = 1.0, resume: bool = False, progress: bool = True) -> dict:
+    """Train world-clip from scratch into ``out``; resumable from ``out/train_state.pt``.
+
+    Images come from a pool of ``pool`` fresh world images of seed TRAIN_SEED (rendered once,
+    flipped at random); each step draws a batch and a new caption template per image.
+    """
+    import open_clip
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    register()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.pt"
+    torch.manual_seed(seed)
+    model = open_clip.create_model(NAME)
+    tokenizer = open_clip.get_tokenizer(NAME)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    step, elapsed, np_state = 0, 0.0, None
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        torch.set_rng_state(st["rng"])
+        np_state = st["np_rng"]
+    t_render = time.perf_counter()
+    images, attrs = world.render_batch(TRAIN_SEED, 0, pool)
+    render_s = time.perf_counter() - t_render
+    rng = np.random.default_rng(seed)
+    if np_state is not None:  # continue the very same stream of batches and captions
+        rng.bit_generator.state = np_state
+    warmup = max(1, steps // 20)
+    t0 = time.perf_counter()
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*cols, disable=not progress) as bar:
+        task = bar.add_task("train world-clip", total=steps, completed=step)
+        while step < steps:
+            model.train()
+            cur = lr * min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)))
+            for g in opt.param_groups:
+                g["lr"] = cur
+            idx = rng.choice(pool, batch_size, replace=False)
+            batch = images[idx]
+            flip = rng.random(batch_size) < 0.5
+            batch[flip] = batch[flip, :, ::-1]
+            x = to_input(np.ascontiguousarray(batch))
+            texts = tokenizer([_caption(attrs[i], rng) for i in idx])
+            img = F.normalize(model.encode_image(x), dim=-1)
+            txt = F.normalize(model.encode_text(texts), dim=-1)
+            scale = model.logit_scale.exp().clamp(max=100)
+            logits = scale * img @ txt.T
+            target = torch.arange(batch_size)
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            aux = 0.0
+            for a, templates in PROMPTS.items():
+                t = prompt_embeddings(model, tokenizer, a, [templates[rng.integers(len(templates))]])
+                y = torch.tensor([attribute_index(attrs[i], a) for i in idx])
+                aux = aux + F.cross_entropy(scale * img @ t.T, y)
+            total = loss + aux_weight * aux / len(PROMPTS)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            bar.update(task, advance=1, description=f"train world-clip loss {loss.item():.3f} aux {aux.item() / len(PROMPTS):.3f}")
+            if step % 200 == 0 or step == steps:
+                st = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                      "elapsed": elapsed + time.perf_counter() - t0, "rng": torch.get_rng_state(),
+                      "np_rng": rng.bit_generator.state}
+                with atomic_path(state_path) as tmp:
+                    torch.save(st, tmp)
+    elapsed += time.perf_counter() - t0
+    return export(model, tokenizer, out, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                          "pool": pool, "train_world_seed": TRAIN_SEED, "aux_weight": aux_weight,
+                                          "train_seconds": round(elapsed, 1), "render_seconds": round(render_s, 1)})
+
+
+def export(model: torch.nn.Module, tokenizer: Any, out: Path, training: dict) -> dict:
+    """Write fp16 weights, the config and a manifest (training, zero-shot on seed 777, sha256)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    weights = out / f"{NAME}.safetensors"
+    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(out / CONFIG.name) as tmp:
+        tmp.write_text(CONFIG.read_text())
+    model = load(weights)[0]  # score what was written (fp16 weights, as shipped)
+    acc = zeroshot(model, tokenizer, n=2000)
+    manifest = {"name": NAME, "config": CONFIG.name, "weights": weights.name, "sha256": sha256_file(weights),
+                "bytes": weights.stat().st_size, "training": training,
+                "zeroshot": {"seed": EVAL_SEED, "n": 2000, "accuracy_percent": acc}}
+    write_json_atomic(out / MANIFEST.name, manifest)
+    return manifest
+
+
+def load(weights: Path | str = WEIGHTS) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, preprocess, tokenizer) of world-clip through open_clip's own front door."""
+    import open_clip
+
+    register()
+    weights = Path(weights)
+    if not weights.is_file():
+        raise DiscoverError(f"world-clip weights {weights}: no such file (python discover.py world train-clip)")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(NAME, pretrained=str(weights))
+    except Exception as e:  # corrupt file, wrong tensors
+        raise DiscoverError(f"world-clip weights {weights}: cannot be loaded ({type(e).__name__})") from None
+    return model.float().eval(), preprocess, open_clip.get_tokenizer(NAME)
