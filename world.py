@@ -127,7 +127,7 @@ def _texture_mask(texture: str, x: np.ndarray, y: np.ndarray, period: float, ang
         return ((np.floor(u) + np.floor(v)) % 2) == 1
     if texture == "dotted":
         fu, fv = u - np.floor(u) - 0.5, v - np.floor(v) - 0.5
-        return fu * fu + fv * fv < 0.09
+        return fu * fu + fv * fv < 0.12
     raise ValueError(texture)
 
 
@@ -164,7 +164,7 @@ def render(seed: int, index: int, size: int = 64) -> Sample:
     mask = _shape_mask(attrs["shape"], x - cx, y - cy, r, rot)
     img = _background(attrs["background"], rng, size, y)
     color = np.array(COLORS[attrs["color"]], float) * rng.uniform(0.92, 1.05)
-    pattern = _texture_mask(attrs["texture"], x - cx, y - cy, period=rng.uniform(0.09, 0.12) * 2 * (r / 0.5) ** 0.5,
+    pattern = _texture_mask(attrs["texture"], x - cx, y - cy, period=rng.uniform(0.14, 0.18) * 2 * (r / 0.5) ** 0.5,
                             angle=rng.uniform(-0.5, 0.5) + (np.pi / 4 if rng.random() < 0.5 else 0))
     obj = np.where(pattern[..., None], color * TEXTURE_SHADE, color)
     img = np.where(mask[..., None], obj, img)

