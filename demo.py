@@ -2,8 +2,11 @@
 
 Stages (each reuses the output of an earlier run; an interrupted one resumes where it stopped):
     1. train   deit_world --U 8 and its GELU twin on the 64-class world task
-    2. compare their accuracies (argmax and 4-sample posterior averaging)
-Later stages (record, dissect, evaluate, explain, report) append to ``STAGES``.
+    2. dissect  both models' last MLP layer and head with SoftWPMI (world-clip, concepts/world.txt,
+                2 000 probe images of world seed 2)
+    3. evaluate how true the labels are (final layer: class names; hidden layer: world attributes)
+    4. explain  6 probe images with each model: the winning neurons and their concepts
+An HTML report is the next stage to come.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import train
-from common import DiscoverError, write_json_atomic
+from common import REPO_DIR, DiscoverError, write_json_atomic
 
 MARKER = ".discover-demo"  # identifies a directory as a demo output (refuse foreign ones)
+SHIPPED = REPO_DIR / "checkpoints"  # small world checkpoints made by `discover.py train` (see meta.json)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,9 @@ class DemoConfig:
     train_size: int = 12_000
     val_size: int = 1_000
     seed: int = 0
+    probe: str = "world:2000"
+    layers: tuple[str, ...] = ("blocks.3.mlp.act", "head")
+    from_scratch: bool = False
 
 
 def _run_is_complete(run: Path, epochs: int) -> bool:
@@ -33,11 +40,20 @@ def _run_is_complete(run: Path, epochs: int) -> bool:
     return meta.is_file() and json.loads(meta.read_text()).get("epoch") == epochs - 1
 
 
+def run_dir(cfg: DemoConfig, name: str) -> Path:
+    """Where model ``name`` ("cvn" / "twin") lives: the shipped checkpoint, or the demo's own run."""
+    shipped = SHIPPED / f"deit_world_{'u' + str(cfg.U) if name == 'cvn' else 'gelu'}"
+    if not cfg.from_scratch and (shipped / "model.safetensors").is_file():
+        return shipped
+    return cfg.out / "runs" / name
+
+
 def train_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
-    """Stage 1: the CVN and its twin (resumed from their last checkpoint if interrupted)."""
+    """Stage 1: the CVN and its twin: the shipped checkpoints, or trained here (``from_scratch``,
+    resumed from their last checkpoint if interrupted)."""
     metas = {}
     for name, kind in (("cvn", {"U": cfg.U}), ("twin", {"act": "gelu"})):
-        run = cfg.out / "runs" / name
+        run = run_dir(cfg, name)
         if _run_is_complete(run, cfg.epochs):
             metas[name] = json.loads((run / "meta.json").read_text())
             continue
@@ -48,6 +64,51 @@ def train_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     return metas
 
 
+def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
+    """Stage 2: label both models' neurons (skipped when labels of the same run already exist)."""
+    import dissect
+    import record
+
+    results = {}
+    for name in ("cvn", "twin"):
+        run, out = run_dir(cfg, name), cfg.out / "labels" / name
+        labels = out / "labels.json"
+        if labels.is_file():
+            prov = dissect.read_labels(out)["provenance"]
+            if prov["model_hash"] == record.model_hash(record.load_model(str(run))[0]) and prov["probe"] == cfg.probe:
+                results[name] = {"out": str(out), "cached": True}
+                continue
+        results[name] = dissect.dissect(dissect.DissectConfig(model=str(run), layers=list(cfg.layers),
+                                                              probe=cfg.probe, out=str(out)))
+    return results
+
+
+def evaluate_models(cfg: DemoConfig) -> dict[str, Any]:
+    """Stage 3: label quality of both models, side by side (CLIP-Dissect Sec. 4.2 + world AUROC)."""
+    import evaluate
+
+    res = evaluate.jsonable(evaluate.evaluate([str(cfg.out / "labels" / n) for n in ("cvn", "twin")]))
+    write_json_atomic(cfg.out / "evaluation.json", res)
+    return res
+
+
+def explain_images(cfg: DemoConfig, n: int = 6) -> dict[str, list[dict[str, Any]]]:
+    """Stage 4: the active neurons of the last MLP layer for ``n`` probe images, per model."""
+    import dissect
+    import explain
+    import record
+
+    seed = int(cfg.probe.split(":")[2]) if cfg.probe.count(":") == 2 else 2
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in ("cvn", "twin"):
+        model, meta = record.load_model(str(run_dir(cfg, name)))
+        labels = dissect.read_labels(cfg.out / "labels" / name)
+        out[name] = [explain.explain_image(model, meta, labels, cfg.layers[0], f"world:{seed}:{i}", seed=cfg.seed)
+                     for i in range(n)]
+    write_json_atomic(cfg.out / "explanations.json", out)
+    return out
+
+
 def run(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     out = cfg.out
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not force:
@@ -55,11 +116,28 @@ def run(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by python discover.py demo\n")
     metas = train_models(cfg)
+    dissect_models(cfg)
+    evaluation = evaluate_models(cfg)
+    explanations = explain_images(cfg)
     summary = {
-        name: {"run": str(out / "runs" / name), "U": m.get("U"), "act": m.get("act"),
+        name: {"run": str(run_dir(cfg, name)), "U": m.get("U"), "act": m.get("act"),
                "val_top1": m["metrics"]["val_top1"], "val_top1_argmax": m["metrics"]["val_top1_argmax"],
                "train_seconds": m.get("train_seconds")}
         for name, m in metas.items()
     }
+    for name in summary:
+        rows = [r for r in evaluation["runs"] if r["labels"].endswith(f"labels/{name}")]
+        for r in rows:
+            key = "output" if r.get("output_layer") else "hidden"
+            summary[name][f"{key}_layer"] = r["layer"]
+            if r.get("output_layer"):
+                summary[name]["final_layer_accuracy"] = r["output_layer"].get("accuracy_percent")
+            else:
+                summary[name]["hidden_layer_accuracy"] = (r.get("world") or {}).get("hidden_accuracy_percent")
+                summary[name]["selective_neurons"] = (r.get("world") or {}).get("selective")
+                summary[name]["active_per_example"] = r["active_per_example"]
+                summary[name]["K"] = r["K"]
+        summary[name]["explained"] = [{"image": e["image"], "prediction": e["prediction"]["class"],
+                                       "n_active": e["n_active"]} for e in explanations[name]]
     write_json_atomic(out / "summary.json", summary)
     return summary

@@ -159,11 +159,11 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
 
 @world_group.command("train-clip")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--steps", type=int, default=2400, show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--steps", type=int, default=1800, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine schedule).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and batches.")
-@click.option("--pool", type=int, default=40_000, hidden=True, help="Training images rendered once.")
+@click.option("--pool", type=int, default=20_000, hidden=True, help="Training images rendered once.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
 @click.option("--force", is_flag=True, help="Train into a non-empty OUT.")
 def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int, pool: int, resume: bool,
@@ -459,14 +459,19 @@ def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool,
 
     summary = demo.run(demo.DemoConfig(out=Path(out), U=U, epochs=epochs, train_size=train_size,
                                        from_scratch=from_scratch), force=force)
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}%"
+
     table = Table(title="DISCOVER demo: deit_world on the 64-class world task")
-    for col in ("model", "val top-1 (4 samples)", "val top-1 (argmax)", "train s"):
+    for col in ("model", "val top-1 (4 samples)", "val top-1 (argmax)", "final-layer label acc.",
+                "hidden-layer label acc.", "active neurons / example"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, s in summary.items():
         label = f"CVN U={s['U']}" if s["U"] else f"twin ({s['act']})"
-        table.add_row(label, f"{s['val_top1']:.2f}%", f"{s['val_top1_argmax']:.2f}%", f"{s['train_seconds'] or 0:.0f}")
+        table.add_row(label, pct(s["val_top1"]), pct(s["val_top1_argmax"]), pct(s.get("final_layer_accuracy")),
+                      pct(s.get("hidden_layer_accuracy")), f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
-    console.print(f"results in [bold]{out}[/] (summary.json)")
+    console.print(f"results in [bold]{out}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class WorldConvNet(torch.nn.Module):
     a ResNet of the same FLOPs, which is what costs on a CPU at this size."""
 
     def __init__(self, widths: tuple[int, ...] = (32, 32, 64, 64, 128, 256),
-                 strides: tuple[int, ...] = (2, 1, 2, 1, 2, 2), img_size: int = 64, **_: Any) -> None:
+                 strides: tuple[int, ...] = (1, 2, 2, 1, 2, 2), img_size: int = 64, **_: Any) -> None:
         super().__init__()
         layers, c_in = [], 3
         for w, s in zip(widths, strides):
@@ -132,8 +132,8 @@ def _caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
     return world.CAPTIONS[rng.integers(len(world.CAPTIONS))].format(**attrs)
 
 
-def train_clip(out: Path, steps: int = 2400, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-               pool: int = 40_000, aux_weight: float = 1.0, resume: bool = False, progress: bool = True) -> dict:
+def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+               pool: int = 20_000, aux_weight: float = 1.0, resume: bool = False, progress: bool = True) -> dict:
     """Train world-clip from scratch into ``out``; resumable from ``out/train_state.pt``.
 
     Images come from a pool of ``pool`` fresh world images of seed TRAIN_SEED (rendered once,

@@ -224,7 +224,6 @@ def test_cli_train_clip_defaults_are_train_clips() -> None:
 
 # --- the shipped model ----------------------------------------------------------------------------
 
-@pytest.mark.skipif(not world_clip.WEIGHTS.exists(), reason="world_clip/world-clip.safetensors not trained yet")
 def test_shipped_world_clip_zero_shot_quality() -> None:
     clip = clip_backend.load_clip()
     acc = clip_backend.zeroshot(clip, n=300, seed=world_clip.EVAL_SEED)
