@@ -343,7 +343,6 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
                 summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect; default SoftWPMI)."""
-    from pathlib import Path
 
     from rich.table import Table
 

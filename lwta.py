@@ -38,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 from numba import njit, prange
-import torch.nn.functional as F
 
 from common import DiscoverError, atomic_path, write_json_atomic
 
@@ -335,11 +334,6 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     if not kls:
         return torch.zeros(())
     return torch.stack(kls).sum()
-
-
-def clear_kl(model: nn.Module) -> None:
-    for m in lwta_modules(model).values():
-        m.last_kl = None
 
 
 def winners(module: LWTABase) -> torch.Tensor:

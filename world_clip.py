@@ -17,7 +17,6 @@ checkered object" ...): the hard negatives that random caption batches almost ne
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path

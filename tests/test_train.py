@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 import lwta
 import train
-from common import DiscoverError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--arch", "deit_world", "--data", "world:object", "--train-size", "96", "--val-size", "32",
