@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import world_clip
-from common import DiscoverError, atomic_path, cache_dir, sha256_file, sha256_json, write_text_atomic
+from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_file, sha256_json, write_text_atomic
 from record import Probe, _hf_offline, _reachable
 
 DEFAULT = world_clip.NAME
@@ -197,17 +197,6 @@ def _write_cache(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
-def _progress(enabled: bool, what: str):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    console = Console(stderr=True)  # a bar only on a terminal: logs and pipes stay clean
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(what),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    disable=not enabled or not console.is_terminal, transient=True)
-
-
 def _as_pil(item: Any):
     from PIL import Image
 
@@ -254,7 +243,8 @@ def embed_images(clip: ClipModel, images: Probe | Sequence[Any], *, key: str | N
     if cached is not None:
         return cached
     device, chunks = clip.device, []
-    with _progress(progress, "images") as bar, ThreadPoolExecutor(max(1, workers)) as pool, torch.inference_mode():
+    bar = progress_bar(progress, note="images", transient=True, stderr=True)
+    with bar, ThreadPoolExecutor(max(1, workers)) as pool, torch.inference_mode():
         task = bar.add_task(f"CLIP {clip.name}: embed images", total=n)
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))
@@ -281,7 +271,7 @@ def embed_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 1024, p
     if cached is not None:
         return cached
     device, chunks = clip.device, []
-    with _progress(progress, "texts") as bar, torch.inference_mode():
+    with progress_bar(progress, note="texts", transient=True, stderr=True) as bar, torch.inference_mode():
         task = bar.add_task(f"CLIP {clip.name}: embed texts", total=len(texts))
         for start in range(0, len(texts), batch_size):
             batch = texts[start:start + batch_size]

@@ -75,6 +75,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def progress_bar(enabled: bool = True, *, note: str | None = None, transient: bool = False,
+                 stderr: bool = False) -> Any:
+    """The project's rich progress bar: description, bar, n/N, ``note`` (e.g. "images"), elapsed,
+    remaining. Disabled when not ``enabled``; with ``stderr`` it draws on stderr and only on a
+    terminal, so logs and pipes stay clean."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    console = Console(stderr=True) if stderr else None
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    columns += [TextColumn(note)] if note else []
+    columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+    disable = not enabled or (console is not None and not console.is_terminal)
+    return Progress(*columns, console=console, disable=disable, transient=transient)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

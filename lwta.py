@@ -387,12 +387,24 @@ class CompetitiveBasicBlock(nn.Module):
 
 
 def _resnet(U: int | None, act: str | None, tau: float, *, num_classes: int, img_size: int,
-            layers: tuple[int, ...], small_stem: bool) -> nn.Module:
+            layers: tuple[int, ...], small_stem: bool, width: int = 64) -> nn.Module:
+    """torchvision's ResNet with BasicBlocks; ``width`` is the first stage's channel count (64 in
+    ResNet-18; the stages double it), ``small_stem`` a 3x3 stride-2 stem without max-pool."""
     from torchvision.models.resnet import BasicBlock, ResNet
 
     model = ResNet(BasicBlock, list(layers), num_classes=num_classes)
+    if width != 64:  # rebuild the stages with torchvision's own _make_layer at the new width
+        model.inplanes = width
+        model.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        model.bn1 = nn.BatchNorm2d(width)
+        for i, n in enumerate(layers):
+            setattr(model, f"layer{i + 1}", model._make_layer(BasicBlock, width * 2 ** i, n, stride=1 if i == 0 else 2))
+        model.fc = nn.Linear(width * 2 ** (len(layers) - 1), num_classes)
+        for m in model.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     if small_stem:  # 64x64 world images: 3x3 stride-2 stem, no max-pool (32x32 into layer1)
-        model.conv1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False)
+        model.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
         model.maxpool = nn.Identity()
     make_act = _act_factory(U, act, conv=True, tau=tau)
     model.relu = make_act()
@@ -425,7 +437,7 @@ ARCHS: dict[str, Arch] = {
     "deit_small": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
     "resnet18": Arch("resnet", _resnet, 365, 224, dict(layers=(2, 2, 2, 2), small_stem=False)),
     "deit_world": Arch("deit", _vit, 64, 64, dict(patch_size=8, embed_dim=96, depth=4, num_heads=4)),
-    "resnet18_world": Arch("resnet", _resnet, 64, 64, dict(layers=(1, 1, 1, 1), small_stem=True)),
+    "resnet18_world": Arch("resnet", _resnet, 64, 64, dict(layers=(1, 1, 1, 1), small_stem=True, width=16)),
 }
 
 

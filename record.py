@@ -58,7 +58,7 @@ import torch
 import torch.nn as nn
 
 import lwta
-from common import DiscoverError, atomic_path, cache_dir, sha256_json, write_json_atomic
+from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_json, write_json_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -696,7 +696,7 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
             tmps = {n: stack.enter_context(atomic_path(paths[n])) for n in modules}
             writers = {n: _StreamWriter(tmps[n], probe.n, base[n]) for n in modules}
             stack.callback(lambda: [w.close() for w in writers.values()])  # before the renames
-            bar = _progress_bar(progress)
+            bar = progress_bar(progress, note="images", transient=True, stderr=True)
             stack.enter_context(bar)
             task = bar.add_task(f"record {len(modules)} layer(s)", total=probe.n)
             stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
@@ -730,17 +730,6 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
         for n, m in lwta.lwta_modules(model).items():
             m.mode = old_modes[n]
         model.train(was_training)
-
-
-def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    console = Console(stderr=True)  # a bar only on a terminal: logs and pipes stay clean
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("images"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled or not console.is_terminal, transient=True)
 
 
 def _write_record_json(out_dir: Path, meta: dict[str, Any], digest: str, probe: Probe,

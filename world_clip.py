@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import world
-from common import REPO_DIR, DiscoverError, atomic_path, sha256_file, write_json_atomic
+from common import REPO_DIR, DiscoverError, atomic_path, progress_bar, sha256_file, write_json_atomic
 
 NAME = "world-clip"
 DIR = REPO_DIR / "world_clip"
@@ -139,7 +139,6 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     flipped at random); each step draws a batch and a new caption template per image.
     """
     import open_clip
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     register()
     out = Path(out)
@@ -165,8 +164,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
         rng.bit_generator.state = np_state
     warmup = max(1, steps // 20)
     t0 = time.perf_counter()
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*cols, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("train world-clip", total=steps, completed=step)
         while step < steps:
             model.train()

@@ -235,7 +235,7 @@ def test_third_party_pth_variants(tmp_path, wrap: str) -> None:
 def test_mismatched_and_corrupt_checkpoints(tmp_path) -> None:
     model = lwta.build("resnet18_world", act="relu", num_classes=5)
     torch.save(model.state_dict(), tmp_path / "w.pth")
-    with pytest.raises(DiscoverError, match=r"shape mismatch: fc\.weight \(5, 512\) vs \(7, 512\)"):
+    with pytest.raises(DiscoverError, match=r"shape mismatch: fc\.weight \(5, 128\) vs \(7, 128\)"):
         lwta.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=7)
     sd = model.state_dict()
     sd.pop("fc.bias")
