@@ -203,7 +203,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Train the plain twin.")
 @click.option("--data", required=True, help="world:TASK or an ImageFolder root with train/ and val/.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--epochs", type=int, default=None, help="Epochs (recipe default: 300 DeiT, 90 ResNet, 8 world).")
+@click.option("--epochs", type=int, default=None,
+              help="Epochs (recipe default: 300 DeiT, 90 ResNet, 8 deit_world, 12 resnet18_world).")
 @click.option("--batch-size", type=int, default=None, help="Global batch size (split over ranks).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (DeiT recipe: 5e-4*batch/512).")
 @click.option("--min-lr", type=float, default=1e-5, show_default=True)
@@ -211,8 +212,9 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default=None)
-@click.option("--kl-weight", type=float, default=0.01, show_default=True,
-              help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; see train.KL_NOTE).")
+@click.option("--kl-weight", type=float, default=None,
+              help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; recipe default: "
+                   "DeiT 0.01, ResNet 1e-4; see train.KL_NOTE).")
 @click.option("--tau", type=float, default=0.67, show_default=True, help="Gumbel-softmax temperature.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
@@ -440,6 +442,22 @@ def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], mod
         console.print(evaluate.table(res))
 
 
+@cli.command("report")
+@click.argument("results", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Where the site goes [default: RESULTS/report].")
+@click.option("--force", is_flag=True, help="Replace an --out that is not a report directory.")
+def report_cmd(results: str, out: str | None, force: bool) -> None:
+    """A static HTML site of RESULTS (a demo output, a dissect output or a folder of them):
+    figures, charts, neuron galleries, explained images. Opens from the file system."""
+    import report
+
+    res = report.build(results, out, force=force)
+    if res["note"]:
+        err_console.print(f"[yellow]note:[/] {res['note']}")
+    console.print(f"report: [bold]{res['index']}[/] ({res['pages']} pages, {res['images']} images)")
+
+
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Where the runs, tables and report go.")
@@ -461,7 +479,7 @@ def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool,
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}%"
 
-    table = Table(title="DISCOVER demo: deit_world on the 64-class world task")
+    table = Table(title="DISCOVER demo: deit_world CVN vs its twin on the 64-class world task")
     for col in ("model", "val top-1 (4 samples)", "val top-1 (argmax)", "final-layer label acc.",
                 "hidden-layer label acc.", "active neurons / example"):
         table.add_column(col, justify="left" if col == "model" else "right")
@@ -471,6 +489,7 @@ def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool,
                       pct(s.get("hidden_layer_accuracy")), f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
     console.print(f"results in [bold]{out}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")
+    console.print(f"report: open [bold]{Path(out) / 'report' / 'index.html'}[/] in a browser")
 
 
 if __name__ == "__main__":
