@@ -164,11 +164,15 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine schedule).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and batches.")
 @click.option("--pool", type=int, default=20_000, hidden=True, help="Training images rendered once.")
+@click.option("--negatives", type=int, default=0, show_default=True,
+              help="Words of common English (none of concepts/world.txt) per step as extra negatives.")
+@click.option("--init", type=click.Path(), default=None,
+              help="Start from these world-clip weights (.safetensors) instead of from scratch.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
 @click.option("--force", is_flag=True, help="Train into a non-empty OUT.")
-def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int, pool: int, resume: bool,
-                     force: bool) -> None:
-    """Train world-clip from scratch on fresh world images (seeds >= 1000) into OUT."""
+def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int, pool: int, negatives: int,
+                     init: str | None, resume: bool, force: bool) -> None:
+    """Train world-clip on fresh world images (seeds >= 1000) into OUT, from scratch or from --init."""
     from pathlib import Path
 
     from common import ensure_writable_dir
@@ -181,6 +185,10 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
         raise DiscoverError(f"--lr must be positive, got {lr}")
     if pool < batch_size:
         raise DiscoverError(f"--pool ({pool}) must be at least --batch-size ({batch_size})")
+    if negatives < 0:
+        raise DiscoverError(f"--negatives must be 0 or more, got {negatives}")
+    if init is not None and not Path(init).is_file():
+        raise DiscoverError(f"--init {init}: no such weights file")
     ensure_writable_dir(out, "--out", force=force or resume)
     if resume and not (Path(out) / "train_state.pt").is_file():
         err_console.print(f"[yellow]warning:[/] {out}/train_state.pt not found: training from scratch",
@@ -188,7 +196,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
     import world_clip
 
     manifest = world_clip.train_clip(Path(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool,
-                                     resume=resume, progress=err_console.is_terminal)
+                                     negatives=negatives, init=init, resume=resume,
+                                     progress=err_console.is_terminal)
     zs = manifest["zeroshot"]
     console.print(_zeroshot_table(f"world-clip ({steps} steps): zero-shot on {zs['n']} world images "
                                   f"(seed {zs['seed']})", zs["accuracy_percent"]))

@@ -14,6 +14,11 @@ Training (``python discover.py world train-clip --out DIR``): CLIP's symmetric I
 (image, caption) pairs of fresh world images (seeds >= 1000), plus an auxiliary loss that contrasts
 each image with every value of each attribute through short prompts ("a striped object" vs "a
 checkered object" ...): the hard negatives that random caption batches almost never contain.
+With ``negatives`` > 0, each step also contrasts every image with that many words drawn from
+:func:`negative_vocabulary` (common English words that say nothing about the world): a CLIP that
+never saw such words otherwise scores them at random, and the arbitrary ones that land near a
+cluster of images then win neuron labels in dissection. The vocabulary is disjoint from
+``concepts/world.txt``, so that list's distractors stay an honest test of the trained model.
 """
 from __future__ import annotations
 
@@ -127,16 +132,34 @@ def zeroshot(model: torch.nn.Module, tokenizer: Any, n: int = 1000, seed: int = 
     return {a: 100.0 * c / n for a, c in correct.items()}
 
 
+def negative_vocabulary() -> list[str]:
+    """Words of ``concepts/20k.txt`` for the negatives: none of ``concepts/world.txt`` (whose
+    distractors test the dissection), no word of the world's attributes, captions or prompts."""
+    import re
+
+    import concepts
+
+    world_words = set(concepts.load_concepts("world"))
+    texts = [*world.CAPTIONS, *(t for ts in PROMPTS.values() for t in ts)]
+    texts += [v for values in world.ATTRIBUTES.values() for v in values]
+    banned = {w for t in texts for w in re.findall(r"[a-z]+", t.lower())}
+    return [w for w in concepts.load_concepts("20k")
+            if w not in world_words and not (set(re.findall(r"[a-z]+", w)) & banned)]
+
+
 def _caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
     return world.CAPTIONS[rng.integers(len(world.CAPTIONS))].format(**attrs)
 
 
 def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-               pool: int = 20_000, aux_weight: float = 1.0, resume: bool = False, progress: bool = True) -> dict:
-    """Train world-clip from scratch into ``out``; resumable from ``out/train_state.pt``.
+               pool: int = 20_000, aux_weight: float = 1.0, negatives: int = 0, init: Path | str | None = None,
+               resume: bool = False, progress: bool = True) -> dict:
+    """Train world-clip into ``out``, from scratch or from the weights ``init``; resumable from
+    ``out/train_state.pt``.
 
     Images come from a pool of ``pool`` fresh world images of seed TRAIN_SEED (rendered once,
-    flipped at random); each step draws a batch and a new caption template per image.
+    flipped at random); each step draws a batch and a new caption template per image, and
+    ``negatives`` words of :func:`negative_vocabulary` as extra image-to-text negatives.
     """
     import open_clip
 
@@ -145,8 +168,11 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
     torch.manual_seed(seed)
-    model = open_clip.create_model(NAME)
+    # fine-tuning loads the fp16 weights as shipped through open_clip into a float32 model
+    model = open_clip.create_model(NAME, pretrained=None if init is None else str(init))
+    init_sha = None if init is None else sha256_file(init)
     tokenizer = open_clip.get_tokenizer(NAME)
+    vocab = negative_vocabulary() if negatives > 0 else []
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
     step, elapsed, np_state = 0, 0.0, None
     if resume and state_path.exists():
@@ -182,7 +208,12 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
             scale = model.logit_scale.exp().clamp(max=100)
             logits = scale * img @ txt.T
             target = torch.arange(batch_size)
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            i2t = logits
+            if vocab:
+                words = [vocab[j] for j in rng.choice(len(vocab), negatives, replace=False)]
+                neg = F.normalize(model.encode_text(tokenizer(words)), dim=-1)
+                i2t = torch.cat([logits, scale * img @ neg.T], dim=1)
+            loss = (F.cross_entropy(i2t, target) + F.cross_entropy(logits.T, target)) / 2
             aux = 0.0
             for a, templates in PROMPTS.items():
                 t = prompt_embeddings(model, tokenizer, a, [templates[rng.integers(len(templates))]])
@@ -205,6 +236,8 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     elapsed += time.perf_counter() - t0
     return export(model, tokenizer, out, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                                           "pool": pool, "train_world_seed": TRAIN_SEED, "aux_weight": aux_weight,
+                                          "negatives": negatives, "negative_vocabulary": len(vocab),
+                                          "init_sha256": init_sha,
                                           "train_seconds": round(elapsed, 1), "render_seconds": round(render_s, 1)})
 
 

@@ -3,6 +3,7 @@ encode, content-keyed caches, the P matrix, zero-shot, the world CLIP commands, 
 world-clip's quality."""
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import time
@@ -220,6 +221,32 @@ def test_cli_train_clip_defaults_are_train_clips() -> None:
     signature = inspect.signature(world_clip.train_clip).parameters
     for name in ("steps", "batch_size", "lr", "seed", "pool"):
         assert defaults[name] == signature[name].default, name
+
+
+def test_negative_vocabulary_never_names_the_world() -> None:
+    import re
+
+    vocab = world_clip.negative_vocabulary()
+    assert len(vocab) > 10_000 and len(set(vocab)) == len(vocab)
+    listed = Path(world_clip.REPO_DIR, "concepts", "world.txt").read_text().split("\n")
+    assert not set(vocab) & {w.strip() for w in listed}  # world.txt's distractors stay unseen
+    attribute_words = {w for values in world.ATTRIBUTES.values() for v in values for w in v.split()}
+    attribute_words |= {"background", "object", "shape", "pattern", "photo", "size", "backdrop"}
+    assert not {w for v in vocab for w in re.findall(r"[a-z]+", v)} & attribute_words
+
+
+def test_train_clip_from_init_starts_at_those_weights(ckpts, tmp_path) -> None:
+    """ckpts[1] has seed 1 and training seeds 0: only a loaded --init makes the weights equal."""
+    from safetensors.torch import load_file
+
+    manifest = world_clip.train_clip(tmp_path / "ft", steps=1, batch_size=4, lr=1e-12, pool=8, negatives=3,
+                                     init=ckpts[1], progress=False)
+    assert manifest["training"]["init_sha256"] == hashlib.sha256(ckpts[1].read_bytes()).hexdigest()
+    assert manifest["training"]["negatives"] == 3
+    before, after = load_file(str(ckpts[1])), load_file(str(tmp_path / "ft" / "world-clip.safetensors"))
+    model = world_clip.load(ckpts[1])[0]
+    params = {k for k, _ in model.named_parameters()}  # BatchNorm buffers move in one training step
+    assert params and all(torch.equal(before[k], after[k]) for k in params)
 
 
 # --- the shipped model ----------------------------------------------------------------------------
