@@ -184,8 +184,8 @@ def browser():
 
 def _load(browser, page: Path) -> None:
     """Open ``page`` and wait until every image has finished (loaded or failed). Each poll switches
-    any still-lazy image to eager first: ``browser.get`` can return before the last cards of a
-    3 000-image page are parsed, so a single pass could miss some and leave them waiting forever."""
+    any still-lazy image to eager first: after a single pass, some images of a 3 000-image layer page
+    were seen still lazy (so never loading) in about one run in four, which a one-shot wait hung on."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(page.resolve().as_uri())
