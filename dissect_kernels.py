@@ -52,12 +52,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from numba_math import exp32
+
 # Fast-math flags that keep NaN/inf semantics ('nnan'/'ninf' are *not* set: dead rows are NaN).
 FAST = {"nsz", "reassoc", "contract", "arcp"}
 LN2 = math.log(2.0)
 
 
-# --- two LLVM-level helpers Numba does not expose --------------------------------------------------
+# --- an LLVM-level helper Numba does not expose --------------------------------------------------
 
 @intrinsic
 def _prefetch(typingctx, arr, i):
@@ -74,14 +76,6 @@ def _prefetch(typingctx, arr, i):
         builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(arr, i), codegen
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose bit pattern is the int32 ``bits`` (a reinterpretation, not a conversion)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(types.float32))
-    return types.float32(types.int32), codegen
 
 
 # --- inputs and threads ---------------------------------------------------------------------------
@@ -325,30 +319,6 @@ def cos_cubed(A: np.ndarray, P: np.ndarray, *, min_norm: float = 1e-3, name: str
 
 
 # --- log-probability helpers shared by WPMI and SoftWPMI ------------------------------------------
-
-_EXP_C = tuple(np.float32(c) for c in (  # Cephes expf: exp(r) = 1 + r + r^2 poly(r), |r| <= ln2/2
-    1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-    5.0000001201e-1))
-_F = tuple(np.float32(c) for c in (-87.0, 88.0, 1.0 / LN2, 0.693359375, -2.12194440e-4, 0.5, 1.0))
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _exp32(v: float) -> float:
-    """exp(v) in float32, relative error < 3e-7; inlines into loops that LLVM then vectorises.
-
-    v is clamped to [-87, 88]: exp(-87) ~ 1.6e-38 stands in for anything smaller (every caller adds
-    the result to a term >= 1e-7 or sums it with a term equal to 1). v = k ln2 + r, exp(r) by the
-    Cephes polynomial, 2^k built from its exponent bits.
-    """
-    c0, c1, c2, c3, c4, c5 = _EXP_C
-    lo, hi, log2e, ln2_hi, ln2_lo, half, one = _F
-    v = min(max(np.float32(v), lo), hi)
-    kf = np.floor(v * log2e + half)
-    r = v - kf * ln2_hi - kf * ln2_lo
-    y = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
-    return (y * r * r + r + one) * _float32_from_bits((np.int32(kf) + np.int32(127)) << np.int32(23))
-
-
 @njit(parallel=True, cache=True, fastmath=FAST)
 def _log_softmax_normaliser(P: np.ndarray, rows: np.ndarray, a: float) -> np.ndarray:
     """lse[t] = logsumexp_m(a P[rows[t], m]): the normaliser of p(t_m|x_i) = softmax_m(a P[i, :])."""
@@ -365,7 +335,7 @@ def _log_softmax_normaliser(P: np.ndarray, rows: np.ndarray, a: float) -> np.nda
         for m0 in range(0, M, 256):  # float32 partial sums vectorise fully; terms are <= 1
             part = np.float32(0.0)
             for m in range(m0, min(M, m0 + 256)):
-                part += _exp32(a32 * P[i, m] - mx)
+                part += exp32(a32 * P[i, m] - mx)
             s += part
         out[t] = mx + math.log(s)
     return out
@@ -409,7 +379,7 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
                 c0 = g0 + sb * _SB
                 n = min(_SB, M - c0)
                 for j in range(n):
-                    panel[sb, t, j] = _exp32(a32 * P[i, c0 + j] - lse_i)
+                    panel[sb, t, j] = exp32(a32 * P[i, c0 + j] - lse_i)
                 for j in range(n, _SB):
                     panel[sb, t, j] = 0.0  # past the last concept; never stored
         for sb in prange(nsub):
@@ -452,7 +422,7 @@ def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
     for k in range(K):
         if live[k]:
             for j in range(B):
-                tot[j] += _exp32(L[k, j] - mx[j])
+                tot[j] += exp32(L[k, j] - mx[j])
     for j in range(B):
         tot[j] = lam * (mx[j] + math.log(tot[j]) - log_n_live)
     for k in range(K):

@@ -40,6 +40,7 @@ import torch.nn as nn
 from numba import njit, prange
 
 from common import DiscoverError, atomic_path, write_json_atomic
+from numba_math import exp32
 
 MODES = ("sample", "argmax")
 
@@ -59,34 +60,72 @@ def gumbel_like(h: torch.Tensor) -> torch.Tensor:
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _eval_kernel(h, v, sample, out, idx):  # pragma: no cover - compiled
     """Inference: winner ~ Categorical(softmax(h)) by inverse CDF of one uniform v per block
-    (``sample``), or argmax h. out = winner's h, others 0 (Eq. 1-2)."""
+    (``sample``), or argmax h. out = winner's h, others 0 (Eq. 1-2). Groups are taken in chunks so
+    that each chunk allocates its scratch row once (not once per block)."""
+    G, U, S = h.shape
+    chunk = 1024
+    for c in prange((G + chunk - 1) // chunk):
+        e = np.empty(U, np.float32)
+        for g in range(c * chunk, min(G, (c + 1) * chunk)):
+            for s in range(S):  # branch-free: data-dependent branches mispredict on every block
+                m = h[g, 0, s]
+                for u in range(1, U):
+                    m = max(m, h[g, u, s])
+                w = 0
+                if sample:
+                    for u in range(U):  # a straight loop of exp32: SIMD lanes
+                        e[u] = exp32(h[g, u, s] - m)
+                    tot = np.float32(0.0)
+                    for u in range(U):
+                        tot += e[u]
+                    t = v[g, s] * tot
+                    acc = np.float32(0.0)
+                    for u in range(U - 1):  # winner = how many prefix sums stay <= t
+                        acc += e[u]
+                        w += acc <= t
+                else:
+                    for u in range(U - 1, -1, -1):  # the first maximum, as torch.argmax (0 if all NaN)
+                        w = u if h[g, u, s] == m else w
+                for u in range(U):
+                    out[g, u, s] = 0.0
+                out[g, w, s] = h[g, w, s]
+                idx[g, s] = w
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _eval_maps_kernel(h, v, sample, out, idx):  # pragma: no cover - compiled
+    """``_eval_kernel`` for conv maps (S = H*W > 1): the same winners from the same uniforms, with
+    every loop running along the contiguous positions s (SIMD lanes) instead of across the U
+    strided units of one position."""
     G, U, S = h.shape
     for g in prange(G):
-        e = np.empty(U, np.float32)
-        for s in range(S):
-            w = 0
-            m = h[g, 0, s]
-            for u in range(1, U):
-                if h[g, u, s] > m:
-                    m = h[g, u, s]
-                    w = u
-            if sample:
-                tot = np.float32(0.0)
-                for u in range(U):
-                    e[u] = math.exp(h[g, u, s] - m)
-                    tot += e[u]
-                t = v[g, s] * tot
-                acc = np.float32(0.0)
-                w = U - 1
-                for u in range(U):
-                    acc += e[u]
-                    if acc > t:
-                        w = u
-                        break
+        m = h[g, 0].copy()
+        w = np.zeros(S, np.int64)
+        for u in range(1, U):  # the first maximum per position (0 if all NaN)
+            for s in range(S):
+                x = h[g, u, s]
+                w[s] = u if x > m[s] else w[s]
+                m[s] = max(m[s], x)
+        if sample:
+            e = np.empty((U, S), np.float32)
+            t = np.zeros(S, np.float32)
             for u in range(U):
-                out[g, u, s] = 0.0
-            out[g, w, s] = h[g, w, s]
-            idx[g, s] = w
+                for s in range(S):
+                    e[u, s] = exp32(h[g, u, s] - m[s])
+                    t[s] += e[u, s]
+            for s in range(S):
+                t[s] *= v[g, s]
+                w[s] = 0
+            acc = np.zeros(S, np.float32)
+            for u in range(U - 1):  # winner = how many prefix sums stay <= t
+                for s in range(S):
+                    acc[s] += e[u, s]
+                    w[s] += acc[s] <= t[s]
+        for u in range(U):
+            for s in range(S):
+                out[g, u, s] = h[g, u, s] if w[s] == u else 0.0
+        for s in range(S):
+            idx[g, s] = w[s]
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
@@ -101,22 +140,21 @@ def _train_fwd_kernel(h, gum, tau, out, idx, soft, pi, lse, kl):  # pragma: no c
         for s in range(S):
             zm = -np.inf
             hm = -np.inf
-            w = 0
-            for u in range(U):
+            for u in range(U):  # branch-free loops (maxima, then exp32 on SIMD lanes)
                 z = (h[g, u, s] + gum[g, u, s]) / tau
                 soft[g, u, s] = z
-                if z > zm:
-                    zm = z
-                    w = u
-                if h[g, u, s] > hm:
-                    hm = h[g, u, s]
+                zm = max(zm, z)
+                hm = max(hm, h[g, u, s])
+            w = 0  # (stays 0 for an all-NaN block: never an index out of range)
+            for u in range(U - 1, -1, -1):  # the first maximum of the perturbed logits
+                w = u if soft[g, u, s] == zm else w
             tot = np.float32(0.0)
             th = np.float32(0.0)
             for u in range(U):
-                ez = math.exp(soft[g, u, s] - zm)
+                ez = exp32(soft[g, u, s] - zm)
                 soft[g, u, s] = ez
                 tot += ez
-                eh = math.exp(h[g, u, s] - hm)
+                eh = exp32(h[g, u, s] - hm)
                 pi[g, u, s] = eh
                 th += eh
             inv, invh = np.float32(1.0) / tot, np.float32(1.0) / th
@@ -244,7 +282,8 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
         out = torch.empty_like(h)
         idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
         v = torch.rand(h.shape[0], h.shape[2]) if mode == "sample" else out[:, 0]
-        _eval_kernel(h.numpy(), v.numpy(), mode == "sample", out.numpy(), idx.numpy())
+        kernel = _eval_kernel if h.shape[2] == 1 else _eval_maps_kernel
+        kernel(h.numpy(), v.numpy(), mode == "sample", out.numpy(), idx.numpy())
         return out, idx, None
     if mode == "argmax":
         idx = h.argmax(1, keepdim=True)

@@ -55,14 +55,37 @@ def test_argmax_mode_is_deterministic_and_picks_the_max() -> None:
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_winner_frequencies_match_softmax(training: bool, fused: bool) -> None:
+@pytest.mark.parametrize("as_maps", [False, True])
+def test_ties_pick_the_first_unit_and_nan_blocks_stay_in_range(training: bool, fused: bool, as_maps: bool) -> None:
+    """Exact ties go to the lowest unit, as torch.argmax does; an all-NaN block gives unit 0 (the
+    fused kernels choose branch-free, so this is where an out-of-range index would show).
+    Training runs without noise (its winner is then the argmax too); evaluation in argmax mode."""
+    h = torch.zeros(6, 4, 1)
+    h[:, 2] = 1.0
+    h[:, 3] = 1.0  # units 2 and 3 tie at the maximum
+    h[4:] = float("nan")
+    if as_maps:  # the six blocks as six positions of one block of channels
+        h = h.permute(2, 1, 0).contiguous()
+    if training:
+        _, idx, _ = lwta.compete(h.clone().requires_grad_(), tau=0.67, training=True, mode="sample",
+                                 gumbel=torch.zeros_like(h), fused=fused)
+    else:
+        _, idx, _ = lwta.compete(h, tau=0.67, training=False, mode="argmax", fused=fused)
+    assert idx.reshape(-1).tolist() == [2, 2, 2, 2, 0, 0]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("positions", [1, 100])
+def test_winner_frequencies_match_softmax(training: bool, fused: bool, positions: int) -> None:
     """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test,
-    for the fused CPU kernels and the torch path alike."""
+    for the fused CPU kernels and the torch path alike, as token blocks (one position per block)
+    and as conv maps (100 positions per block of channels, the kernels' other layout)."""
     torch.manual_seed(1234)
     h = torch.tensor([1.0, -0.5, 0.3, 2.0])
     n = 20_000
-    _, idx, _ = lwta.compete(h.repeat(n, 1).reshape(n, 4, 1), tau=0.67, training=training,
-                             mode="sample", fused=fused)
+    maps = h.view(1, 4, 1).expand(n // positions, 4, positions).contiguous()
+    _, idx, _ = lwta.compete(maps, tau=0.67, training=training, mode="sample", fused=fused)
     counts = np.bincount(idx.reshape(-1).numpy(), minlength=4)
     p = np.exp(h.double().numpy())
     p /= p.sum()
