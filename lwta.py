@@ -192,6 +192,69 @@ def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no co
             gh[g, w, s] += gy[g, w, s]
 
 
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _train_fwd_maps_kernel(h, gum, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
+    """``_train_fwd_kernel`` for conv maps (S > 1): the same outputs, loops along the contiguous
+    positions s (SIMD lanes) instead of across the U strided units of one position."""
+    G, U, S = h.shape
+    logU = math.log(U)
+    for g in prange(G):
+        zm = np.full(S, -np.inf, np.float32)
+        hm = np.full(S, -np.inf, np.float32)
+        w = np.zeros(S, np.int64)
+        for u in range(U):  # perturbed logits, their first maximum, and the maximum of h
+            for s in range(S):
+                z = (h[g, u, s] + gum[g, u, s]) / tau
+                soft[g, u, s] = z
+                w[s] = u if z > zm[s] else w[s]
+                zm[s] = max(zm[s], z)
+                hm[s] = max(hm[s], h[g, u, s])
+        tot = np.zeros(S, np.float32)
+        th = np.zeros(S, np.float32)
+        for u in range(U):
+            for s in range(S):
+                ez = exp32(soft[g, u, s] - zm[s])
+                soft[g, u, s] = ez
+                tot[s] += ez
+                eh = exp32(h[g, u, s] - hm[s])
+                pi[g, u, s] = eh
+                th[s] += eh
+        kls = np.full(S, logU)
+        for s in range(S):
+            lse[g, s] = hm[s] + math.log(th[s])
+            tot[s] = np.float32(1.0) / tot[s]
+            th[s] = np.float32(1.0) / th[s]
+        for u in range(U):
+            for s in range(S):
+                soft[g, u, s] *= tot[s]
+                pi[g, u, s] *= th[s]
+                kls[s] += pi[g, u, s] * (h[g, u, s] - lse[g, s])
+                out[g, u, s] = h[g, u, s] if w[s] == u else 0.0
+        klg = 0.0
+        for s in range(S):
+            idx[g, s] = w[s]
+            klg += kls[s]
+        kl[g] = klg
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _train_bwd_maps_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
+    """``_train_bwd_kernel`` for conv maps (S > 1), loops along the positions."""
+    G, U, S = h.shape
+    for g in prange(G):
+        dot = np.zeros(S, np.float32)
+        ent = np.zeros(S, np.float32)
+        for u in range(U):
+            for s in range(S):
+                dot[s] += gy[g, u, s] * h[g, u, s] * soft[g, u, s]
+                ent[s] += pi[g, u, s] * (h[g, u, s] - lse[g, s])
+        for u in range(U):
+            for s in range(S):
+                gh[g, u, s] = (soft[g, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau
+                               + gkl * pi[g, u, s] * (h[g, u, s] - lse[g, s] - ent[s])
+                               + (gy[g, u, s] if idx[g, s] == u else np.float32(0.0)))
+
+
 class _FusedTrainLWTA(torch.autograd.Function):
     """CPU float32 training competition: returns (y, winner index, KL summed over all blocks).
 
@@ -205,7 +268,8 @@ class _FusedTrainLWTA(torch.autograd.Function):
         idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
         lse = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype)
         kl = torch.empty(h.shape[0], dtype=torch.float64)
-        _train_fwd_kernel(h.detach().numpy(), g.contiguous().numpy(), np.float32(tau), out.numpy(),
+        kernel = _train_fwd_kernel if h.shape[2] == 1 else _train_fwd_maps_kernel
+        kernel(h.detach().numpy(), g.contiguous().numpy(), np.float32(tau), out.numpy(),
                           idx.numpy(), soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
         ctx.save_for_backward(h, soft, idx, pi, lse)
         ctx.tau = tau
@@ -217,7 +281,8 @@ class _FusedTrainLWTA(torch.autograd.Function):
         h, soft, idx, pi, lse = ctx.saved_tensors
         gh = torch.empty_like(h)
         gkl_f = 0.0 if gkl is None else float(gkl)
-        _train_bwd_kernel(gy.contiguous().numpy(), h.numpy(), soft.numpy(), idx.numpy(),
+        kernel = _train_bwd_kernel if h.shape[2] == 1 else _train_bwd_maps_kernel
+        kernel(gy.contiguous().numpy(), h.numpy(), soft.numpy(), idx.numpy(),
                           np.float32(ctx.tau), np.float32(gkl_f), pi.numpy(), lse.numpy(), gh.numpy())
         return gh, None, None
 

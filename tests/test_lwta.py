@@ -108,22 +108,28 @@ def _hand_st_gradient(H: np.ndarray, G: np.ndarray, Wt: np.ndarray, tau: float):
 
 @pytest.mark.parametrize("tau", [0.67, 1.3])
 @pytest.mark.parametrize("fused", [False, True])
-def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool) -> None:
+@pytest.mark.parametrize("positions", [1, 5])
+def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool, positions: int) -> None:
     """Backward = gradient of the soft Gumbel sample (Eq. 6): y = xi_hard * h forward;
-    dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T."""
+    dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T. 10 blocks of U=3, as
+    tokens (10 x 3 x 1) or as conv maps (2 groups x 3 x 5 positions)."""
     dtype = torch.float32 if fused else torch.float64
     torch.manual_seed(0)
-    h = torch.randn(10, 3, 1, dtype=dtype, requires_grad=True)  # 10 blocks of U=3
-    g = -torch.log(-torch.log(torch.rand(10, 3, 1, dtype=dtype)))
-    w = torch.randn(10, 3, 1, dtype=dtype)
+    shape = (10 // positions, 3, positions)
+    h = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    g = -torch.log(-torch.log(torch.rand(*shape, dtype=dtype)))
+    w = torch.randn(*shape, dtype=dtype)
     y, idx, _ = lwta.compete(h, tau=tau, training=True, mode="sample", want_kl=False, gumbel=g, fused=fused)
     (y * w).sum().backward()
-    ref_y, ref_grad = _hand_st_gradient(h.detach().double().numpy()[..., 0], g.double().numpy()[..., 0],
-                                        w.double().numpy()[..., 0], tau)
+
+    def rows(t: torch.Tensor) -> np.ndarray:  # (G, U, S) -> one row of U per block
+        return t.detach().double().permute(0, 2, 1).reshape(10, 3).numpy()
+
+    ref_y, ref_grad = _hand_st_gradient(rows(h), rows(g), rows(w), tau)
     tol = 1e-5 if fused else 1e-12
-    np.testing.assert_allclose(h.grad.double().numpy()[..., 0], ref_grad, rtol=tol, atol=tol)
-    np.testing.assert_allclose(y.detach().double().numpy()[..., 0], ref_y, rtol=0, atol=0)
-    assert torch.equal(idx[:, 0], torch.as_tensor(ref_y != 0).float().argmax(1))
+    np.testing.assert_allclose(rows(h.grad), ref_grad, rtol=tol, atol=tol)
+    np.testing.assert_allclose(rows(y), ref_y, rtol=0, atol=0)
+    assert torch.equal(idx.reshape(-1), torch.as_tensor(ref_y != 0).float().argmax(1))
 
 
 def test_fused_kl_gradient_matches_torch_autograd() -> None:
