@@ -40,7 +40,7 @@ import torch.nn as nn
 from numba import njit, prange
 
 from common import DiscoverError, atomic_path, write_json_atomic
-from numba_math import exp32
+from numba_math import exp32, gumbel32
 
 MODES = ("sample", "argmax")
 
@@ -128,20 +128,34 @@ def _eval_maps_kernel(h, v, sample, out, idx):  # pragma: no cover - compiled
             idx[g, s] = w[s]
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _draw_gumbel(seed, out, g):  # pragma: no cover - compiled
+    """out[g, u, s] = gumbel32(seed, flat index of (g, u, s)): one straight loop, SIMD lanes."""
+    _, U, S = out.shape
+    base = g * U * S
+    for u in range(U):
+        for s in range(S):
+            out[g, u, s] = gumbel32(seed, base + u * S + s)
+
+
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_fwd_kernel(h, gum, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
+def _train_fwd_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
     """Training forward (Eq. 6): soft = softmax((h + g) / tau), hard = its argmax, out = hard * h.
     Also pi = softmax(h), lse = logsumexp(h) per block (kept for the backward pass) and
-    kl[g] = sum over positions of KL(pi || 1/U) (Sec. 3.1)."""
+    kl[g] = sum over positions of KL(pi || 1/U) (Sec. 3.1). The noise g is ``gum`` when
+    ``seed`` < 0, else drawn here: element (g, u, s) gets ``gumbel32(seed, its flat index)``."""
     G, U, S = h.shape
     logU = math.log(U)
+    noise = gum if seed < 0 else soft  # drawn noise goes into soft first, read back as z is formed
     for g in prange(G):
+        if seed >= 0:
+            _draw_gumbel(seed, soft, g)
         klg = 0.0
         for s in range(S):
             zm = -np.inf
             hm = -np.inf
             for u in range(U):  # branch-free loops (maxima, then exp32 on SIMD lanes)
-                z = (h[g, u, s] + gum[g, u, s]) / tau
+                z = (h[g, u, s] + noise[g, u, s]) / tau
                 soft[g, u, s] = z
                 zm = max(zm, z)
                 hm = max(hm, h[g, u, s])
@@ -193,18 +207,21 @@ def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no co
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_fwd_maps_kernel(h, gum, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
+def _train_fwd_maps_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
     """``_train_fwd_kernel`` for conv maps (S > 1): the same outputs, loops along the contiguous
     positions s (SIMD lanes) instead of across the U strided units of one position."""
     G, U, S = h.shape
     logU = math.log(U)
+    noise = gum if seed < 0 else soft  # as in _train_fwd_kernel
     for g in prange(G):
+        if seed >= 0:
+            _draw_gumbel(seed, soft, g)
         zm = np.full(S, -np.inf, np.float32)
         hm = np.full(S, -np.inf, np.float32)
         w = np.zeros(S, np.int64)
         for u in range(U):  # perturbed logits, their first maximum, and the maximum of h
             for s in range(S):
-                z = (h[g, u, s] + gum[g, u, s]) / tau
+                z = (h[g, u, s] + noise[g, u, s]) / tau
                 soft[g, u, s] = z
                 w[s] = u if z > zm[s] else w[s]
                 zm[s] = max(zm[s], z)
@@ -262,15 +279,21 @@ class _FusedTrainLWTA(torch.autograd.Function):
     needs no transcendental function."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, g: torch.Tensor, tau: float):
+    def forward(ctx, h: torch.Tensor, g: torch.Tensor | None, tau: float):
+        """``g``: the Gumbel noise, or None to draw it inside the kernel (one key from torch's
+        generator per call, so seeded runs stay reproducible)."""
         h = h.contiguous()
+        if g is None:
+            seed, g = int(torch.randint(0, 2**32, ())), torch.zeros(1, 1, 1, dtype=h.dtype)
+        else:
+            seed, g = -1, g.to(h.dtype).contiguous()
         out, soft, pi = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
         idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
         lse = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype)
         kl = torch.empty(h.shape[0], dtype=torch.float64)
         kernel = _train_fwd_kernel if h.shape[2] == 1 else _train_fwd_maps_kernel
-        kernel(h.detach().numpy(), g.contiguous().numpy(), np.float32(tau), out.numpy(),
-                          idx.numpy(), soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
+        kernel(h.detach().numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(), soft.numpy(),
+               pi.numpy(), lse.numpy(), kl.numpy())
         ctx.save_for_backward(h, soft, idx, pi, lse)
         ctx.tau = tau
         ctx.mark_non_differentiable(idx)
@@ -336,10 +359,15 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
     fused = _fused_ok(h) if fused is None else fused
     U = h.shape[1]
     if training:
-        g = gumbel_like(h) if gumbel is None else gumbel
         if fused:
-            y, idx, kl = _FusedTrainLWTA.apply(h, g.to(h.dtype), tau)
+            # Conv maps draw their noise inside the kernel (numba_math.gumbel32, vectorised along
+            # positions: half the time of torch.rand + two logs); token blocks of U units take
+            # torch's, which measured faster there than the kernel's per-block draw.
+            if gumbel is None and h.shape[2] == 1:
+                gumbel = gumbel_like(h)
+            y, idx, kl = _FusedTrainLWTA.apply(h, gumbel, tau)
             return y, idx, kl if want_kl else None
+        g = gumbel_like(h) if gumbel is None else gumbel
         y, idx = _StraightThroughLWTA.apply(h, g, tau, 1)
         return y, idx.squeeze(1), block_kl(h, 1, U).sum() if want_kl else None
     if fused and not h.requires_grad:

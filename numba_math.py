@@ -41,3 +41,59 @@ def exp32(v: float) -> float:
     r = v - kf * ln2_hi - kf * ln2_lo
     y = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
     return (y * r * r + r + one) * float32_from_bits((np.int32(kf) + np.int32(127)) << np.int32(23))
+
+
+@intrinsic
+def bits_from_float32(typingctx, x):
+    """The int32 bit pattern of the float32 ``x`` (a reinterpretation, not a conversion)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+    return types.int32(types.float32), codegen
+
+
+_LOG_C = tuple(np.float32(c) for c in (  # Cephes logf: log(1 + x) = x - x^2/2 + x^3 poly(x)
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
+    -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1))
+_LOG_F = tuple(np.float32(c) for c in (0.70710678118654752, 1.0, 0.5, -2.12194440e-4, 0.693359375))
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def log32(v: float) -> float:
+    """log(v) in float32 for a *normal, positive, finite* v (>= 1.18e-38), relative error < 2e-7
+    (measured over 1e-38..3e38); inlines and vectorises like :func:`exp32`. v = m 2^e with m in
+    [sqrt(1/2), sqrt(2)) from the bits, log(m) by the Cephes polynomial; no branch."""
+    c0, c1, c2, c3, c4, c5, c6, c7, c8 = _LOG_C
+    sqrth, one, half, ln2_lo, ln2_hi = _LOG_F
+    bits = bits_from_float32(np.float32(v))
+    e = np.float32(((bits >> np.int32(23)) & np.int32(0xFF)) - np.int32(126))
+    m = float32_from_bits((bits & np.int32(0x007FFFFF)) | np.int32(0x3F000000))  # in [0.5, 1)
+    low = m < sqrth
+    e = e - np.float32(low)
+    x = m + m * np.float32(low) - one  # 2m - 1 below sqrt(1/2), else m - 1
+    z = x * x
+    y = ((((((((c0 * x + c1) * x + c2) * x + c3) * x + c4) * x + c5) * x + c6) * x + c7) * x + c8) * x * z
+    return x + (y + ln2_lo * e - half * z) + ln2_hi * e
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def uniform32(seed: int, i: int) -> float:
+    """A uniform float32 in (0, 1), never 0 or 1, from the counter ``i`` under the 32-bit key
+    ``seed``: a Weyl step then the ``lowbias32`` integer hash, 23 bits kept. Pure in
+    (seed, i), so parallel loops draw the same numbers whatever their thread count; 32-bit
+    integer ops only, so a loop of them vectorises."""
+    # Numba widens integer arithmetic to 64 bits: truncate after every step (LLVM then emits
+    # 32-bit operations, as only the low 32 bits are ever used).
+    x = np.uint32(np.uint32(i) * np.uint32(0x9E3779B9) + np.uint32(seed))
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    x = np.uint32(x * np.uint32(0x7FEB352D))
+    x = np.uint32(x ^ (x >> np.uint32(15)))
+    x = np.uint32(x * np.uint32(0x846CA68B))
+    x = np.uint32(x ^ (x >> np.uint32(16)))
+    # 23 bits + 1/2: exact in float32, so V is in [2^-24, 1 - 2^-24], never rounded to 0 or 1
+    return (np.float32(np.int32(x >> np.uint32(9))) + np.float32(0.5)) * np.float32(1.1920928955078125e-07)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def gumbel32(seed: int, i: int) -> float:
+    """Standard Gumbel noise -log(-log V), V = uniform32(seed, i)."""
+    return -log32(-log32(uniform32(seed, i)))
