@@ -76,15 +76,16 @@ def test_ties_pick_the_first_unit_and_nan_blocks_stay_in_range(training: bool, f
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("positions", [1, 100])
-def test_winner_frequencies_match_softmax(training: bool, fused: bool, positions: int) -> None:
+@pytest.mark.parametrize("groups, positions", [(20_000, 1), (19_999, 1), (200, 100)])
+def test_winner_frequencies_match_softmax(training: bool, fused: bool, groups: int, positions: int) -> None:
     """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test,
-    for the fused CPU kernels and the torch path alike, as token blocks (one position per block)
-    and as conv maps (100 positions per block of channels, the kernels' other layout)."""
+    for the fused CPU kernels and the torch path alike, as token blocks (one position per block;
+    20 000 are transposed to positions by the fused path, an odd 19 999 take the per-block
+    kernels) and as conv maps (100 positions per block of channels)."""
     torch.manual_seed(1234)
     h = torch.tensor([1.0, -0.5, 0.3, 2.0])
-    n = 20_000
-    maps = h.view(1, 4, 1).expand(n // positions, 4, positions).contiguous()
+    n = groups * positions
+    maps = h.view(1, 4, 1).expand(groups, 4, positions).contiguous()
     _, idx, _ = lwta.compete(maps, tau=0.67, training=training, mode="sample", fused=fused)
     counts = np.bincount(idx.reshape(-1).numpy(), minlength=4)
     p = np.exp(h.double().numpy())
@@ -108,14 +109,15 @@ def _hand_st_gradient(H: np.ndarray, G: np.ndarray, Wt: np.ndarray, tau: float):
 
 @pytest.mark.parametrize("tau", [0.67, 1.3])
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("positions", [1, 5])
-def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool, positions: int) -> None:
+@pytest.mark.parametrize("shape", [(10, 3, 1), (9, 3, 1), (2, 3, 5)])
+def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool, shape: tuple) -> None:
     """Backward = gradient of the soft Gumbel sample (Eq. 6): y = xi_hard * h forward;
-    dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T. 10 blocks of U=3, as
-    tokens (10 x 3 x 1) or as conv maps (2 groups x 3 x 5 positions)."""
+    dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T. Blocks of U=3 as tokens
+    (10 blocks: the fused path transposes them to positions; 9, an odd count: per-block kernels)
+    or as conv maps (2 groups x 5 positions)."""
     dtype = torch.float32 if fused else torch.float64
     torch.manual_seed(0)
-    shape = (10 // positions, 3, positions)
+    R = shape[0] * shape[2]
     h = torch.randn(*shape, dtype=dtype, requires_grad=True)
     g = -torch.log(-torch.log(torch.rand(*shape, dtype=dtype)))
     w = torch.randn(*shape, dtype=dtype)
@@ -123,7 +125,7 @@ def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bo
     (y * w).sum().backward()
 
     def rows(t: torch.Tensor) -> np.ndarray:  # (G, U, S) -> one row of U per block
-        return t.detach().double().permute(0, 2, 1).reshape(10, 3).numpy()
+        return t.detach().double().permute(0, 2, 1).reshape(R, 3).numpy()
 
     ref_y, ref_grad = _hand_st_gradient(rows(h), rows(g), rows(w), tau)
     tol = 1e-5 if fused else 1e-12
