@@ -147,9 +147,10 @@ def _train_fwd_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma
     G, U, S = h.shape
     logU = math.log(U)
     noise = gum if seed < 0 else soft  # drawn noise goes into soft first, read back as z is formed
-    for g in prange(G):
-        if seed >= 0:
+    if seed >= 0:  # its own parallel pass: inside the main loop the draw vectorised worse (2.5x)
+        for g in prange(G):
             _draw_gumbel(seed, soft, g)
+    for g in prange(G):
         klg = 0.0
         for s in range(S):
             zm = -np.inf
@@ -213,9 +214,10 @@ def _train_fwd_maps_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # p
     G, U, S = h.shape
     logU = math.log(U)
     noise = gum if seed < 0 else soft  # as in _train_fwd_kernel
-    for g in prange(G):
-        if seed >= 0:
+    if seed >= 0:  # its own parallel pass: inside the main loop the draw vectorised worse (2.5x)
+        for g in prange(G):
             _draw_gumbel(seed, soft, g)
+    for g in prange(G):
         zm = np.full(S, -np.inf, np.float32)
         hm = np.full(S, -np.inf, np.float32)
         w = np.zeros(S, np.int64)
