@@ -49,8 +49,9 @@ MODES = ("sample", "argmax")
 # Both layer types hand the competition a (G, U, S) view: G independent groups (batch x blocks),
 # U competitors, S positions that share nothing (1 for tokens/linear outputs, H*W for conv maps).
 # On CPU float32 the work runs in fused Numba kernels (one pass forward, one backward); elsewhere
-# (CUDA, other dtypes) in plain torch ops. Both take their random numbers from torch's generator,
-# so a seeded run is reproducible.
+# (CUDA, other dtypes) in plain torch ops. The torch path draws its noise with torch.rand; the
+# kernels hash (key, element index) with numba_math, under one key per call drawn from torch's
+# generator. Either way a seeded run is reproducible, whatever the thread count.
 
 def gumbel_like(h: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise g = -log(-log V), V ~ U(0,1)."""
