@@ -189,11 +189,14 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
         raise DiscoverError(f"--negatives must be 0 or more, got {negatives}")
     if init is not None and not Path(init).is_file():
         raise DiscoverError(f"--init {init}: no such weights file")
+    import world_clip
+
+    if init is not None:
+        world_clip.load(init)  # a file that is not world-clip weights: one line, before OUT is touched
     ensure_writable_dir(out, "--out", force=force or resume)
     if resume and not (Path(out) / "train_state.pt").is_file():
         err_console.print(f"[yellow]warning:[/] {out}/train_state.pt not found: training from scratch",
                           highlight=False)
-    import world_clip
 
     manifest = world_clip.train_clip(Path(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool,
                                      negatives=negatives, init=init, resume=resume,

@@ -169,7 +169,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     state_path = out / "train_state.pt"
     torch.manual_seed(seed)
     # fine-tuning loads the fp16 weights as shipped through open_clip into a float32 model
-    model = open_clip.create_model(NAME, pretrained=None if init is None else str(init))
+    model = open_clip.create_model(NAME) if init is None else load(init)[0]
     init_sha = None if init is None else sha256_file(init)
     tokenizer = open_clip.get_tokenizer(NAME)
     vocab = negative_vocabulary() if negatives > 0 else []

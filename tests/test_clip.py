@@ -202,11 +202,16 @@ def test_cli_zeroshot_json(ckpts) -> None:
     (["train-clip", "--out", "NONEMPTY"], "is not empty"),
     (["train-clip", "--out", "NEW", "--steps", "0"], "--steps must be at least 1"),
     (["train-clip", "--out", "NEW", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["train-clip", "--out", "NEW", "--negatives", "-1"], "--negatives must be 0 or more"),
+    (["train-clip", "--out", "NEW", "--init", "NEW/none.safetensors"], "no such weights file"),
+    (["train-clip", "--out", "NEW", "--init", "CORRUPT"], "cannot be loaded"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path) -> None:
     (tmp_path / "nonempty").mkdir()
     (tmp_path / "nonempty" / "x").write_text("x")
-    paths = {"NONEMPTY": str(tmp_path / "nonempty"), "NEW": str(tmp_path / "new")}
+    (tmp_path / "corrupt.safetensors").write_text("not weights")
+    paths = {"NONEMPTY": str(tmp_path / "nonempty"), "NEW": str(tmp_path / "new"),
+             "CORRUPT": str(tmp_path / "corrupt.safetensors")}
     res = _cli(*[paths.get(a, a) for a in args])
     assert res.exit_code == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and message in res.stderr
