@@ -58,73 +58,72 @@ def gumbel_like(h: torch.Tensor) -> torch.Tensor:
     return -torch.rand_like(h).clamp_(min=1e-20).log_().neg_().log_()
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _eval_tile(h, seed, key0, sample, out, w):  # pragma: no cover - compiled
+    """Inference on a (U, n) tile, n blocks side by side (Eq. 1-2): w[j] = winner ~ Categorical(
+    softmax(h[:, j])) by inverse CDF of ``uniform32(seed, key0 + j)`` (``sample``), or the first
+    argmax (0 for an all-NaN block); out = the winner's h, others 0. Every loop runs along j (SIMD
+    lanes), none branches on the data."""
+    U, n = h.shape
+    m = h[0].copy()
+    for j in range(n):
+        w[j] = 0
+    for u in range(1, U):
+        for j in range(n):
+            x = h[u, j]
+            w[j] = u if x > m[j] else w[j]
+            m[j] = max(m[j], x)
+    if sample:
+        e = np.empty((U, n), np.float32)
+        t = np.zeros(n, np.float32)
+        for u in range(U):
+            for j in range(n):
+                e[u, j] = exp32(h[u, j] - m[j])
+                t[j] += e[u, j]
+        for j in range(n):
+            t[j] *= uniform32(seed, key0 + j)
+            w[j] = 0
+        acc = np.zeros(n, np.float32)
+        for u in range(U - 1):  # winner = how many prefix sums stay <= t
+            for j in range(n):
+                acc[j] += e[u, j]
+                w[j] += acc[j] <= t[j]
+    for u in range(U):
+        for j in range(n):
+            out[u, j] = h[u, j] if w[j] == u else 0.0
+
+
+_TILE = 512  # token blocks per tile: U x 512 float32 stays in a core's L2 cache
+
+
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _eval_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
-    """Inference: winner ~ Categorical(softmax(h)) by inverse CDF of one uniform per block,
-    ``uniform32(seed, g * S + s)`` (``sample``), or argmax h. out = winner's h, others 0 (Eq. 1-2).
-    Groups are taken in chunks so that each chunk allocates its scratch row once."""
-    G, U, S = h.shape
-    chunk = 1024
-    for c in prange((G + chunk - 1) // chunk):
-        e = np.empty(U, np.float32)
-        for g in range(c * chunk, min(G, (c + 1) * chunk)):
-            for s in range(S):  # branch-free: data-dependent branches mispredict on every block
-                m = h[g, 0, s]
-                for u in range(1, U):
-                    m = max(m, h[g, u, s])
-                w = 0
-                if sample:
-                    for u in range(U):  # a straight loop of exp32: SIMD lanes
-                        e[u] = exp32(h[g, u, s] - m)
-                    tot = np.float32(0.0)
-                    for u in range(U):
-                        tot += e[u]
-                    t = uniform32(seed, g * S + s) * tot
-                    acc = np.float32(0.0)
-                    for u in range(U - 1):  # winner = how many prefix sums stay <= t
-                        acc += e[u]
-                        w += acc <= t
-                else:
-                    for u in range(U - 1, -1, -1):  # the first maximum, as torch.argmax (0 if all NaN)
-                        w = u if h[g, u, s] == m else w
-                for u in range(U):
-                    out[g, u, s] = 0.0
-                out[g, w, s] = h[g, w, s]
-                idx[g, s] = w
+def _eval_tokens_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
+    """Inference on token blocks ``h`` (B, U), U consecutive units per block: tiles of _TILE
+    blocks are transposed in cache to (U, n) for :func:`_eval_tile`, and the outputs back."""
+    B, U = h.shape
+    for c in prange((B + _TILE - 1) // _TILE):
+        b0 = c * _TILE
+        n = min(_TILE, B - b0)
+        tile = np.empty((U, n), np.float32)
+        for j in range(n):
+            for u in range(U):
+                tile[u, j] = h[b0 + j, u]
+        otile = np.empty((U, n), np.float32)
+        w = np.empty(n, np.int64)
+        _eval_tile(tile, seed, b0, sample, otile, w)
+        for j in range(n):
+            for u in range(U):
+                out[b0 + j, u] = otile[u, j]
+            idx[b0 + j] = w[j]
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
-    """``_eval_kernel`` for conv maps (S = H*W > 1): the same winners from the same uniforms, with
-    every loop running along the contiguous positions s (SIMD lanes) instead of across the U
-    strided units of one position."""
+    """Inference on conv maps ``h`` (G, U, S): each group's (U, S) slab is a tile of S blocks."""
     G, U, S = h.shape
     for g in prange(G):
-        m = h[g, 0].copy()
-        w = np.zeros(S, np.int64)
-        for u in range(1, U):  # the first maximum per position (0 if all NaN)
-            for s in range(S):
-                x = h[g, u, s]
-                w[s] = u if x > m[s] else w[s]
-                m[s] = max(m[s], x)
-        if sample:
-            e = np.empty((U, S), np.float32)
-            t = np.zeros(S, np.float32)
-            for u in range(U):
-                for s in range(S):
-                    e[u, s] = exp32(h[g, u, s] - m[s])
-                    t[s] += e[u, s]
-            for s in range(S):
-                t[s] *= uniform32(seed, g * S + s)
-                w[s] = 0
-            acc = np.zeros(S, np.float32)
-            for u in range(U - 1):  # winner = how many prefix sums stay <= t
-                for s in range(S):
-                    acc[s] += e[u, s]
-                    w[s] += acc[s] <= t[s]
-        for u in range(U):
-            for s in range(S):
-                out[g, u, s] = h[g, u, s] if w[s] == u else 0.0
+        w = np.empty(S, np.int64)
+        _eval_tile(h[g], seed, g * S, sample, out[g], w)
         for s in range(S):
             idx[g, s] = w[s]
 
@@ -362,7 +361,7 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
     fused = _fused_ok(h) if fused is None else fused
     G, U, S = h.shape
     C = math.gcd(G, 1024)
-    if fused and S == 1 and C > 1 and G // C > 1 and (training or not h.requires_grad):
+    if fused and S == 1 and C > 1 and G // C > 1 and training:
         # Token blocks: the maps kernels run along positions (SIMD lanes), so hand them the blocks
         # transposed to C groups of G/C positions (C a power of 2 dividing G; a G without one
         # keeps the per-block kernels). Two copies of the activation cost far less than
@@ -384,8 +383,11 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
         out = torch.empty_like(h)
         idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
         seed = int(torch.randint(0, 2**32, ())) if mode == "sample" else 0
-        kernel = _eval_kernel if h.shape[2] == 1 else _eval_maps_kernel
-        kernel(h.numpy(), seed, mode == "sample", out.numpy(), idx.numpy())
+        if S == 1:  # token blocks, tiles transposed in cache
+            _eval_tokens_kernel(h.view(G, U).numpy(), seed, mode == "sample", out.view(G, U).numpy(),
+                                idx.view(G).numpy())
+        else:
+            _eval_maps_kernel(h.numpy(), seed, mode == "sample", out.numpy(), idx.numpy())
         return out, idx, None
     if mode == "argmax":
         idx = h.argmax(1, keepdim=True)
