@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 REPO_DIR = Path(__file__).resolve().parent
+DEMO_MARKER = ".discover-demo"  # identifies a directory as a demo output (demo writes it, report reads it)
 
 
 class DiscoverError(Exception):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import train
-from common import REPO_DIR, DiscoverError, write_json_atomic
+from common import DEMO_MARKER, REPO_DIR, DiscoverError, write_json_atomic
 
-MARKER = ".discover-demo"  # identifies a directory as a demo output (refuse foreign ones)
+MARKER = DEMO_MARKER  # a demo output may be resumed into; a foreign directory is refused
 SHIPPED = REPO_DIR / "checkpoints"  # small world checkpoints made by `discover.py train` (see meta.json)
 
 

@@ -140,80 +140,14 @@ def _draw_gumbel(seed, out, g):  # pragma: no cover - compiled
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _train_fwd_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
-    """Training forward (Eq. 6): soft = softmax((h + g) / tau), hard = its argmax, out = hard * h.
-    Also pi = softmax(h), lse = logsumexp(h) per block (kept for the backward pass) and
-    kl[g] = sum over positions of KL(pi || 1/U) (Sec. 3.1). The noise g is ``gum`` when
-    ``seed`` < 0, else drawn here: element (g, u, s) gets ``gumbel32(seed, its flat index)``."""
+    """Training forward (Eq. 6): soft = softmax((h + g) / tau), hard = its first argmax (0 for an
+    all-NaN block), out = hard * h. Also pi = softmax(h), lse = logsumexp(h) per block (kept for
+    the backward pass) and kl[g] = sum over positions of KL(pi || 1/U) (Sec. 3.1). The noise g is
+    ``gum`` when ``seed`` < 0, else drawn here: element (g, u, s) gets ``gumbel32(seed, its flat
+    index)``. Loops run along the contiguous positions s (SIMD lanes)."""
     G, U, S = h.shape
     logU = math.log(U)
     noise = gum if seed < 0 else soft  # drawn noise goes into soft first, read back as z is formed
-    if seed >= 0:  # its own parallel pass: inside the main loop the draw vectorised worse (2.5x)
-        for g in prange(G):
-            _draw_gumbel(seed, soft, g)
-    for g in prange(G):
-        klg = 0.0
-        for s in range(S):
-            zm = -np.inf
-            hm = -np.inf
-            for u in range(U):  # branch-free loops (maxima, then exp32 on SIMD lanes)
-                z = (h[g, u, s] + noise[g, u, s]) / tau
-                soft[g, u, s] = z
-                zm = max(zm, z)
-                hm = max(hm, h[g, u, s])
-            w = 0  # (stays 0 for an all-NaN block: never an index out of range)
-            for u in range(U - 1, -1, -1):  # the first maximum of the perturbed logits
-                w = u if soft[g, u, s] == zm else w
-            tot = np.float32(0.0)
-            th = np.float32(0.0)
-            for u in range(U):
-                ez = exp32(soft[g, u, s] - zm)
-                soft[g, u, s] = ez
-                tot += ez
-                eh = exp32(h[g, u, s] - hm)
-                pi[g, u, s] = eh
-                th += eh
-            inv, invh = np.float32(1.0) / tot, np.float32(1.0) / th
-            lse_b = hm + math.log(th)
-            lse[g, s] = lse_b
-            klb = logU
-            for u in range(U):
-                soft[g, u, s] *= inv
-                pi[g, u, s] *= invh
-                klb += pi[g, u, s] * (h[g, u, s] - lse_b)
-                out[g, u, s] = 0.0
-            out[g, w, s] = h[g, w, s]
-            idx[g, s] = w
-            klg += klb
-        kl[g] = klg
-
-
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
-    """Straight-Through backward: dL/dh = gy * hard + J_soft^T (gy * h) / tau, plus gkl times
-    dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (log pi = h - lse)."""
-    G, U, S = h.shape
-    for g in prange(G):
-        for s in range(S):
-            dot = np.float32(0.0)
-            ent = np.float32(0.0)
-            lse_b = lse[g, s]
-            for u in range(U):
-                dot += gy[g, u, s] * h[g, u, s] * soft[g, u, s]
-                ent += pi[g, u, s] * (h[g, u, s] - lse_b)
-            for u in range(U):
-                gh[g, u, s] = (soft[g, u, s] * (gy[g, u, s] * h[g, u, s] - dot) / tau
-                               + gkl * pi[g, u, s] * (h[g, u, s] - lse_b - ent))
-            w = idx[g, s]
-            gh[g, w, s] += gy[g, w, s]
-
-
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_fwd_maps_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
-    """``_train_fwd_kernel`` for conv maps (S > 1): the same outputs, loops along the contiguous
-    positions s (SIMD lanes) instead of across the U strided units of one position."""
-    G, U, S = h.shape
-    logU = math.log(U)
-    noise = gum if seed < 0 else soft  # as in _train_fwd_kernel
     if seed >= 0:  # its own parallel pass: inside the main loop the draw vectorised worse (2.5x)
         for g in prange(G):
             _draw_gumbel(seed, soft, g)
@@ -257,8 +191,10 @@ def _train_fwd_maps_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # p
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_bwd_maps_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
-    """``_train_bwd_kernel`` for conv maps (S > 1), loops along the positions."""
+def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
+    """Straight-Through backward: dL/dh = gy * hard + J_soft^T (gy * h) / tau, plus gkl times
+    dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (log pi = h - lse). Loops
+    run along the positions s."""
     G, U, S = h.shape
     for g in prange(G):
         dot = np.zeros(S, np.float32)
@@ -293,9 +229,8 @@ class _FusedTrainLWTA(torch.autograd.Function):
         idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
         lse = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype)
         kl = torch.empty(h.shape[0], dtype=torch.float64)
-        kernel = _train_fwd_kernel if h.shape[2] == 1 else _train_fwd_maps_kernel
-        kernel(h.detach().numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(), soft.numpy(),
-               pi.numpy(), lse.numpy(), kl.numpy())
+        _train_fwd_kernel(h.detach().numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(),
+                          soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
         ctx.save_for_backward(h, soft, idx, pi, lse)
         ctx.tau = tau
         ctx.mark_non_differentiable(idx)
@@ -306,8 +241,7 @@ class _FusedTrainLWTA(torch.autograd.Function):
         h, soft, idx, pi, lse = ctx.saved_tensors
         gh = torch.empty_like(h)
         gkl_f = 0.0 if gkl is None else float(gkl)
-        kernel = _train_bwd_kernel if h.shape[2] == 1 else _train_bwd_maps_kernel
-        kernel(gy.contiguous().numpy(), h.numpy(), soft.numpy(), idx.numpy(),
+        _train_bwd_kernel(gy.contiguous().numpy(), h.numpy(), soft.numpy(), idx.numpy(),
                           np.float32(ctx.tau), np.float32(gkl_f), pi.numpy(), lse.numpy(), gh.numpy())
         return gh, None, None
 
@@ -360,13 +294,14 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
     """
     fused = _fused_ok(h) if fused is None else fused
     G, U, S = h.shape
-    C = math.gcd(G, 1024)
-    if fused and S == 1 and C > 1 and G // C > 1 and training:
-        # Token blocks: the maps kernels run along positions (SIMD lanes), so hand them the blocks
-        # transposed to C groups of G/C positions (C a power of 2 dividing G; a G without one
-        # keeps the per-block kernels). Two copies of the activation cost far less than
-        # the per-block kernels' scalar loops across U units (measured: 3 vs 23 ms per deit_world
-        # layer and batch in training).
+    if fused and S == 1 and G > 1 and training:
+        # Token blocks: the training kernels run along positions (SIMD lanes), so hand them the
+        # blocks transposed to C groups of G/C positions, C the largest power of 2 up to 1024 that
+        # divides G and leaves more than one position (C = 1, one thread, for an odd G). Two copies
+        # of the activation cost far less than loops across the U units of each block (measured:
+        # 3 vs 23 ms per deit_world layer and batch).
+        C = math.gcd(G, 1024)
+        C = C if G // C > 1 else C // 2
         flip = (lambda t: t.reshape(C, G // C, U).transpose(1, 2).contiguous())
         y, idx, kl = compete(flip(h), tau=tau, training=training, mode=mode, want_kl=want_kl,
                              gumbel=None if gumbel is None else flip(gumbel), fused=True)

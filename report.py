@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import REPO_DIR, DiscoverError, atomic_dir, progress_bar, sha256_file, sha256_json
+from common import DEMO_MARKER, REPO_DIR, DiscoverError, atomic_dir, progress_bar, sha256_file, sha256_json
 
 TEMPLATES = REPO_DIR / "templates"
 MARKER = ".discover-report"  # identifies a directory as a report (safe to replace)
-DEMO_MARKER = ".discover-demo"  # demo.MARKER (not imported: demo pulls in training)
 DEMO_FILES = ("summary.json", "evaluation.json", "explanations.json")
 GALLERY = 8  # top-activating probe images per neuron card
 EXPLAIN_GALLERY = 6  # per neuron row of an explanation page

@@ -80,8 +80,8 @@ def test_ties_pick_the_first_unit_and_nan_blocks_stay_in_range(training: bool, f
 def test_winner_frequencies_match_softmax(training: bool, fused: bool, groups: int, positions: int) -> None:
     """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test,
     for the fused CPU kernels and the torch path alike, as token blocks (one position per block;
-    20 000 are transposed to positions by the fused path, an odd 19 999 take the per-block
-    kernels) and as conv maps (100 positions per block of channels)."""
+    the fused path transposes 20 000 to 32 groups of positions, an odd 19 999 to a single
+    group) and as conv maps (100 positions per block of channels)."""
     torch.manual_seed(1234)
     h = torch.tensor([1.0, -0.5, 0.3, 2.0])
     n = groups * positions
@@ -113,7 +113,7 @@ def _hand_st_gradient(H: np.ndarray, G: np.ndarray, Wt: np.ndarray, tau: float):
 def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool, shape: tuple) -> None:
     """Backward = gradient of the soft Gumbel sample (Eq. 6): y = xi_hard * h forward;
     dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T. Blocks of U=3 as tokens
-    (10 blocks: the fused path transposes them to positions; 9, an odd count: per-block kernels)
+    (the fused path transposes 10 blocks to 2 groups of positions, an odd 9 to a single group)
     or as conv maps (2 groups x 5 positions)."""
     dtype = torch.float32 if fused else torch.float64
     torch.manual_seed(0)
