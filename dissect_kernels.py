@@ -52,7 +52,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from numba_math import exp32
+from numba_math import exp32, log32
 
 # Fast-math flags that keep NaN/inf semantics ('nnan'/'ninf' are *not* set: dead rows are NaN).
 FAST = {"nsz", "reassoc", "contract", "arcp"}
@@ -90,20 +90,31 @@ def _count_nonfinite(X: np.ndarray) -> int:
     return n
 
 
-def _check(X: np.ndarray, what: str, fn: str, name: str | None) -> np.ndarray:
+def _nonfinite_error(bad: int, what: str, fn: str, name: str | None) -> ValueError:
+    layer = f" of layer {name!r}" if name else ""
+    return ValueError(f"{fn}: {bad} non-finite value(s) (NaN or inf) in {what}{layer}")
+
+
+def _check(X: np.ndarray, what: str, fn: str, name: str | None, finite: bool = True) -> np.ndarray:
+    """X as C-contiguous float32 2-D; with ``finite`` also no NaN / inf (else ValueError)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if X.ndim != 2:
         raise ValueError(f"{fn}: {what} must be 2-D, got shape {X.shape}")
-    bad = _count_nonfinite(X) if X.size else 0
+    bad = _count_nonfinite(X) if finite and X.size else 0
     if bad:
-        layer = f" of layer {name!r}" if name else ""
-        raise ValueError(f"{fn}: {bad} non-finite value(s) (NaN or inf) in {what}{layer}")
+        raise _nonfinite_error(bad, what, fn, name)
     return X
 
 
-def _inputs(A: np.ndarray, P: np.ndarray, fn: str, name: str | None) -> tuple[np.ndarray, np.ndarray]:
+P_WHAT = "P (image-concept similarities)"
+
+
+def _inputs(A: np.ndarray, P: np.ndarray, fn: str, name: str | None,
+            check_P: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Checked (A, P). ``check_P=False`` leaves P's NaN / inf check to the caller (WPMI / SoftWPMI
+    fold it into their own read of P)."""
     A = _check(A, "A (activations)", fn, name)
-    P = _check(P, "P (image-concept similarities)", fn, name)
+    P = _check(P, P_WHAT, fn, name, finite=check_P)
     if A.shape[0] != P.shape[0]:
         raise ValueError(f"{fn}: A has {A.shape[0]} images (rows) but P has {P.shape[0]}"
                          + (f" (layer {name!r})" if name else ""))
@@ -319,47 +330,76 @@ def cos_cubed(A: np.ndarray, P: np.ndarray, *, min_norm: float = 1e-3, name: str
 
 
 # --- log-probability helpers shared by WPMI and SoftWPMI ------------------------------------------
+@njit(cache=True, fastmath=FAST, inline="always")
+def _row_max(x: np.ndarray) -> float:
+    """max(x) of a finite float32 vector, in 16 lanes so that LLVM vectorises it (a running
+    ``max`` is a serial chain of compare-selects that it will not reorder)."""
+    lanes = np.full(16, -np.inf, np.float32)
+    n = x.shape[0]
+    m0 = 0
+    while m0 + 16 <= n:
+        for j in range(16):
+            v = x[m0 + j]
+            lanes[j] = v if v > lanes[j] else lanes[j]
+        m0 += 16
+    mx = np.float32(-np.inf)
+    for j in range(16):
+        mx = max(mx, lanes[j])
+    for m in range(m0, n):
+        mx = max(mx, x[m])
+    return mx
+
+
 @njit(parallel=True, cache=True, fastmath=FAST)
-def _log_softmax_normaliser(P: np.ndarray, rows: np.ndarray, a: float) -> np.ndarray:
-    """lse[t] = logsumexp_m(a P[rows[t], m]): the normaliser of p(t_m|x_i) = softmax_m(a P[i, :])."""
-    U = rows.shape[0]
-    M = P.shape[1]
-    out = np.empty(U)
+def _log_softmax_normaliser(P: np.ndarray, a: float) -> tuple[np.ndarray, int]:
+    """(lse, bad): lse[i] = logsumexp_m(a P[i, m]), the normaliser of p(t_m|x_i) =
+    softmax_m(a P[i, :]), and the number of non-finite entries of P, in one read of P (this is
+    the input check of WPMI / SoftWPMI: lse is only meaningful when bad == 0)."""
+    N, M = P.shape
+    out = np.empty(N)
+    bad = np.zeros(N, np.int64)
     a32 = np.float32(a)
-    for t in prange(U):
-        i = rows[t]
-        mx = np.float32(-np.inf)
-        for m in range(M):
-            mx = max(mx, a32 * P[i, m])
+    zero = np.float32(0.0)
+    for i in prange(N):
+        row = P[i]
+        mx = a32 * _row_max(row)  # a > 0
         s = 0.0
+        poison = zero  # sum of v * 0: NaN iff the row holds a NaN or an inf ('nnan' is not set)
         for m0 in range(0, M, 256):  # float32 partial sums vectorise fully; terms are <= 1
-            part = np.float32(0.0)
-            for m in range(m0, min(M, m0 + 256)):
-                part += exp32(a32 * P[i, m] - mx)
+            part = zero
+            blk = row[m0:m0 + 256]
+            for m in range(blk.shape[0]):
+                v = blk[m]
+                poison += v * zero
+                part += exp32(a32 * v - mx)
             s += part
-        out[t] = mx + math.log(s)
-    return out
+        out[i] = mx + math.log(s)
+        if np.isnan(poison):
+            bad[i] = _count_nonfinite(P[i:i + 1])
+    return out, bad.sum()
 
 
-_SB = 64  # concepts per accumulator block: K x 64 float32 stays in a core's L2 cache
+_SB = 128  # concepts per block: K x 128 float32 running products (+ exponents) fit a core's L2
 _EXP_BITS = np.int32(0x7F800000)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
 def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.ndarray,
                 neuron: np.ndarray, rank: np.ndarray, weight: np.ndarray, a: float, eps: float,
-                lam: float, live: np.ndarray, renorm_every: int, width: int,
+                lam: float, live: np.ndarray, renorm_every: int, n_threads: int,
                 out: np.ndarray) -> None:
-    """WPMI / SoftWPMI for all neurons (App. A.1 Eq. 8 and 14), a panel of concepts at a time.
+    """WPMI / SoftWPMI for all neurons (App. A.1 Eq. 8 and 14), a block of _SB concepts at a time.
 
-    Panel [g0, g0 + width), in two parallel steps:
-    1. per image of the top lists (rows, split among threads), p(t_m|x_i) = exp(a P[i, m] - lse_i)
-       into a float32 panel stored in blocks of _SB concepts, each block contiguous;
-    2. per block (split among threads), image-first: every neuron k holding image i at rank r
-       multiplies its running product by (1 - w_r + eps) + w_r p = 1 + w_r (p - 1) + eps.
-       Every ``renorm_every`` factors (before float32 could underflow) the products are
-       renormalised frexp-style: exponent bits move into an integer counter, mantissas stay in
-       [1, 2). So each output takes a single log. Then _normalise applies Eq. 13-14.
+    Blocks are dealt out to ``n_threads`` workers (block b to worker b % n_threads). For its block
+    a worker
+    1. writes p(t_m|x_i) = exp(a P[i, m] - lse_i) of every image of the top lists into its own
+       float32 panel (images x _SB; a few MB that stay in cache, so P is read once, panel-free
+       of main-memory traffic);
+    2. image-first: every neuron k holding image i at rank r multiplies its running product by
+       (1 - w_r + eps) + w_r p = 1 + w_r (p - 1) + eps. Every ``renorm_every`` factors (before
+       float32 could underflow) the products are renormalised frexp-style: exponent bits move
+       into an integer counter, mantissas stay in [1, 2). So each output takes a single log.
+    Then _normalise applies Eq. 13-14 to the block.
     """
     M = P.shape[1]
     K = out.shape[0]
@@ -369,40 +409,47 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
         n_live += live[k]
     log_n_live = math.log(n_live)
     a32 = np.float32(a)
-    panel = np.empty((width // _SB, U, _SB), np.float32)
-    for g0 in range(0, M, width):
-        nsub = (min(M, g0 + width) - g0 + _SB - 1) // _SB
-        for t in prange(U):
-            i = rows[t]
-            lse_i = np.float32(lse[t])
-            for sb in range(nsub):
-                c0 = g0 + sb * _SB
-                n = min(_SB, M - c0)
-                for j in range(n):
-                    panel[sb, t, j] = exp32(a32 * P[i, c0 + j] - lse_i)
-                for j in range(n, _SB):
-                    panel[sb, t, j] = 0.0  # past the last concept; never stored
-        for sb in prange(nsub):
-            acc = np.ones((K, _SB), np.float32)
-            bits = acc.view(np.int32)
-            expo = np.zeros((K, _SB), np.int32)
-            count = np.zeros(K, np.int64)
+    n_blocks = (M + _SB - 1) // _SB
+    workers = max(1, min(n_threads, n_blocks))
+    for worker in prange(workers):
+        panel = np.empty((U, _SB), np.float32)
+        acc = np.empty((K, _SB), np.float32)
+        bits = acc.view(np.int32)
+        expo = np.empty((K, _SB), np.int32)
+        count = np.empty(K, np.int64)
+        for b in range(worker * n_blocks // workers, (worker + 1) * n_blocks // workers):
+            c0 = b * _SB
+            n = min(_SB, M - c0)
             for t in range(U):
+                lse_i = np.float32(lse[t])
+                src = P[rows[t], c0:c0 + n]
+                dst = panel[t]
+                for j in range(n):
+                    dst[j] = exp32(a32 * src[j] - lse_i)
+                for j in range(n, _SB):
+                    dst[j] = 0.0  # past the last concept; never stored
+            acc[:] = 1.0
+            expo[:] = 0
+            count[:] = 0
+            for t in range(U):
+                p = panel[t]
                 for q in range(indptr[t], indptr[t + 1]):
                     k = neuron[q]
                     w = weight[rank[q]]
                     c = np.float32((1.0 - w) + eps)
                     w = np.float32(w)
+                    row = acc[k]
                     for j in range(_SB):
-                        acc[k, j] *= c + w * panel[sb, t, j]
+                        row[j] *= c + w * p[j]
                     count[k] += 1
                     if count[k] == renorm_every:
                         count[k] = 0
+                        rb = bits[k]
+                        re = expo[k]
                         for j in range(_SB):  # acc = m 2^e, m in [1, 2): keep m, count e
-                            expo[k, j] += ((bits[k, j] & _EXP_BITS) >> 23) - 127
-                            bits[k, j] = (bits[k, j] & ~_EXP_BITS) | np.int32(127 << 23)
-            c0 = g0 + sb * _SB
-            _normalise(acc, expo, live, lam, log_n_live, out, c0, min(_SB, M - c0))
+                            re[j] += ((rb[j] & _EXP_BITS) >> 23) - 127
+                            rb[j] = (rb[j] & ~_EXP_BITS) | np.int32(127 << 23)
+            _normalise(acc, expo, live, lam, log_n_live, out, c0, n)
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
@@ -415,9 +462,10 @@ def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
     mx = np.full(B, -np.inf)
     for k in range(K):
         if live[k]:
-            for j in range(B):
-                L[k, j] = math.log(acc[k, j]) + expo[k, j] * LN2
-                mx[j] = max(mx[j], L[k, j])
+            for j in range(B):  # log32: acc is a normal float32 (renormalised products)
+                v = log32(acc[k, j]) + expo[k, j] * LN2
+                L[k, j] = v
+                mx[j] = v if v > mx[j] else mx[j]
     tot = np.zeros(B)
     for k in range(K):
         if live[k]:
@@ -431,32 +479,32 @@ def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
 
 
 def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float, eps: float,
-         fn: str, name: str | None, n_threads: int | None,
-         panel_bytes: int = 128 << 20) -> np.ndarray:
+         fn: str, name: str | None, n_threads: int | None) -> np.ndarray:
     """Shared driver of WPMI and SoftWPMI: rank weights w_r (1 for WPMI) over the top len(weight).
-
-    ``panel_bytes`` bounds the float32 panel of p(t_m|x_i) (top-list images x up to 1024 concepts).
     """
-    A, P = _inputs(A, P, fn, name)
+    A, P = _inputs(A, P, fn, name, check_P=False)  # P is checked while lse reads it
     if a <= 0 or eps < 0 or not ((weight >= 0) & (weight <= 1)).all():
         raise ValueError(f"{fn}: need a > 0, eps >= 0 and probabilities p(x in B_k) in [0, 1]; "
                          f"got a={a}, eps={eps}, p in [{weight.min():.3g}, {weight.max():.3g}]")
     K, M = A.shape[1], P.shape[1]
-    S = np.full((K, M), np.nan, np.float32)
     live = active_counts(A) > 0
     if not live.any() or M == 0:
-        return S
+        _check(P, P_WHAT, fn, name)
+        return np.full((K, M), np.nan, np.float32)
     with _threads(n_threads):
+        lse, bad = _log_softmax_normaliser(P, float(a))
+        if bad:
+            raise _nonfinite_error(bad, P_WHAT, fn, name)
         top = _top_images_kernel(A, min(weight.size, A.shape[0]))
         rows, indptr, neuron, rank = _invert(top, live)
-        lse = _log_softmax_normaliser(P, rows, float(a))
         # Factors are >= f_min, so a float32 product of n of them (from [1, 2)) stays above 1e-37
         # (no underflow, no subnormals) while n <= n_safe: renormalise that often.
         f_min = max(float(np.min((1.0 - weight) + eps)), 1e-38)  # p itself is >= exp(-87)
         renorm_every = max(1, int(-37.0 / math.log10(f_min))) if f_min < 1.0 else 1 << 62
-        width = int(np.clip(panel_bytes // (4 * rows.size) // _SB * _SB, _SB, 1024))
-        _pmi_kernel(P, rows, lse, indptr, neuron, rank, weight.astype(np.float64), float(a),
-                    float(eps), float(lam), live, renorm_every, width, S)
+        S = np.empty((K, M), np.float32)  # every entry is written (dead neurons' rows NaN)
+        _pmi_kernel(P, rows, lse[rows], indptr, neuron, rank, weight.astype(np.float64),
+                    float(a), float(eps), float(lam), live, renorm_every,
+                    numba.get_num_threads(), S)
     return S
 
 
