@@ -47,6 +47,16 @@ class DissectConfig:
     build_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def scores(similarity: str, A: np.ndarray, P: np.ndarray, name: str | None = None) -> np.ndarray:
+    """S (K x M) of one layer: the kernel's scores, in float64 for WPMI / SoftWPMI. Those saturate
+    at lam log K for concepts that one neuron dominates; float32 rounds such concepts to one value
+    (argmax would then take the lowest concept index), float64 still orders them."""
+    import dissect_kernels
+
+    precise = {"dtype": np.float64} if similarity in ("wpmi", "soft_wpmi") else {}
+    return dissect_kernels.SIMILARITIES[similarity](A, P, name=name, **precise)
+
+
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
                 cutoff: float) -> list[dict[str, Any]]:
     """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M)."""
@@ -115,7 +125,6 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
 
     t = time.perf_counter()
     rows, layers_info = [], {}
-    sim = dissect_kernels.SIMILARITIES[cfg.similarity]
     for layer, path in paths.items():
         A, info = record.read_activations(path)
         if A.shape[0] != P.shape[0] or info.get("probe_fingerprint", probe.fingerprint) != probe.fingerprint:
@@ -123,7 +132,7 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
                                 f"({P.shape[0]} images) come from different probes; delete {path} to recompute")
         U = None if info.get("U", "none") in ("none", "", None) else int(info["U"])
         try:
-            S = sim(A, P, name=layer)
+            S = scores(cfg.similarity, A, P, name=layer)
         except ValueError as e:  # NaN/inf in the activations or similarities: names the layer
             raise DiscoverError(str(e)) from None
         layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff)

@@ -5,8 +5,8 @@ CLIP-Dissect (paper 001) Sec. 3.2 and App. A.1; SPEC.md section 3. Every functio
     A  (N x K, float32)  activations: column k is the neuron's vector q_k over the N probe images
     P  (N x M, float32)  concept activations: P[i, m] = cos(CLIP image i, CLIP text m)
 
-and returns S (K x M, float32) with S[k, m] = sim(t_m, q_k; P); the label of neuron k is
-argmax_m S[k, m]. Usage::
+and returns S (K x M, float32; WPMI and SoftWPMI give float64 on request) with
+S[k, m] = sim(t_m, q_k; P); the label of neuron k is argmax_m S[k, m]. Usage::
 
     import dissect_kernels as dk
     S = dk.soft_wpmi(A, P, name="blocks.11.mlp")          # the paper's default similarity
@@ -35,6 +35,11 @@ Conventions shared by every function (document once, apply everywhere):
 * Precision. Exponentials, p(t_m|x_i) and the running products are float32 (products renormalised
   before they can underflow); sums, logs and the normaliser over neurons are float64. Scores match
   a float64 transcription to ~1e-6 absolute (tests: 1e-4 relative, 1e-5 absolute floor).
+  WPMI and SoftWPMI saturate: a concept that one neuron k dominates scores
+  lam log(#live) - lam log(1 + r) with r = sum_{j != k} exp(L_j - L_k) tiny, and float32 (step
+  ~5e-7 near log 64) rounds many such concepts to the same value, so argmax falls back to the lower
+  concept index. ``dtype=np.float64`` returns the float64 scores, which still rank them as the
+  equations do (``dissect`` asks for it; on the world's fc layer it turns 4 tied labels right).
 
 The kernels are Numba-compiled with ``cache=True``: the first call in a fresh process loads them
 from ``__pycache__`` instead of compiling.
@@ -479,18 +484,21 @@ def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
 
 
 def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float, eps: float,
-         fn: str, name: str | None, n_threads: int | None) -> np.ndarray:
+         fn: str, name: str | None, n_threads: int | None, dtype: type) -> np.ndarray:
     """Shared driver of WPMI and SoftWPMI: rank weights w_r (1 for WPMI) over the top len(weight).
     """
     A, P = _inputs(A, P, fn, name, check_P=False)  # P is checked while lse reads it
     if a <= 0 or eps < 0 or not ((weight >= 0) & (weight <= 1)).all():
         raise ValueError(f"{fn}: need a > 0, eps >= 0 and probabilities p(x in B_k) in [0, 1]; "
                          f"got a={a}, eps={eps}, p in [{weight.min():.3g}, {weight.max():.3g}]")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"{fn}: dtype must be float32 or float64, got {dtype}")
     K, M = A.shape[1], P.shape[1]
     live = active_counts(A) > 0
     if not live.any() or M == 0:
         _check(P, P_WHAT, fn, name)
-        return np.full((K, M), np.nan, np.float32)
+        return np.full((K, M), np.nan, dtype)
     with _threads(n_threads):
         lse, bad = _log_softmax_normaliser(P, float(a))
         if bad:
@@ -501,7 +509,7 @@ def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float,
         # (no underflow, no subnormals) while n <= n_safe: renormalise that often.
         f_min = max(float(np.min((1.0 - weight) + eps)), 1e-38)  # p itself is >= exp(-87)
         renorm_every = max(1, int(-37.0 / math.log10(f_min))) if f_min < 1.0 else 1 << 62
-        S = np.empty((K, M), np.float32)  # every entry is written (dead neurons' rows NaN)
+        S = np.empty((K, M), dtype)  # every entry is written (dead neurons' rows NaN)
         _pmi_kernel(P, rows, lse[rows], indptr, neuron, rank, weight.astype(np.float64),
                     float(a), float(eps), float(lam), live, renorm_every,
                     numba.get_num_threads(), S)
@@ -509,7 +517,8 @@ def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float,
 
 
 def wpmi(A: np.ndarray, P: np.ndarray, *, a: float = 2.0, top_k: int = 28, lam: float = 0.6,
-         eps: float = 1e-7, name: str | None = None, n_threads: int | None = None) -> np.ndarray:
+         eps: float = 1e-7, name: str | None = None, n_threads: int | None = None,
+         dtype: type = np.float32) -> np.ndarray:
     """Weighted pointwise mutual information (CLIP-Dissect Eq. 3; App. A.1 Eq. 6-8).
 
         p(t_m|x_i)      = softmax_m(a P[i, :])
@@ -517,16 +526,18 @@ def wpmi(A: np.ndarray, P: np.ndarray, *, a: float = 2.0, top_k: int = 28, lam: 
         log p(t_m)      = logsumexp_{j live} log p(t_m|B_j) - log(#live)
         wpmi[k, m]      = log p(t_m|B_k) - lam log p(t_m)
 
-    Defaults a=2, top 28, lam=0.6 (App. A.1); eps=1e-7 as in the reference code.
+    Defaults a=2, top 28, lam=0.6 (App. A.1); eps=1e-7 as in the reference code. ``dtype``: of
+    the scores (float64 keeps saturated concepts apart; module docstring, Precision).
     """
     if top_k < 1:
         raise ValueError(f"wpmi: top_k must be >= 1, got {top_k}")
-    return _pmi(A, P, np.ones(int(top_k)), a, lam, eps, "wpmi", name, n_threads)
+    return _pmi(A, P, np.ones(int(top_k)), a, lam, eps, "wpmi", name, n_threads, dtype)
 
 
 def soft_wpmi(A: np.ndarray, P: np.ndarray, *, a: float = 10.0, top_k: int = 100,
               lam: float = 1.0, p_start: float = 0.998, p_end: float = 0.97, eps: float = 1e-7,
-              name: str | None = None, n_threads: int | None = None) -> np.ndarray:
+              name: str | None = None, n_threads: int | None = None,
+              dtype: type = np.float32) -> np.ndarray:
     """SoftWPMI, the paper's best similarity (CLIP-Dissect Eq. 4; App. A.1 Eq. 12-14).
 
         p(x_i in B_k)        = p_start - r/top_k (p_start - p_end) for the image of rank r
@@ -536,12 +547,13 @@ def soft_wpmi(A: np.ndarray, P: np.ndarray, *, a: float = 10.0, top_k: int = 100
         soft_wpmi[k, m]      = log E[p(t_m|B_k)] - lam log p(t_m)
 
     Defaults a=10, lam=1, top 100, p from 0.998 down to 0.97 (App. A.1); eps=1e-7 as in the
-    reference code.
+    reference code. ``dtype``: of the scores (float64 keeps saturated concepts apart; module
+    docstring, Precision).
     """
     if top_k < 1:
         raise ValueError(f"soft_wpmi: top_k must be >= 1, got {top_k}")
     weight = p_start - np.arange(int(top_k)) / int(top_k) * (p_start - p_end)
-    return _pmi(A, P, weight, a, lam, eps, "soft_wpmi", name, n_threads)
+    return _pmi(A, P, weight, a, lam, eps, "soft_wpmi", name, n_threads, dtype)
 
 
 # --- rank reorder (Eq. 2) -------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def ideal_accuracy(n: int, similarity: str, clip: clip_backend.ClipModel, names:
     attrs = world.render_batch(PROBE_SEED, 0, n)[1]
     y = np.array([world.label(a, "object") for a in attrs])
     A = np.ascontiguousarray(np.eye(64, dtype=np.float32)[y])
-    S = dk.SIMILARITIES[similarity](A, P)
+    S = dissect.scores(similarity, A, P)
     classes = world.TASKS["object"]
     return 100.0 * float(np.mean([names[j] == c for j, c in zip(S.argmax(1), classes)]))
 

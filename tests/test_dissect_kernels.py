@@ -178,6 +178,30 @@ def test_wpmi_by_hand() -> None:
     np.testing.assert_array_equal(S.argmax(axis=1), [0, 1])
 
 
+@pytest.mark.parametrize("sim, p0, p1, other", [("wpmi", 0.3, 0.4, 0.0),
+                                                  ("soft_wpmi", 0.32, 0.35, -0.3)])
+def test_float64_scores_order_saturated_concepts(sim: str, p0: float, p1: float,
+                                                  other: float) -> None:
+    # Concepts 0 and 1 are strong only on neuron 0's images, 1 more so: both score
+    # lam log 2 - lam log(1 + r) with r ~ 1e-8 and ~1e-10 (WPMI: 4e-9, 2e-13). float32 rounds both
+    # to log 2 (a tie, argmax takes concept 0); float64 ranks them as the float64 reference does.
+    A = np.zeros((10, 2), np.float32)
+    A[:5, 0] = A[5:, 1] = np.arange(5, 0, -1)
+    P = np.zeros((10, 3), np.float32)
+    P[:5, 0], P[:5, 1], P[5:, 2], P[5:, :2] = p0, p1, 0.3, other
+    kw = {"a": 20.0, "top_k": 5, "lam": 1.0}
+    R = (ref_wpmi if sim == "wpmi" else ref_soft_wpmi)(A.astype(float), P.astype(float), **kw)
+    S32 = dk.SIMILARITIES[sim](A, P, **kw)
+    S64 = dk.SIMILARITIES[sim](A, P, dtype=np.float64, **kw)
+    assert S32.dtype == np.float32 and S64.dtype == np.float64
+    assert S32[0, 0] == S32[0, 1]  # the float32 tie
+    assert R[0, 1] > R[0, 0] and S64[0, 1] > S64[0, 0]
+    np.testing.assert_array_equal(S64.argmax(axis=1), R.argmax(axis=1))
+    np.testing.assert_allclose(np.log(2) - S64[0, :2], np.log(2) - R[0, :2], rtol=1e-3)
+    with pytest.raises(ValueError, match="dtype"):
+        dk.SIMILARITIES[sim](A, P, dtype=np.int32)
+
+
 @pytest.mark.parametrize("sim", list(dk.SIMILARITIES))
 @pytest.mark.parametrize("which", ["A", "P"])
 def test_non_finite_input_is_an_error(sim: str, which: str) -> None:
