@@ -134,7 +134,7 @@ def run(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     summary = {
         name: {"run": str(run_dir(cfg, name)), "U": m.get("U"), "act": m.get("act"),
                "val_top1": m["metrics"]["val_top1"], "val_top1_argmax": m["metrics"]["val_top1_argmax"],
-               "train_seconds": m.get("train_seconds")}
+               "test": m.get("test"), "train_seconds": m.get("train_seconds")}
         for name, m in metas.items()
     }
     for name in summary:

@@ -236,6 +236,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--img-size", type=int, default=None)
 @click.option("--train-size", type=int, default=12_000, show_default=True, help="World: training images.")
 @click.option("--val-size", type=int, default=1_000, show_default=True, help="World: validation images.")
+@click.option("--test-size", type=int, default=10_000, show_default=True,
+              help="World: held-out test images scored after the last epoch (0: skip).")
 @click.option("--stop-after", type=int, default=None, help="Stop after this many epochs (resume later).")
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (bit-exact on CPU).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out.")
@@ -250,6 +252,9 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
     if m:
         console.print(f"[bold]{opts['out']}[/]: val top-1 {m['val_top1']:.2f}% "
                       f"(argmax {m['val_top1_argmax']:.2f}%) after epoch {meta['epoch'] + 1}")
+    if t := meta.get("test"):
+        console.print(f"test top-1 on {t['images']} held-out world images: {t['top1']:.2f}% "
+                      f"± {t['top1_se']:.2f} (argmax {t['top1_argmax']:.2f}% ± {t['top1_argmax_se']:.2f})")
 
 
 @cli.command("record")
@@ -491,13 +496,20 @@ def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool,
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}%"
 
-    table = Table(title="DISCOVER demo: deit_world CVN vs its twin on the 64-class world task")
-    for col in ("model", "val top-1 (4 samples)", "val top-1 (argmax)", "final-layer label acc.",
+    def top1(s: dict, key: str) -> str:  # held-out test score +- s.e. when the run has one
+        t = s.get("test")
+        return f"{t[key]:.1f} ± {t[key + '_se']:.1f}%" if t else f"{pct(s['val_' + key])} (val)"
+
+    tests = {s["test"]["images"] for s in summary.values() if s.get("test")}
+    table = Table(title="DISCOVER demo: deit_world CVN vs its twin on the 64-class world task",
+                  caption=f"top-1 on {', '.join(map(str, tests))} held-out test images ± standard error"
+                  if tests else "top-1 on the validation images")
+    for col in ("model", "top-1 (4 samples)", "top-1 (argmax)", "final-layer label acc.",
                 "hidden-layer label acc.", "active neurons / example"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, s in summary.items():
         label = f"CVN U={s['U']}" if s["U"] else f"twin ({s['act']})"
-        table.add_row(label, pct(s["val_top1"]), pct(s["val_top1_argmax"]), pct(s.get("final_layer_accuracy")),
+        table.add_row(label, top1(s, "top1"), top1(s, "top1_argmax"), pct(s.get("final_layer_accuracy")),
                       pct(s.get("hidden_layer_accuracy")), f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
     console.print(f"results in [bold]{out}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")

@@ -1,6 +1,7 @@
 """Training: ELBO, S-sample evaluation, bit-exact resume, DDP equivalence, bad input."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 
 import lwta
 import train
+import world
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--arch", "deit_world", "--data", "world:object", "--train-size", "96", "--val-size", "32",
-        "--batch-size", "32", "--seed", "3"]
+        "--test-size", "50", "--batch-size", "32", "--seed", "3"]
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -101,6 +103,7 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     b1 = _cli("train", *common, "--out", str(tmp_path / "b"), "--stop-after", "2")
     assert b1.returncode == 0, b1.stderr
     assert train.latest_checkpoint(tmp_path / "b").name == "epoch_0001.pt"
+    assert "test" not in json.loads((tmp_path / "b" / "meta.json").read_text())  # not finished yet
     b2 = _cli("train", *common, "--out", str(tmp_path / "b"), "--resume")
     assert b2.returncode == 0, b2.stderr
     wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
@@ -109,12 +112,39 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert (tmp_path / "a" / "metrics.jsonl").read_text() .splitlines()[2].split('"lr"')[0] == lines[2].split('"lr"')[0]
+    # the held-out test score comes once the last epoch is done (same weights: same argmax score)
+    ma, mb = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("a", "b"))
+    assert ma["test"]["top1_argmax"] == mb["test"]["top1_argmax"]
+    assert "--test-size 50" in ma["reproduce"]
+
+
+def test_held_out_test_score_matches_a_manual_count(tmp_path: Path) -> None:
+    """meta['test'] (argmax mode, deterministic) against the saved model run by hand on the 50
+    images of the test seed, normalised as record does; the standard error is the binomial one."""
+    r = _cli("train", *TINY, "--act", "gelu", "--epochs", "1", "--out", str(tmp_path / "t"))
+    assert r.returncode == 0, r.stderr
+    assert "test top-1 on 50 held-out world images" in r.stdout
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    model = lwta.load(tmp_path / "t")[0].eval()
+    images, attrs = world.render_batch(train.WORLD_TEST_SEED, 0, 50)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    y = torch.tensor([world.label(a, "object") for a in attrs])  # class index
+    with torch.no_grad():
+        hits = int((model(x).argmax(1) == y).sum())
+    t = meta["test"]
+    assert (t["images"], t["seed"]) == (50, 3) and train.WORLD_TEST_SEED not in (0, 1, 2)
+    assert t["top1_argmax"] == pytest.approx(100 * hits / 50)
+    assert t["top1"] == t["top1_argmax"]  # a plain twin has no posterior to sample
+    p = hits / 50
+    assert t["top1_argmax_se"] == pytest.approx(100 * (p * (1 - p) / 50) ** 0.5)
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     """One optimisation step on 2 ranks x 32 images == one process on the combined 64."""
     args = ["--arch", "deit_world", "--act", "gelu", "--data", "world:object", "--train-size", "64",
-            "--val-size", "16", "--batch-size", "64", "--epochs", "1", "--seed", "5", "--lr", "1e-3"]
+            "--val-size", "16", "--test-size", "40", "--batch-size", "64", "--epochs", "1", "--seed", "5",
+            "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, env=env, timeout=300)
