@@ -60,72 +60,80 @@ def gumbel_like(h: torch.Tensor) -> torch.Tensor:
 
 @njit(fastmath=True, cache=True, inline="always")
 def _eval_tile(h, seed, key0, sample, out, w):  # pragma: no cover - compiled
-    """Inference on a (U, n) tile, n blocks side by side (Eq. 1-2): w[j] = winner ~ Categorical(
-    softmax(h[:, j])) by inverse CDF of ``uniform32(seed, key0 + j)`` (``sample``), or the first
-    argmax (0 for an all-NaN block); out = the winner's h, others 0. Every loop runs along j (SIMD
-    lanes), none branches on the data."""
-    U, n = h.shape
-    m = h[0].copy()
-    for j in range(n):
-        w[j] = 0
+    """Inference on a (g, U, S) tile, g groups of U units at S positions: g x S blocks, each
+    w[i, s] = winner ~ Categorical(softmax(h[i, :, s])) by inverse CDF of
+    ``uniform32(seed, key0 + i S + s)`` (``sample``), or the first argmax (0 for an all-NaN block)
+    (Eq. 1-2); out = the winner's h, others 0. Every loop runs along s (SIMD lanes), none branches
+    on the data."""
+    g, U, S = h.shape
+    m = h[:, 0].copy()
+    for i in range(g):
+        for s in range(S):
+            w[i, s] = 0
     for u in range(1, U):
-        for j in range(n):
-            x = h[u, j]
-            w[j] = u if x > m[j] else w[j]
-            m[j] = max(m[j], x)
+        for i in range(g):
+            for s in range(S):
+                x = h[i, u, s]
+                w[i, s] = u if x > m[i, s] else w[i, s]
+                m[i, s] = max(m[i, s], x)
     if sample:
-        e = np.empty((U, n), np.float32)
-        t = np.zeros(n, np.float32)
+        e = np.empty((g, U, S), np.float32)
+        t = np.zeros((g, S), np.float32)
+        for i in range(g):
+            for u in range(U):
+                for s in range(S):
+                    e[i, u, s] = exp32(h[i, u, s] - m[i, s])
+                    t[i, s] += e[i, u, s]
+            for s in range(S):
+                t[i, s] *= uniform32(seed, key0 + i * S + s)
+                w[i, s] = 0
+        acc = np.zeros(S, np.float32)
+        for i in range(g):
+            acc[:] = 0.0
+            for u in range(U - 1):  # winner = how many prefix sums stay <= t
+                for s in range(S):
+                    acc[s] += e[i, u, s]
+                    w[i, s] += acc[s] <= t[i, s]
+    for i in range(g):
         for u in range(U):
-            for j in range(n):
-                e[u, j] = exp32(h[u, j] - m[j])
-                t[j] += e[u, j]
-        for j in range(n):
-            t[j] *= uniform32(seed, key0 + j)
-            w[j] = 0
-        acc = np.zeros(n, np.float32)
-        for u in range(U - 1):  # winner = how many prefix sums stay <= t
-            for j in range(n):
-                acc[j] += e[u, j]
-                w[j] += acc[j] <= t[j]
-    for u in range(U):
-        for j in range(n):
-            out[u, j] = h[u, j] if w[j] == u else 0.0
+            for s in range(S):
+                out[i, u, s] = h[i, u, s] if w[i, s] == u else 0.0
 
 
-_TILE = 512  # token blocks per tile: U x 512 float32 stays in a core's L2 cache
+_TILE = 512  # blocks per tile: U x 512 float32 stays in a core's L2 cache
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _eval_tokens_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
     """Inference on token blocks ``h`` (B, U), U consecutive units per block: tiles of _TILE
-    blocks are transposed in cache to (U, n) for :func:`_eval_tile`, and the outputs back."""
+    blocks are transposed in cache to (1, U, n) for :func:`_eval_tile`, and the outputs back."""
     B, U = h.shape
     for c in prange((B + _TILE - 1) // _TILE):
         b0 = c * _TILE
         n = min(_TILE, B - b0)
-        tile = np.empty((U, n), np.float32)
+        tile = np.empty((1, U, n), np.float32)
         for j in range(n):
             for u in range(U):
-                tile[u, j] = h[b0 + j, u]
-        otile = np.empty((U, n), np.float32)
-        w = np.empty(n, np.int64)
+                tile[0, u, j] = h[b0 + j, u]
+        otile = np.empty((1, U, n), np.float32)
+        w = np.empty((1, n), np.int64)
         _eval_tile(tile, seed, b0, sample, otile, w)
         for j in range(n):
             for u in range(U):
-                out[b0 + j, u] = otile[u, j]
-            idx[b0 + j] = w[j]
+                out[b0 + j, u] = otile[0, u, j]
+            idx[b0 + j] = w[0, j]
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
-    """Inference on conv maps ``h`` (G, U, S): each group's (U, S) slab is a tile of S blocks."""
+    """Inference on conv maps ``h`` (G, U, S): tiles of whole groups, about _TILE positions each
+    (one group when S >= _TILE), handed to :func:`_eval_tile` in place."""
     G, U, S = h.shape
-    for g in prange(G):
-        w = np.empty(S, np.int64)
-        _eval_tile(h[g], seed, g * S, sample, out[g], w)
-        for s in range(S):
-            idx[g, s] = w[s]
+    per = max(1, _TILE // S)
+    for c in prange((G + per - 1) // per):
+        g0 = c * per
+        g1 = min(G, g0 + per)
+        _eval_tile(h[g0:g1], seed, g0 * S, sample, out[g0:g1], idx[g0:g1])
 
 
 @njit(fastmath=True, cache=True, inline="always")
