@@ -30,7 +30,8 @@ Conventions shared by every function (document once, apply everywhere):
   The matrix products of cos / cos^3 run in NumPy's BLAS, which keeps its own thread setting.
 * Memory. Beside the inputs and the K x M output, no function holds an N x M (or N x M x K) array.
   WPMI / SoftWPMI never materialise the softmax: a per-image normaliser (one N-vector) is computed
-  once, then p(t_m|x_i) for a panel of at most 1024 concepts at a time (<= 128 MB, float32);
+  once, then each thread holds p(t_m|x_i) for one block of 128 concepts over the images of the top
+  lists (float32, at most N x 128: 25 MB at N = 50 000) and its K x 128 running products;
   cos^3 transforms P in column chunks of at most 64 MB; rank reorder sorts one concept at a time.
 * Precision. Exponentials, p(t_m|x_i) and the running products are float32 (products renormalised
   before they can underflow); sums, logs and the normaliser over neurons are float64. Scores match
@@ -396,11 +397,11 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
                 out: np.ndarray) -> None:
     """WPMI / SoftWPMI for all neurons (App. A.1 Eq. 8 and 14), a block of _SB concepts at a time.
 
-    Blocks are dealt out to ``n_threads`` workers (block b to worker b % n_threads). For its block
-    a worker
+    The blocks are split into ``n_threads`` contiguous runs, one per worker. For each block a
+    worker
     1. writes p(t_m|x_i) = exp(a P[i, m] - lse_i) of every image of the top lists into its own
-       float32 panel (images x _SB; a few MB that stay in cache, so P is read once, panel-free
-       of main-memory traffic);
+       float32 panel (images x _SB, a few MB: it stays in cache, so the panel never goes through
+       main memory; rows of P are prefetched _AHEAD images ahead);
     2. image-first: every neuron k holding image i at rank r multiplies its running product by
        (1 - w_r + eps) + w_r p = 1 + w_r (p - 1) + eps. Every ``renorm_every`` factors (before
        float32 could underflow) the products are renormalised frexp-style: exponent bits move
@@ -490,8 +491,7 @@ def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
 
 def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float, eps: float,
          fn: str, name: str | None, n_threads: int | None, dtype: type) -> np.ndarray:
-    """Shared driver of WPMI and SoftWPMI: rank weights w_r (1 for WPMI) over the top len(weight).
-    """
+    """Shared driver of WPMI and SoftWPMI: rank weights w_r (1 for WPMI) over the top len(weight)."""
     A, P = _inputs(A, P, fn, name, check_P=False)  # P is checked while lse reads it
     if a <= 0 or eps < 0 or not ((weight >= 0) & (weight <= 1)).all():
         raise ValueError(f"{fn}: need a > 0, eps >= 0 and probabilities p(x in B_k) in [0, 1]; "
