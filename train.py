@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -260,7 +260,7 @@ def init_distributed() -> Dist:
 # --- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, cfg: TrainConfig, data: Data,
+def evaluate(model: nn.Module, loader: Iterable[Any], cfg: TrainConfig, data: Data,
              device: torch.device, d: Dist) -> dict[str, float]:
     """Top-1 with ``cfg.samples`` posterior samples whose logits are averaged (the paper's
     Bayesian averaging) and with the deterministic argmax mode; one pass for a plain twin."""
@@ -465,7 +465,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                 bar.console.print(f"epoch {epoch + 1}: val top-1 {ev['val_top1']:.2f}% "
                                   f"(argmax {ev['val_top1_argmax']:.2f}%), {record['epoch_seconds']:.0f} s")
     if d.main and end_epoch == cfg.epochs and cfg.data.startswith("world:") and cfg.test_size:
-        meta["test"] = test_metrics(lwta.unwrap(model), cfg, device)
+        meta["test"] = test_metrics(lwta.unwrap(model), cfg, device, progress=progress)
         write_json_atomic(out / "meta.json", meta)
     if d.world_size > 1:
         dist.barrier()
@@ -473,7 +473,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     return meta
 
 
-def test_metrics(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+def test_metrics(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                 progress: bool = False) -> dict[str, Any]:
     """Top-1 (``cfg.samples`` posterior samples averaged, and argmax) on ``cfg.test_size`` world
     images of the test seed, none of them seen in training or validation, with binomial standard
     errors: 1 000 validation images leave about 1.3 points of noise at 20 % top-1, too coarse to
@@ -484,7 +485,15 @@ def test_metrics(model: nn.Module, cfg: TrainConfig, device: torch.device) -> di
     x, y, classes = _render_world(task, cfg.test_size, WORLD_TEST_SEED, cfg.img_size)
     data = Data(train=None, val=_UInt8Images(x, y), classes=classes, on_gpu_augment=True)
     loader = DataLoader(data.val, batch_size=max(1, cfg.batch_size), shuffle=False)
-    ev = evaluate(model, loader, cfg, data, device, Dist(0, 1, 0))
+    with progress_bar(progress, note="batches") as bar:
+        task = bar.add_task(f"test ({cfg.test_size} images)", total=len(loader))
+
+        def tracked():
+            for batch in loader:
+                yield batch
+                bar.advance(task)
+
+        ev = evaluate(model, tracked(), cfg, data, device, Dist(0, 1, 0))
     n = cfg.test_size
 
     def se(pct: float) -> float:
