@@ -170,6 +170,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         (["train", "--arch", "deit_world", "--U", "8", "--data", str(tmp_path), "--out", str(tmp_path / "w")], "train/"),
         (["train", *TINY, "--U", "8", "--out", str(tmp_path / "v"), "--resume"], "no checkpoint"),
         (["train", *TINY, "--out", str(tmp_path / "u")], "--U N"),
+        (["train", *TINY, "--U", "8", "--test-size", "-1", "--out", str(tmp_path / "t")], "--test-size must be >= 0"),
     ]
     for args, expected in cases:
         r = _cli(*args)
