@@ -58,11 +58,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from numba_math import exp32, log32
+from numba_math import LN2, exp32, log32
 
 # Fast-math flags that keep NaN/inf semantics ('nnan'/'ninf' are *not* set: dead rows are NaN).
 FAST = {"nsz", "reassoc", "contract", "arcp"}
-LN2 = math.log(2.0)
 
 
 # --- an LLVM-level helper Numba does not expose --------------------------------------------------
