@@ -40,7 +40,7 @@ import torch.nn as nn
 from numba import njit, prange
 
 from common import DiscoverError, atomic_path, write_json_atomic
-from numba_math import exp32, gumbel32, uniform32
+from numba_math import exp32, gumbel32, log32, uniform32
 
 MODES = ("sample", "argmax")
 
@@ -64,36 +64,44 @@ def _eval_tile(h, seed, key0, sample, out, w):  # pragma: no cover - compiled
     w[i, s] = winner ~ Categorical(softmax(h[i, :, s])) by inverse CDF of
     ``uniform32(seed, key0 + i S + s)`` (``sample``), or the first argmax (0 for an all-NaN block)
     (Eq. 1-2); out = the winner's h, others 0. Every loop runs along s (SIMD lanes), none branches
-    on the data."""
+    on the data. For U = 2 the inverse CDF is one comparison: winner 1 iff V >= pi_0 =
+    1 / (1 + exp(h_1 - h_0)) (one exp per block, no argmax pass)."""
     g, U, S = h.shape
-    m = h[:, 0].copy()
-    for i in range(g):
-        for s in range(S):
-            w[i, s] = 0
-    for u in range(1, U):
+    one = np.float32(1.0)
+    if sample and U == 2:
         for i in range(g):
             for s in range(S):
-                x = h[i, u, s]
-                w[i, s] = u if x > m[i, s] else w[i, s]
-                m[i, s] = max(m[i, s], x)
-    if sample:
-        e = np.empty((g, U, S), np.float32)
-        t = np.zeros((g, S), np.float32)
+                v = uniform32(seed, key0 + i * S + s)
+                w[i, s] = 1 if v * (one + exp32(h[i, 1, s] - h[i, 0, s])) >= one else 0
+    else:
+        m = h[:, 0].copy()
         for i in range(g):
-            for u in range(U):
-                for s in range(S):
-                    e[i, u, s] = exp32(h[i, u, s] - m[i, s])
-                    t[i, s] += e[i, u, s]
             for s in range(S):
-                t[i, s] *= uniform32(seed, key0 + i * S + s)
                 w[i, s] = 0
-        acc = np.zeros(S, np.float32)
-        for i in range(g):
-            acc[:] = 0.0
-            for u in range(U - 1):  # winner = how many prefix sums stay <= t
+        for u in range(1, U):
+            for i in range(g):
                 for s in range(S):
-                    acc[s] += e[i, u, s]
-                    w[i, s] += acc[s] <= t[i, s]
+                    x = h[i, u, s]
+                    w[i, s] = u if x > m[i, s] else w[i, s]
+                    m[i, s] = max(m[i, s], x)
+        if sample:
+            e = np.empty((g, U, S), np.float32)
+            t = np.zeros((g, S), np.float32)
+            for i in range(g):
+                for u in range(U):
+                    for s in range(S):
+                        e[i, u, s] = exp32(h[i, u, s] - m[i, s])
+                        t[i, s] += e[i, u, s]
+                for s in range(S):
+                    t[i, s] *= uniform32(seed, key0 + i * S + s)
+                    w[i, s] = 0
+            acc = np.zeros(S, np.float32)
+            for i in range(g):
+                acc[:] = 0.0
+                for u in range(U - 1):  # winner = how many prefix sums stay <= t
+                    for s in range(S):
+                        acc[s] += e[i, u, s]
+                        w[i, s] += acc[s] <= t[i, s]
     for i in range(g):
         for u in range(U):
             for s in range(S):
@@ -199,6 +207,48 @@ def _train_fwd_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma
 
 
 @njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+def _train_fwd_pair_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
+    """:func:`_train_fwd_kernel` for U = 2, same outputs with less than half the transcendental
+    functions. Only z_1 - z_0 = (d + L) / tau matters, d = h_1 - h_0, and the difference of two
+    Gumbels L = g_1 - g_0 is Logistic(0, 1): one draw L = log(V / (1 - V)) per block (V =
+    ``uniform32(seed, block index)``) stands in for two Gumbel draws. Then soft_1 = sigmoid(z_1 -
+    z_0), winner 1 iff z_1 > z_0 (a tie goes to unit 0, as the first argmax), pi_1 = sigmoid(d),
+    lse = max(h) + log(1 + exp(-|d|)). With ``seed`` < 0, L = gum[:, 1] - gum[:, 0]."""
+    G, _, S = h.shape
+    ln2 = np.float32(math.log(2.0))
+    one = np.float32(1.0)
+    for g in prange(G):
+        L = np.empty(S, np.float32)
+        if seed < 0:
+            for s in range(S):
+                L[s] = gum[g, 1, s] - gum[g, 0, s]
+        else:
+            for s in range(S):
+                v = uniform32(seed, g * S + s)
+                L[s] = log32(v / (one - v))
+        klg = 0.0
+        for s in range(S):
+            h0, h1 = h[g, 0, s], h[g, 1, s]
+            d = h1 - h0
+            zd = (d + L[s]) / tau
+            ez = exp32(-abs(zd))  # sigmoid(|zd|) = 1 / (1 + ez), its complement ez / (1 + ez)
+            hi, lo = one / (one + ez), ez / (one + ez)
+            win = zd > 0
+            s1 = hi if win else lo
+            soft[g, 0, s], soft[g, 1, s] = one - s1, s1
+            ed = exp32(-abs(d))
+            p1 = one / (one + ed) if d > 0 else ed / (one + ed)
+            pi[g, 0, s], pi[g, 1, s] = one - p1, p1
+            l = max(h0, h1) + log32(one + ed)
+            lse[g, s] = l
+            klg += ln2 + (one - p1) * (h0 - l) + p1 * (h1 - l)
+            out[g, 0, s] = np.float32(0.0) if win else h0
+            out[g, 1, s] = h1 if win else np.float32(0.0)
+            idx[g, s] = 1 if win else 0
+        kl[g] = klg
+
+
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
     """Straight-Through backward: dL/dh = gy * hard + J_soft^T (gy * h) / tau, plus gkl times
     dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (log pi = h - lse). Loops
@@ -237,8 +287,9 @@ class _FusedTrainLWTA(torch.autograd.Function):
         idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
         lse = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype)
         kl = torch.empty(h.shape[0], dtype=torch.float64)
-        _train_fwd_kernel(h.detach().numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(),
-                          soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
+        kernel = _train_fwd_pair_kernel if h.shape[1] == 2 else _train_fwd_kernel
+        kernel(h.detach().numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(),
+               soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
         ctx.save_for_backward(h, soft, idx, pi, lse)
         ctx.tau = tau
         ctx.mark_non_differentiable(idx)

@@ -56,13 +56,16 @@ def test_argmax_mode_is_deterministic_and_picks_the_max() -> None:
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("as_maps", [False, True])
-def test_ties_pick_the_first_unit_and_nan_blocks_stay_in_range(training: bool, fused: bool, as_maps: bool) -> None:
+@pytest.mark.parametrize("U", [4, 2])
+def test_ties_pick_the_first_unit_and_nan_blocks_stay_in_range(training: bool, fused: bool, as_maps: bool,
+                                                               U: int) -> None:
     """Exact ties go to the lowest unit, as torch.argmax does; an all-NaN block gives unit 0 (the
     fused kernels choose branch-free, so this is where an out-of-range index would show).
-    Training runs without noise (its winner is then the argmax too); evaluation in argmax mode."""
-    h = torch.zeros(6, 4, 1)
-    h[:, 2] = 1.0
-    h[:, 3] = 1.0  # units 2 and 3 tie at the maximum
+    Training runs without noise (its winner is then the argmax too); evaluation in argmax mode.
+    U = 2 covers the fused training kernel's special case."""
+    h = torch.zeros(6, U, 1)
+    h[:, U - 2] = 1.0
+    h[:, U - 1] = 1.0  # the last two units tie at the maximum
     h[4:] = float("nan")
     if as_maps:  # the six blocks as six positions of one block of channels
         h = h.permute(2, 1, 0).contiguous()
@@ -71,27 +74,30 @@ def test_ties_pick_the_first_unit_and_nan_blocks_stay_in_range(training: bool, f
                                  gumbel=torch.zeros_like(h), fused=fused)
     else:
         _, idx, _ = lwta.compete(h, tau=0.67, training=False, mode="argmax", fused=fused)
-    assert idx.reshape(-1).tolist() == [2, 2, 2, 2, 0, 0]
+    assert idx.reshape(-1).tolist() == [U - 2] * 4 + [0, 0]
 
 
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("groups, positions", [(20_000, 1), (19_999, 1), (200, 100)])
-def test_winner_frequencies_match_softmax(training: bool, fused: bool, groups: int, positions: int) -> None:
+@pytest.mark.parametrize("h", [(1.0, -0.5, 0.3, 2.0), (0.4, -0.9)], ids=["U4", "U2"])
+def test_winner_frequencies_match_softmax(training: bool, fused: bool, groups: int, positions: int,
+                                          h: tuple) -> None:
     """Over 20 000 draws the winner frequencies follow pi = softmax(h) (Eq. 2): chi-square test,
     for the fused CPU kernels and the torch path alike, as token blocks (one position per block;
     the fused path transposes 20 000 to 32 groups of positions, an odd 19 999 to a single
-    group) and as conv maps (100 positions per block of channels)."""
+    group) and as conv maps (100 positions per block of channels). U = 2 runs the fused
+    kernel's logistic-noise special case in training."""
     torch.manual_seed(1234)
-    h = torch.tensor([1.0, -0.5, 0.3, 2.0])
+    U = len(h)
     n = groups * positions
-    maps = h.view(1, 4, 1).expand(groups, 4, positions).contiguous()
+    maps = torch.tensor(h).view(1, U, 1).expand(groups, U, positions).contiguous()
     _, idx, _ = lwta.compete(maps, tau=0.67, training=training, mode="sample", fused=fused)
-    counts = np.bincount(idx.reshape(-1).numpy(), minlength=4)
-    p = np.exp(h.double().numpy())
+    counts = np.bincount(idx.reshape(-1).numpy(), minlength=U)
+    p = np.exp(np.array(h, np.float64))
     p /= p.sum()
     chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
-    assert chi2 < CHI2_999[3], (counts, n * p)
+    assert chi2 < CHI2_999[U - 1], (counts, n * p)
 
 
 def _hand_st_gradient(H: np.ndarray, G: np.ndarray, Wt: np.ndarray, tau: float):
@@ -109,15 +115,16 @@ def _hand_st_gradient(H: np.ndarray, G: np.ndarray, Wt: np.ndarray, tau: float):
 
 @pytest.mark.parametrize("tau", [0.67, 1.3])
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("shape", [(10, 3, 1), (9, 3, 1), (2, 3, 5)])
+@pytest.mark.parametrize("shape", [(10, 3, 1), (9, 3, 1), (2, 3, 5), (10, 2, 1), (2, 2, 5)])
 def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bool, shape: tuple) -> None:
     """Backward = gradient of the soft Gumbel sample (Eq. 6): y = xi_hard * h forward;
     dL/dh = w*xi_hard + J_soft^T (w*h) / tau with J = diag(s) - s s^T. Blocks of U=3 as tokens
     (the fused path transposes 10 blocks to 2 groups of positions, an odd 9 to a single group)
-    or as conv maps (2 groups x 5 positions)."""
+    or as conv maps (2 groups x 5 positions); U=2 (the fused kernel's logistic special case)
+    likewise."""
     dtype = torch.float32 if fused else torch.float64
     torch.manual_seed(0)
-    R = shape[0] * shape[2]
+    R, U = shape[0] * shape[2], shape[1]
     h = torch.randn(*shape, dtype=dtype, requires_grad=True)
     g = -torch.log(-torch.log(torch.rand(*shape, dtype=dtype)))
     w = torch.randn(*shape, dtype=dtype)
@@ -125,7 +132,7 @@ def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bo
     (y * w).sum().backward()
 
     def rows(t: torch.Tensor) -> np.ndarray:  # (G, U, S) -> one row of U per block
-        return t.detach().double().permute(0, 2, 1).reshape(R, 3).numpy()
+        return t.detach().double().permute(0, 2, 1).reshape(R, U).numpy()
 
     ref_y, ref_grad = _hand_st_gradient(rows(h), rows(g), rows(w), tau)
     tol = 1e-5 if fused else 1e-12
@@ -134,16 +141,18 @@ def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bo
     assert torch.equal(idx.reshape(-1), torch.as_tensor(ref_y != 0).float().argmax(1))
 
 
-def test_fused_kl_gradient_matches_torch_autograd() -> None:
+@pytest.mark.parametrize("U", [2, 4])
+def test_fused_kl_gradient_matches_torch_autograd(U: int) -> None:
     """The fused kernel's KL and its gradient equal torch autograd on log_softmax (float64)."""
     torch.manual_seed(3)
-    h32 = torch.randn(12, 4, 5, requires_grad=True)  # conv-like: 5 positions per group
-    g = -torch.log(-torch.log(torch.rand(12, 4, 5)))
+    h32 = torch.randn(12, U, 5, requires_grad=True)  # conv-like: 5 positions per group
+    h32.data[0, :, 0] = torch.tensor([30.0, -40.0] + [-45.0] * (U - 2))  # pi = 1 - 1e-30: saturated
+    g = -torch.log(-torch.log(torch.rand(12, U, 5)))
     _, _, kl = lwta.compete(h32, tau=0.67, training=True, mode="sample", gumbel=g, fused=True)
     (2.5 * kl).backward()
     h64 = h32.detach().double().requires_grad_(True)
     logp = h64.log_softmax(1)
-    ref = (logp.exp() * (logp + np.log(4))).sum()
+    ref = (logp.exp() * (logp + np.log(U))).sum()
     (2.5 * ref).backward()
     assert kl.item() == pytest.approx(ref.item(), rel=1e-5)
     np.testing.assert_allclose(h32.grad.numpy(), h64.grad.numpy(), rtol=1e-4, atol=1e-6)
