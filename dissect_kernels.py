@@ -58,10 +58,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from numba_math import LN2, exp32, log32
-
-# Fast-math flags that keep NaN/inf semantics ('nnan'/'ninf' are *not* set: dead rows are NaN).
-FAST = {"nsz", "reassoc", "contract", "arcp"}
+from numba_math import FAST, LN2, exp32, log32  # FAST keeps NaN/inf semantics: dead rows are NaN
 
 
 # --- an LLVM-level helper Numba does not expose --------------------------------------------------

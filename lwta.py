@@ -40,7 +40,7 @@ import torch.nn as nn
 from numba import njit, prange
 
 from common import DiscoverError, atomic_path, write_json_atomic
-from numba_math import exp32, gumbel32, log32, uniform32
+from numba_math import FAST, exp32, gumbel32, log32, uniform32
 
 MODES = ("sample", "argmax")
 
@@ -58,7 +58,7 @@ def gumbel_like(h: torch.Tensor) -> torch.Tensor:
     return -torch.rand_like(h).clamp_(min=1e-20).log_().neg_().log_()
 
 
-@njit(fastmath=True, cache=True, inline="always")
+@njit(fastmath=FAST, cache=True, inline="always")
 def _eval_tile(h, seed, key0, sample, out, w):  # pragma: no cover - compiled
     """Inference on a (g, U, S) tile, g groups of U units at S positions: g x S blocks, each
     w[i, s] = winner ~ Categorical(softmax(h[i, :, s])) by inverse CDF of
@@ -111,7 +111,7 @@ def _eval_tile(h, seed, key0, sample, out, w):  # pragma: no cover - compiled
 _TILE = 512  # blocks per tile: U x 512 float32 stays in a core's L2 cache
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def _eval_tokens_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
     """Inference on token blocks ``h`` (B, U), U consecutive units per block: tiles of _TILE
     blocks are transposed in cache to (1, U, n) for :func:`_eval_tile`, and the outputs back."""
@@ -132,7 +132,7 @@ def _eval_tokens_kernel(h, seed, sample, out, idx):  # pragma: no cover - compil
             idx[b0 + j] = w[0, j]
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
     """Inference on conv maps ``h`` (G, U, S): tiles of whole groups, about _TILE positions each
     (one group when S >= _TILE), handed to :func:`_eval_tile` in place."""
@@ -144,164 +144,262 @@ def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
         _eval_tile(h[g0:g1], seed, g0 * S, sample, out[g0:g1], idx[g0:g1])
 
 
-@njit(fastmath=True, cache=True, inline="always")
-def _draw_gumbel(seed, out, g):  # pragma: no cover - compiled
-    """out[g, u, s] = gumbel32(seed, flat index of (g, u, s)): one straight loop, SIMD lanes."""
-    _, U, S = out.shape
-    base = g * U * S
-    for u in range(U):
-        for s in range(S):
-            out[g, u, s] = gumbel32(seed, base + u * S + s)
+@njit(fastmath=FAST, cache=True, inline="always")
+def _fwd_rows(h, seed, bkey0, tau, n, soft, out, idx, lse):  # pragma: no cover - compiled
+    """Training forward (Eq. 6) of the blocks of a (U, S) tile, column s = one block of U units:
+    soft = softmax((h + g) / tau) along u, winner = its first argmax (0 for an all-NaN block),
+    out = the winner's h, others 0, lse = logsumexp_u h (kept for the backward pass). Returns
+    the KL to the uniform prior, sum_u pi_u (log pi_u + log U) with pi = softmax(h) (Sec. 3.1),
+    summed over the first ``n`` columns (the rest pad a short tile).
 
-
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_fwd_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
-    """Training forward (Eq. 6): soft = softmax((h + g) / tau), hard = its first argmax (0 for an
-    all-NaN block), out = hard * h. Also pi = softmax(h), lse = logsumexp(h) per block (kept for
-    the backward pass) and kl[g] = sum over positions of KL(pi || 1/U) (Sec. 3.1). The noise g is
-    ``gum`` when ``seed`` < 0, else drawn here: element (g, u, s) gets ``gumbel32(seed, its flat
-    index)``. Loops run along the contiguous positions s (SIMD lanes)."""
-    G, U, S = h.shape
-    logU = math.log(U)
-    noise = gum if seed < 0 else soft  # drawn noise goes into soft first, read back as z is formed
-    if seed >= 0:  # its own parallel pass: inside the main loop the draw vectorised worse (2.5x)
-        for g in prange(G):
-            _draw_gumbel(seed, soft, g)
-    for g in prange(G):
-        zm = np.full(S, -np.inf, np.float32)
-        hm = np.full(S, -np.inf, np.float32)
-        w = np.zeros(S, np.int64)
-        for u in range(U):  # perturbed logits, their first maximum, and the maximum of h
-            for s in range(S):
-                z = (h[g, u, s] + noise[g, u, s]) / tau
-                soft[g, u, s] = z
-                w[s] = u if z > zm[s] else w[s]
-                zm[s] = max(zm[s], z)
-                hm[s] = max(hm[s], h[g, u, s])
-        tot = np.zeros(S, np.float32)
-        th = np.zeros(S, np.float32)
-        for u in range(U):
-            for s in range(S):
-                ez = exp32(soft[g, u, s] - zm[s])
-                soft[g, u, s] = ez
-                tot[s] += ez
-                eh = exp32(h[g, u, s] - hm[s])
-                pi[g, u, s] = eh
-                th[s] += eh
-        kls = np.full(S, logU)
-        for s in range(S):
-            lse[g, s] = hm[s] + math.log(th[s])
-            tot[s] = np.float32(1.0) / tot[s]
-            th[s] = np.float32(1.0) / th[s]
-        for u in range(U):
-            for s in range(S):
-                soft[g, u, s] *= tot[s]
-                pi[g, u, s] *= th[s]
-                kls[s] += pi[g, u, s] * (h[g, u, s] - lse[g, s])
-                out[g, u, s] = h[g, u, s] if w[s] == u else 0.0
-        klg = 0.0
-        for s in range(S):
-            idx[g, s] = w[s]
-            klg += kls[s]
-        kl[g] = klg
-
-
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_fwd_pair_kernel(h, gum, seed, tau, out, idx, soft, pi, lse, kl):  # pragma: no cover - compiled
-    """:func:`_train_fwd_kernel` for U = 2, same outputs with less than half the transcendental
-    functions. Only z_1 - z_0 = (d + L) / tau matters, d = h_1 - h_0, and the difference of two
-    Gumbels L = g_1 - g_0 is Logistic(0, 1): one draw L = log(V / (1 - V)) per block (V =
-    ``uniform32(seed, block index)``) stands in for two Gumbel draws. Then soft_1 = sigmoid(z_1 -
-    z_0), winner 1 iff z_1 > z_0 (a tie goes to unit 0, as the first argmax), pi_1 = sigmoid(d),
-    lse = max(h) + log(1 + exp(-|d|)). With ``seed`` < 0, L = gum[:, 1] - gum[:, 0]."""
-    G, _, S = h.shape
-    ln2 = np.float32(math.log(2.0))
+    The noise: ``soft`` holds the given Gumbels on entry when ``seed`` < 0; else block s draws
+    from the counter bkey0 + s, element (u, s) gumbel32(seed, (bkey0 + s) U + u), written into
+    ``soft`` first (a loop of its own: drawn inside the main loop it vectorised 2.5x worse; and
+    one array for both, as a choice between two arrays halved the kernel's speed). For U = 2
+    only d = h_1 - h_0 and the difference of two Gumbels, L ~ Logistic(0, 1), matter: one draw
+    L = log(V / (1 - V)), V = uniform32(seed, bkey0 + s), per block, then sigmoids, less than
+    half the transcendental functions. Every loop runs along s (SIMD lanes)."""
+    U, S = h.shape
     one = np.float32(1.0)
-    for g in prange(G):
+    klg = 0.0
+    if U == 2:
         L = np.empty(S, np.float32)
         if seed < 0:
             for s in range(S):
-                L[s] = gum[g, 1, s] - gum[g, 0, s]
+                L[s] = soft[1, s] - soft[0, s]
         else:
             for s in range(S):
-                v = uniform32(seed, g * S + s)
+                v = uniform32(seed, bkey0 + s)
                 L[s] = log32(v / (one - v))
-        klg = 0.0
+        ln2 = np.float32(math.log(2.0))
         for s in range(S):
-            h0, h1 = h[g, 0, s], h[g, 1, s]
+            h0, h1 = h[0, s], h[1, s]
             d = h1 - h0
             zd = (d + L[s]) / tau
             ez = exp32(-abs(zd))  # sigmoid(|zd|) = 1 / (1 + ez), its complement ez / (1 + ez)
-            hi, lo = one / (one + ez), ez / (one + ez)
-            win = zd > 0
-            s1 = hi if win else lo
-            soft[g, 0, s], soft[g, 1, s] = one - s1, s1
+            win = zd > 0  # a tie goes to unit 0
+            s1 = one / (one + ez) if win else ez / (one + ez)
+            soft[0, s], soft[1, s] = one - s1, s1
             ed = exp32(-abs(d))
             p1 = one / (one + ed) if d > 0 else ed / (one + ed)
-            pi[g, 0, s], pi[g, 1, s] = one - p1, p1
             l = max(h0, h1) + log32(one + ed)
-            lse[g, s] = l
-            klg += ln2 + (one - p1) * (h0 - l) + p1 * (h1 - l)
-            out[g, 0, s] = np.float32(0.0) if win else h0
-            out[g, 1, s] = h1 if win else np.float32(0.0)
-            idx[g, s] = 1 if win else 0
-        kl[g] = klg
+            lse[s] = l
+            out[0, s] = np.float32(0.0) if win else h0
+            out[1, s] = h1 if win else np.float32(0.0)
+            idx[s] = 1 if win else 0
+            L[s] = ln2 + (one - p1) * (h0 - l) + p1 * (h1 - l)  # the block's KL
+        for s in range(n):
+            klg += L[s]
+        return klg
+    if seed >= 0:
+        for u in range(U):
+            for s in range(S):
+                soft[u, s] = gumbel32(seed, (bkey0 + s) * U + u)
+    zm = np.full(S, -np.inf, np.float32)
+    hm = np.full(S, -np.inf, np.float32)
+    w = np.zeros(S, np.int64)
+    for u in range(U):  # perturbed logits, their first maximum, and the maximum of h
+        for s in range(S):
+            z = (h[u, s] + soft[u, s]) / tau
+            soft[u, s] = z
+            w[s] = u if z > zm[s] else w[s]
+            zm[s] = max(zm[s], z)
+            hm[s] = max(hm[s], h[u, s])
+    tot = np.zeros(S, np.float32)
+    th = np.zeros(S, np.float32)
+    for u in range(U):
+        for s in range(S):
+            ez = exp32(soft[u, s] - zm[s])
+            soft[u, s] = ez
+            tot[s] += ez
+            eh = exp32(h[u, s] - hm[s])
+            out[u, s] = eh  # held here until the output is written
+            th[s] += eh
+    kls = np.full(S, math.log(U))
+    for s in range(S):
+        lse[s] = hm[s] + math.log(th[s])
+        tot[s] = one / tot[s]
+        th[s] = one / th[s]
+    for u in range(U):
+        for s in range(S):
+            soft[u, s] *= tot[s]
+            x = h[u, s]
+            kls[s] += out[u, s] * th[s] * (x - lse[s])  # pi (x - lse)
+            out[u, s] = x if w[s] == u else 0.0
+    for s in range(S):
+        idx[s] = w[s]
+    for s in range(n):
+        klg += kls[s]
+    return klg
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
-def _train_bwd_kernel(gy, h, soft, idx, tau, gkl, pi, lse, gh):  # pragma: no cover - compiled
-    """Straight-Through backward: dL/dh = gy * hard + J_soft^T (gy * h) / tau, plus gkl times
-    dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (log pi = h - lse). Loops
-    run along the positions s."""
-    G, U, S = h.shape
-    for g in prange(G):
-        dot = np.zeros(S, np.float32)
+@njit(fastmath=FAST, cache=True, inline="always")
+def _bwd_rows(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover - compiled
+    """Straight-Through backward of a (U, S) tile: dL/dh = gy * hard + J_soft^T (gy * h) / tau,
+    plus gkl times dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (gkl != 0;
+    log pi = h - lse, pi recomputed from the saved lse into ``gh`` first). Loops run along the
+    blocks s."""
+    U, S = h.shape
+    zero = np.float32(0.0)
+    dot = np.zeros(S, np.float32)
+    for u in range(U):
+        for s in range(S):
+            dot[s] += gy[u, s] * h[u, s] * soft[u, s]
+    if gkl != 0:
         ent = np.zeros(S, np.float32)
         for u in range(U):
             for s in range(S):
-                dot[s] += gy[g, u, s] * h[g, u, s] * soft[g, u, s]
-                ent[s] += pi[g, u, s] * (h[g, u, s] - lse[g, s])
+                lp = h[u, s] - lse[s]
+                p = exp32(lp)
+                gh[u, s] = p
+                ent[s] += p * lp
         for u in range(U):
             for s in range(S):
-                gh[g, u, s] = (soft[g, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau
-                               + gkl * pi[g, u, s] * (h[g, u, s] - lse[g, s] - ent[s])
-                               + (gy[g, u, s] if idx[g, s] == u else np.float32(0.0)))
+                lp = h[u, s] - lse[s]
+                gh[u, s] = (soft[u, s] * (gy[u, s] * h[u, s] - dot[s]) / tau + gkl * gh[u, s] * (lp - ent[s])
+                            + (gy[u, s] if idx[s] == u else zero))
+    else:
+        for u in range(U):
+            for s in range(S):
+                gh[u, s] = (soft[u, s] * (gy[u, s] * h[u, s] - dot[s]) / tau
+                            + (gy[u, s] if idx[s] == u else zero))
+
+
+# Conv maps (G, U, S): each group is a (U, S) tile in place. Tokens (B, U), U consecutive units
+# per block: tiles of _TILE blocks are transposed in cache to (U, _TILE) (padded), and the soft
+# sample stays in that tiled layout (T, U, _TILE) for the backward pass, so the activation itself
+# is read and written once in its own layout and never copied by torch.
+
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
+def _train_fwd_maps(h, gum, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
+    """:func:`_fwd_rows` on every group of conv maps ``h`` (G, U, S); kl[g] = the group's KL."""
+    G, U, S = h.shape
+    for g in prange(G):
+        if seed < 0:
+            soft[g] = gum[g]
+        kl[g] = _fwd_rows(h[g], seed, g * S, tau, S, soft[g], out[g], idx[g], lse[g])
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _load_tile(x, b0, n, t):  # pragma: no cover - compiled
+    """t[u, j] = x[b0 + j, u] for j < n, 0 beyond (a (B, U) slab transposed into a (U, _TILE) tile)."""
+    U = x.shape[1]
+    for j in range(n):
+        for u in range(U):
+            t[u, j] = x[b0 + j, u]
+    for u in range(U):
+        for j in range(n, t.shape[1]):
+            t[u, j] = 0.0
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _store_tile(t, b0, n, x):  # pragma: no cover - compiled
+    """x[b0 + j, u] = t[u, j] for j < n: the inverse of :func:`_load_tile`."""
+    U = x.shape[1]
+    for j in range(n):
+        for u in range(U):
+            x[b0 + j, u] = t[u, j]
+
+
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
+def _train_fwd_tokens(h, gum, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
+    """:func:`_fwd_rows` on token blocks ``h`` (B, U): tile c holds blocks c _TILE ..; ``soft``
+    (T, U, _TILE) keeps its tiled layout, out (B, U), idx and lse (B,) and kl[c] the natural."""
+    B, U = h.shape
+    for c in prange(soft.shape[0]):
+        b0 = c * _TILE
+        n = min(_TILE, B - b0)
+        ht = np.empty((U, _TILE), np.float32)
+        _load_tile(h, b0, n, ht)
+        st = soft[c]
+        if seed < 0:
+            _load_tile(gum, b0, n, st)
+        ot = np.empty((U, _TILE), np.float32)
+        it = np.empty(_TILE, np.int64)
+        lt = np.empty(_TILE, np.float32)
+        kl[c] = _fwd_rows(ht, seed, b0, tau, n, st, ot, it, lt)
+        _store_tile(ot, b0, n, out)
+        for j in range(n):
+            idx[b0 + j] = it[j]
+            lse[b0 + j] = lt[j]
+
+
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
+def _train_bwd_maps(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover - compiled
+    G = h.shape[0]
+    for g in prange(G):
+        _bwd_rows(gy[g], h[g], soft[g], idx[g], lse[g], tau, gkl, gh[g])
+
+
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
+def _train_bwd_tokens(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover - compiled
+    B, U = h.shape
+    for c in prange(soft.shape[0]):
+        b0 = c * _TILE
+        n = min(_TILE, B - b0)
+        gt = np.empty((U, _TILE), np.float32)
+        ht = np.empty((U, _TILE), np.float32)
+        _load_tile(gy, b0, n, gt)
+        _load_tile(h, b0, n, ht)
+        it = np.zeros(_TILE, np.int64)
+        lt = np.zeros(_TILE, np.float32)
+        for j in range(n):
+            it[j] = idx[b0 + j]
+            lt[j] = lse[b0 + j]
+        ot = np.empty((U, _TILE), np.float32)
+        _bwd_rows(gt, ht, soft[c], it, lt, tau, gkl, ot)
+        _store_tile(ot, b0, n, gh)
 
 
 class _FusedTrainLWTA(torch.autograd.Function):
-    """CPU float32 training competition: returns (y, winner index, KL summed over all blocks).
-
-    Saves h, the soft sample and pi (three activation-sized buffers) so that the backward pass
-    needs no transcendental function."""
+    """CPU float32 training competition on ``(G, U, S)``: returns (y, winner index ``(G, S)``, KL
+    summed over all blocks). Token blocks (S = 1) run in tiles transposed in cache, conv maps in
+    place. Saves h, the soft sample (in the kernels' layout) and logsumexp(h) per block, so the
+    backward pass needs no logarithm."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, g: torch.Tensor | None, tau: float):
         """``g``: the Gumbel noise, or None to draw it inside the kernel (one key from torch's
         generator per call, so seeded runs stay reproducible)."""
         h = h.contiguous()
+        G, U, S = h.shape
         if g is None:
             seed, g = int(torch.randint(0, 2**32, ())), torch.zeros(1, 1, 1, dtype=h.dtype)
         else:
             seed, g = -1, g.to(h.dtype).contiguous()
-        out, soft, pi = torch.empty_like(h), torch.empty_like(h), torch.empty_like(h)
-        idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
-        lse = torch.empty(h.shape[0], h.shape[2], dtype=h.dtype)
-        kl = torch.empty(h.shape[0], dtype=torch.float64)
-        kernel = _train_fwd_pair_kernel if h.shape[1] == 2 else _train_fwd_kernel
-        kernel(h.detach().numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(),
-               soft.numpy(), pi.numpy(), lse.numpy(), kl.numpy())
-        ctx.save_for_backward(h, soft, idx, pi, lse)
-        ctx.tau = tau
+        out = torch.empty_like(h)
+        idx = torch.empty(G, S, dtype=torch.int64)
+        lse = torch.empty(G, S, dtype=h.dtype)
+        tokens = S == 1
+        if tokens:
+            tiles = (G + _TILE - 1) // _TILE
+            soft = torch.empty(tiles, U, _TILE, dtype=h.dtype)
+            kl = torch.empty(tiles, dtype=torch.float64)
+            _train_fwd_tokens(h.view(G, U).numpy(), (g.view(G, U) if seed < 0 else g[0]).numpy(), seed,
+                              np.float32(tau), out.view(G, U).numpy(), idx.view(G).numpy(), soft.numpy(),
+                              lse.view(G).numpy(), kl.numpy())
+        else:
+            soft = torch.empty_like(h)
+            kl = torch.empty(G, dtype=torch.float64)
+            _train_fwd_maps(h.numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(),
+                            soft.numpy(), lse.numpy(), kl.numpy())
+        ctx.save_for_backward(h, soft, idx, lse)
+        ctx.tau, ctx.tokens = tau, tokens
         ctx.mark_non_differentiable(idx)
         return out, idx, kl.sum().to(h.dtype)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor, _gidx: Any, gkl: torch.Tensor | None):
-        h, soft, idx, pi, lse = ctx.saved_tensors
+        h, soft, idx, lse = ctx.saved_tensors
         gh = torch.empty_like(h)
-        gkl_f = 0.0 if gkl is None else float(gkl)
-        _train_bwd_kernel(gy.contiguous().numpy(), h.numpy(), soft.numpy(), idx.numpy(),
-                          np.float32(ctx.tau), np.float32(gkl_f), pi.numpy(), lse.numpy(), gh.numpy())
+        args = (np.float32(ctx.tau), np.float32(0.0 if gkl is None else float(gkl)))
+        gy = gy.contiguous()
+        if ctx.tokens:
+            G, U, _ = h.shape
+            _train_bwd_tokens(gy.view(G, U).numpy(), h.view(G, U).numpy(), soft.numpy(), idx.view(G).numpy(),
+                              lse.view(G).numpy(), *args, gh.view(G, U).numpy())
+        else:
+            _train_bwd_maps(gy.numpy(), h.numpy(), soft.numpy(), idx.numpy(), lse.numpy(), *args, gh.numpy())
         return gh, None, None
 
 
@@ -353,18 +451,6 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
     """
     fused = _fused_ok(h) if fused is None else fused
     G, U, S = h.shape
-    if fused and S == 1 and G > 1 and training:
-        # Token blocks: the training kernels run along positions (SIMD lanes), so hand them the
-        # blocks transposed to C groups of G/C positions, C the largest power of 2 up to 1024 that
-        # divides G and leaves more than one position (C = 1, one thread, for an odd G). Two copies
-        # of the activation cost far less than loops across the U units of each block (measured:
-        # 3 vs 23 ms per deit_world layer and batch).
-        C = math.gcd(G, 1024)
-        C = C if G // C > 1 else C // 2
-        flip = (lambda t: t.reshape(C, G // C, U).transpose(1, 2).contiguous())
-        y, idx, kl = compete(flip(h), tau=tau, training=training, mode=mode, want_kl=want_kl,
-                             gumbel=None if gumbel is None else flip(gumbel), fused=True)
-        return y.transpose(1, 2).reshape(G, U, 1), idx.reshape(G, 1), kl
     if training:
         if fused:  # without a given noise the kernel draws its own (numba_math.gumbel32)
             y, idx, kl = _FusedTrainLWTA.apply(h, gumbel, tau)

@@ -12,6 +12,9 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 LN2 = math.log(2.0)
+# LLVM fast-math flags for the project's kernels: everything but 'nnan' / 'ninf', so NaN and inf
+# keep their IEEE meaning (NaN checks, "0 for an all-NaN block") while sums may be reordered.
+FAST = {"nsz", "reassoc", "contract", "arcp"}
 _EXP_C = tuple(np.float32(c) for c in (  # Cephes expf: exp(r) = 1 + r + r^2 poly(r), |r| <= ln2/2
     1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
     5.0000001201e-1))
