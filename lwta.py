@@ -145,10 +145,12 @@ def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
-def _fwd_rows(h, seed, bkey0, tau, n, soft, out, idx, lse):  # pragma: no cover - compiled
-    """Training forward (Eq. 6) of the blocks of a (U, S) tile, column s = one block of U units:
+def _fwd_rows(h, out, idx, lse, g, soft, gs, seed, bkey0, tau, n):  # pragma: no cover - compiled
+    """Training forward (Eq. 6) of the blocks of tile g, h[g] (U, S), column s = one block of U units:
     soft = softmax((h + g) / tau) along u, winner = its first argmax (0 for an all-NaN block),
-    out = the winner's h, others 0, lse = logsumexp_u h (kept for the backward pass). Returns
+    out = the winner's h, others 0, lse = logsumexp_u h (kept for the backward pass); soft[gs]
+    holds the tile's soft sample (the 3-d arrays are indexed, not sliced into 2-d views: through
+    views LLVM vectorised none of these loops, 4-5x slower). Returns
     the KL to the uniform prior, sum_u pi_u (log pi_u + log U) with pi = softmax(h) (Sec. 3.1),
     summed over the first ``n`` columns (the rest pad a short tile).
 
@@ -159,34 +161,35 @@ def _fwd_rows(h, seed, bkey0, tau, n, soft, out, idx, lse):  # pragma: no cover 
     only d = h_1 - h_0 and the difference of two Gumbels, L ~ Logistic(0, 1), matter: one draw
     L = log(V / (1 - V)), V = uniform32(seed, bkey0 + s), per block, then sigmoids, less than
     half the transcendental functions. Every loop runs along s (SIMD lanes)."""
-    U, S = h.shape
+    _, U, S = h.shape
     one = np.float32(1.0)
     klg = 0.0
     if U == 2:
         L = np.empty(S, np.float32)
         if seed < 0:
             for s in range(S):
-                L[s] = soft[1, s] - soft[0, s]
+                L[s] = soft[gs, 1, s] - soft[gs, 0, s]
         else:
             for s in range(S):
                 v = uniform32(seed, bkey0 + s)
                 L[s] = log32(v / (one - v))
         ln2 = np.float32(math.log(2.0))
         for s in range(S):
-            h0, h1 = h[0, s], h[1, s]
+            h0, h1 = h[g, 0, s], h[g, 1, s]
             d = h1 - h0
             zd = (d + L[s]) / tau
             ez = exp32(-abs(zd))  # sigmoid(|zd|) = 1 / (1 + ez), its complement ez / (1 + ez)
             win = zd > 0  # a tie goes to unit 0
             s1 = one / (one + ez) if win else ez / (one + ez)
-            soft[0, s], soft[1, s] = one - s1, s1
+            soft[gs, 0, s] = one - s1
+            soft[gs, 1, s] = s1
             ed = exp32(-abs(d))
             p1 = one / (one + ed) if d > 0 else ed / (one + ed)
             l = max(h0, h1) + log32(one + ed)
-            lse[s] = l
-            out[0, s] = np.float32(0.0) if win else h0
-            out[1, s] = h1 if win else np.float32(0.0)
-            idx[s] = 1 if win else 0
+            lse[g, s] = l
+            out[g, 0, s] = np.float32(0.0) if win else h0
+            out[g, 1, s] = h1 if win else np.float32(0.0)
+            idx[g, s] = 1 if win else 0
             L[s] = ln2 + (one - p1) * (h0 - l) + p1 * (h1 - l)  # the block's KL
         for s in range(n):
             klg += L[s]
@@ -194,75 +197,75 @@ def _fwd_rows(h, seed, bkey0, tau, n, soft, out, idx, lse):  # pragma: no cover 
     if seed >= 0:
         for u in range(U):
             for s in range(S):
-                soft[u, s] = gumbel32(seed, (bkey0 + s) * U + u)
+                soft[gs, u, s] = gumbel32(seed, (bkey0 + s) * U + u)
     zm = np.full(S, -np.inf, np.float32)
     hm = np.full(S, -np.inf, np.float32)
     w = np.zeros(S, np.int64)
     for u in range(U):  # perturbed logits, their first maximum, and the maximum of h
         for s in range(S):
-            z = (h[u, s] + soft[u, s]) / tau
-            soft[u, s] = z
+            z = (h[g, u, s] + soft[gs, u, s]) / tau
+            soft[gs, u, s] = z
             w[s] = u if z > zm[s] else w[s]
             zm[s] = max(zm[s], z)
-            hm[s] = max(hm[s], h[u, s])
+            hm[s] = max(hm[s], h[g, u, s])
     tot = np.zeros(S, np.float32)
     th = np.zeros(S, np.float32)
     for u in range(U):
         for s in range(S):
-            ez = exp32(soft[u, s] - zm[s])
-            soft[u, s] = ez
+            ez = exp32(soft[gs, u, s] - zm[s])
+            soft[gs, u, s] = ez
             tot[s] += ez
-            eh = exp32(h[u, s] - hm[s])
-            out[u, s] = eh  # held here until the output is written
+            eh = exp32(h[g, u, s] - hm[s])
+            out[g, u, s] = eh  # held here until the output is written
             th[s] += eh
     kls = np.full(S, math.log(U))
     for s in range(S):
-        lse[s] = hm[s] + math.log(th[s])
+        lse[g, s] = hm[s] + math.log(th[s])
         tot[s] = one / tot[s]
         th[s] = one / th[s]
     for u in range(U):
         for s in range(S):
-            soft[u, s] *= tot[s]
-            x = h[u, s]
-            kls[s] += out[u, s] * th[s] * (x - lse[s])  # pi (x - lse)
-            out[u, s] = x if w[s] == u else 0.0
+            soft[gs, u, s] *= tot[s]
+            x = h[g, u, s]
+            kls[s] += out[g, u, s] * th[s] * (x - lse[g, s])  # pi (x - lse)
+            out[g, u, s] = x if w[s] == u else 0.0
     for s in range(S):
-        idx[s] = w[s]
+        idx[g, s] = w[s]
     for s in range(n):
         klg += kls[s]
     return klg
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
-def _bwd_rows(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover - compiled
-    """Straight-Through backward of a (U, S) tile: dL/dh = gy * hard + J_soft^T (gy * h) / tau,
+def _bwd_rows(gy, h, gh, idx, lse, g, soft, gs, tau, gkl):  # pragma: no cover - compiled
+    """Straight-Through backward of tile g (U, S), soft sample soft[gs]: dL/dh = gy * hard + J_soft^T (gy * h) / tau,
     plus gkl times dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (gkl != 0;
     log pi = h - lse, pi recomputed from the saved lse into ``gh`` first). Loops run along the
     blocks s."""
-    U, S = h.shape
+    _, U, S = h.shape
     zero = np.float32(0.0)
     dot = np.zeros(S, np.float32)
     for u in range(U):
         for s in range(S):
-            dot[s] += gy[u, s] * h[u, s] * soft[u, s]
+            dot[s] += gy[g, u, s] * h[g, u, s] * soft[gs, u, s]
     if gkl != 0:
         ent = np.zeros(S, np.float32)
         for u in range(U):
             for s in range(S):
-                lp = h[u, s] - lse[s]
+                lp = h[g, u, s] - lse[g, s]
                 p = exp32(lp)
-                gh[u, s] = p
+                gh[g, u, s] = p
                 ent[s] += p * lp
         for u in range(U):
             for s in range(S):
-                lp = h[u, s] - lse[s]
-                gh[u, s] = (soft[u, s] * (gy[u, s] * h[u, s] - dot[s]) / tau + gkl * gh[u, s] * (lp - ent[s])
-                            + (gy[u, s] if idx[s] == u else zero))
+                lp = h[g, u, s] - lse[g, s]
+                gh[g, u, s] = (soft[gs, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau + gkl * gh[g, u, s] * (lp - ent[s])
+                            + (gy[g, u, s] if idx[g, s] == u else zero))
     else:
         for u in range(U):
             for s in range(S):
-                gh[u, s] = (soft[u, s] * (gy[u, s] * h[u, s] - dot[s]) / tau
-                            + (gy[u, s] if idx[s] == u else zero))
+                gh[g, u, s] = (soft[gs, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau
+                            + (gy[g, u, s] if idx[g, s] == u else zero))
 
 
 # Conv maps (G, U, S): each group is a (U, S) tile in place. Tokens (B, U), U consecutive units
@@ -271,64 +274,61 @@ def _bwd_rows(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover - compil
 # is read and written once in its own layout and never copied by torch.
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
-def _train_fwd_maps(h, gum, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
-    """:func:`_fwd_rows` on every group of conv maps ``h`` (G, U, S); kl[g] = the group's KL."""
+def _train_fwd_maps(h, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
+    """:func:`_fwd_rows` on every group of conv maps ``h`` (G, U, S); kl[g] = the group's KL.
+    With ``seed`` < 0 ``soft`` holds the given noise (no copy in here: one slowed every loop 5x)."""
     G, U, S = h.shape
     for g in prange(G):
-        if seed < 0:
-            soft[g] = gum[g]
-        kl[g] = _fwd_rows(h[g], seed, g * S, tau, S, soft[g], out[g], idx[g], lse[g])
+        kl[g] = _fwd_rows(h, out, idx, lse, g, soft, g, seed, g * S, tau, S)
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
-def _load_tile(x, b0, n, t):  # pragma: no cover - compiled
-    """t[u, j] = x[b0 + j, u] for j < n, 0 beyond (a (B, U) slab transposed into a (U, _TILE) tile)."""
+def _load_tile(x, b0, n, t, c):  # pragma: no cover - compiled
+    """t[c, u, j] = x[b0 + j, u] for j < n, 0 beyond (a (B, U) slab transposed into tile c)."""
     U = x.shape[1]
     for j in range(n):
         for u in range(U):
-            t[u, j] = x[b0 + j, u]
+            t[c, u, j] = x[b0 + j, u]
     for u in range(U):
-        for j in range(n, t.shape[1]):
-            t[u, j] = 0.0
+        for j in range(n, t.shape[2]):
+            t[c, u, j] = 0.0
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
-def _store_tile(t, b0, n, x):  # pragma: no cover - compiled
-    """x[b0 + j, u] = t[u, j] for j < n: the inverse of :func:`_load_tile`."""
+def _store_tile(t, c, b0, n, x):  # pragma: no cover - compiled
+    """x[b0 + j, u] = t[c, u, j] for j < n: the inverse of :func:`_load_tile`."""
     U = x.shape[1]
     for j in range(n):
         for u in range(U):
-            x[b0 + j, u] = t[u, j]
+            x[b0 + j, u] = t[c, u, j]
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
-def _train_fwd_tokens(h, gum, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
+def _train_fwd_tokens(h, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
     """:func:`_fwd_rows` on token blocks ``h`` (B, U): tile c holds blocks c _TILE ..; ``soft``
-    (T, U, _TILE) keeps its tiled layout, out (B, U), idx and lse (B,) and kl[c] the natural."""
+    (T, U, _TILE) keeps its tiled layout (and holds the given noise, tiled, when ``seed`` < 0),
+    out (B, U), idx and lse (B,) and kl[c] the natural one."""
     B, U = h.shape
     for c in prange(soft.shape[0]):
         b0 = c * _TILE
         n = min(_TILE, B - b0)
-        ht = np.empty((U, _TILE), np.float32)
-        _load_tile(h, b0, n, ht)
-        st = soft[c]
-        if seed < 0:
-            _load_tile(gum, b0, n, st)
-        ot = np.empty((U, _TILE), np.float32)
-        it = np.empty(_TILE, np.int64)
-        lt = np.empty(_TILE, np.float32)
-        kl[c] = _fwd_rows(ht, seed, b0, tau, n, st, ot, it, lt)
-        _store_tile(ot, b0, n, out)
+        ht = np.empty((1, U, _TILE), np.float32)
+        _load_tile(h, b0, n, ht, 0)
+        ot = np.empty((1, U, _TILE), np.float32)
+        it = np.empty((1, _TILE), np.int64)
+        lt = np.empty((1, _TILE), np.float32)
+        kl[c] = _fwd_rows(ht, ot, it, lt, 0, soft, c, seed, b0, tau, n)
+        _store_tile(ot, 0, b0, n, out)
         for j in range(n):
-            idx[b0 + j] = it[j]
-            lse[b0 + j] = lt[j]
+            idx[b0 + j] = it[0, j]
+            lse[b0 + j] = lt[0, j]
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def _train_bwd_maps(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover - compiled
     G = h.shape[0]
     for g in prange(G):
-        _bwd_rows(gy[g], h[g], soft[g], idx[g], lse[g], tau, gkl, gh[g])
+        _bwd_rows(gy, h, gh, idx, lse, g, soft, g, tau, gkl)
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
@@ -337,18 +337,18 @@ def _train_bwd_tokens(gy, h, soft, idx, lse, tau, gkl, gh):  # pragma: no cover 
     for c in prange(soft.shape[0]):
         b0 = c * _TILE
         n = min(_TILE, B - b0)
-        gt = np.empty((U, _TILE), np.float32)
-        ht = np.empty((U, _TILE), np.float32)
-        _load_tile(gy, b0, n, gt)
-        _load_tile(h, b0, n, ht)
-        it = np.zeros(_TILE, np.int64)
-        lt = np.zeros(_TILE, np.float32)
+        gt = np.empty((1, U, _TILE), np.float32)
+        ht = np.empty((1, U, _TILE), np.float32)
+        _load_tile(gy, b0, n, gt, 0)
+        _load_tile(h, b0, n, ht, 0)
+        it = np.zeros((1, _TILE), np.int64)
+        lt = np.zeros((1, _TILE), np.float32)
         for j in range(n):
-            it[j] = idx[b0 + j]
-            lt[j] = lse[b0 + j]
-        ot = np.empty((U, _TILE), np.float32)
-        _bwd_rows(gt, ht, soft[c], it, lt, tau, gkl, ot)
-        _store_tile(ot, b0, n, gh)
+            it[0, j] = idx[b0 + j]
+            lt[0, j] = lse[b0 + j]
+        ot = np.empty((1, U, _TILE), np.float32)
+        _bwd_rows(gt, ht, ot, it, lt, 0, soft, c, tau, gkl)
+        _store_tile(ot, 0, b0, n, gh)
 
 
 class _FusedTrainLWTA(torch.autograd.Function):
@@ -363,26 +363,28 @@ class _FusedTrainLWTA(torch.autograd.Function):
         generator per call, so seeded runs stay reproducible)."""
         h = h.contiguous()
         G, U, S = h.shape
+        tokens = S == 1
+        tiles = (G + _TILE - 1) // _TILE
         if g is None:
-            seed, g = int(torch.randint(0, 2**32, ())), torch.zeros(1, 1, 1, dtype=h.dtype)
-        else:
-            seed, g = -1, g.to(h.dtype).contiguous()
+            seed = int(torch.randint(0, 2**32, ()))
+            soft = torch.empty(tiles, U, _TILE, dtype=h.dtype) if tokens else torch.empty_like(h)
+        else:  # the kernels read given noise from the soft buffer, in their layout (a copy)
+            seed, g = -1, g.to(h.dtype)
+            if tokens:
+                g = torch.cat([g.reshape(G, U), g.new_zeros(tiles * _TILE - G, U)])
+                g = g.view(tiles, _TILE, U).transpose(1, 2)
+            soft = g.clone(memory_format=torch.contiguous_format)
         out = torch.empty_like(h)
         idx = torch.empty(G, S, dtype=torch.int64)
         lse = torch.empty(G, S, dtype=h.dtype)
-        tokens = S == 1
         if tokens:
-            tiles = (G + _TILE - 1) // _TILE
-            soft = torch.empty(tiles, U, _TILE, dtype=h.dtype)
             kl = torch.empty(tiles, dtype=torch.float64)
-            _train_fwd_tokens(h.view(G, U).numpy(), (g.view(G, U) if seed < 0 else g[0]).numpy(), seed,
-                              np.float32(tau), out.view(G, U).numpy(), idx.view(G).numpy(), soft.numpy(),
-                              lse.view(G).numpy(), kl.numpy())
+            _train_fwd_tokens(h.view(G, U).numpy(), seed, np.float32(tau), out.view(G, U).numpy(),
+                              idx.view(G).numpy(), soft.numpy(), lse.view(G).numpy(), kl.numpy())
         else:
-            soft = torch.empty_like(h)
             kl = torch.empty(G, dtype=torch.float64)
-            _train_fwd_maps(h.numpy(), g.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(),
-                            soft.numpy(), lse.numpy(), kl.numpy())
+            _train_fwd_maps(h.numpy(), seed, np.float32(tau), out.numpy(), idx.numpy(), soft.numpy(),
+                            lse.numpy(), kl.numpy())
         ctx.save_for_backward(h, soft, idx, lse)
         ctx.tau, ctx.tokens = tau, tokens
         ctx.mark_non_differentiable(idx)
