@@ -58,77 +58,98 @@ def gumbel_like(h: torch.Tensor) -> torch.Tensor:
     return -torch.rand_like(h).clamp_(min=1e-20).log_().neg_().log_()
 
 
+_TILE = 512  # blocks per tile: U x 512 float32 stays in a core's L2 cache
+
+
 @njit(fastmath=FAST, cache=True, inline="always")
-def _eval_tile(h, seed, key0, sample, out, w):  # pragma: no cover - compiled
-    """Inference on a (g, U, S) tile, g groups of U units at S positions: g x S blocks, each
-    w[i, s] = winner ~ Categorical(softmax(h[i, :, s])) by inverse CDF of
-    ``uniform32(seed, key0 + i S + s)`` (``sample``), or the first argmax (0 for an all-NaN block)
-    (Eq. 1-2); out = the winner's h, others 0. Every loop runs along s (SIMD lanes), none branches
-    on the data. For U = 2 the inverse CDF is one comparison: winner 1 iff V >= pi_0 =
-    1 / (1 + exp(h_1 - h_0)) (one exp per block, no argmax pass)."""
-    g, U, S = h.shape
+def _load_tile(x, b0, n, t, c):  # pragma: no cover - compiled
+    """t[c, u, j] = x[b0 + j, u] for j < n, 0 beyond (a (B, U) slab transposed into tile c)."""
+    U = x.shape[1]
+    for j in range(n):
+        for u in range(U):
+            t[c, u, j] = x[b0 + j, u]
+    for u in range(U):
+        for j in range(n, t.shape[2]):
+            t[c, u, j] = 0.0
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _store_tile(t, c, b0, n, x):  # pragma: no cover - compiled
+    """x[b0 + j, u] = t[c, u, j] for j < n: the inverse of :func:`_load_tile`."""
+    U = x.shape[1]
+    for j in range(n):
+        for u in range(U):
+            x[b0 + j, u] = t[c, u, j]
+
+
+@njit(fastmath=FAST, cache=True, inline="always")
+def _eval_tile(h, g0, g1, seed, key0, sample, out, w):  # pragma: no cover - compiled
+    """Inference on groups g0 .. g1-1 of ``h`` (G, U, S), U units at S positions: each block
+    (g, s) gets w[g, s] = winner ~ Categorical(softmax(h[g, :, s])) by inverse CDF of
+    ``uniform32(seed, key0 + (g - g0) S + s)`` (``sample``), or the first argmax (0 for an
+    all-NaN block) (Eq. 1-2); out = the winner's h, others 0. Every loop runs along s (SIMD
+    lanes), none branches on the data; the arrays are indexed, never sliced (through views LLVM
+    vectorised none of the loops). For U = 2 the inverse CDF is one comparison: winner 1 iff
+    V >= pi_0 = 1 / (1 + exp(h_1 - h_0)) (one exp per block, no argmax pass)."""
+    _, U, S = h.shape
+    n = g1 - g0
     one = np.float32(1.0)
     if sample and U == 2:
-        for i in range(g):
+        for i in range(n):
             for s in range(S):
                 v = uniform32(seed, key0 + i * S + s)
-                w[i, s] = 1 if v * (one + exp32(h[i, 1, s] - h[i, 0, s])) >= one else 0
+                w[g0 + i, s] = 1 if v * (one + exp32(h[g0 + i, 1, s] - h[g0 + i, 0, s])) >= one else 0
     else:
-        m = h[:, 0].copy()
-        for i in range(g):
+        m = np.empty((n, S), np.float32)
+        for i in range(n):
             for s in range(S):
-                w[i, s] = 0
+                m[i, s] = h[g0 + i, 0, s]
+                w[g0 + i, s] = 0
         for u in range(1, U):
-            for i in range(g):
+            for i in range(n):
                 for s in range(S):
-                    x = h[i, u, s]
-                    w[i, s] = u if x > m[i, s] else w[i, s]
+                    x = h[g0 + i, u, s]
+                    w[g0 + i, s] = u if x > m[i, s] else w[g0 + i, s]
                     m[i, s] = max(m[i, s], x)
         if sample:
-            e = np.empty((g, U, S), np.float32)
-            t = np.zeros((g, S), np.float32)
-            for i in range(g):
+            e = np.empty((n, U, S), np.float32)
+            t = np.zeros((n, S), np.float32)
+            for i in range(n):
                 for u in range(U):
                     for s in range(S):
-                        e[i, u, s] = exp32(h[i, u, s] - m[i, s])
+                        e[i, u, s] = exp32(h[g0 + i, u, s] - m[i, s])
                         t[i, s] += e[i, u, s]
                 for s in range(S):
                     t[i, s] *= uniform32(seed, key0 + i * S + s)
-                    w[i, s] = 0
+                    w[g0 + i, s] = 0
             acc = np.zeros(S, np.float32)
-            for i in range(g):
+            for i in range(n):
                 acc[:] = 0.0
                 for u in range(U - 1):  # winner = how many prefix sums stay <= t
                     for s in range(S):
                         acc[s] += e[i, u, s]
-                        w[i, s] += acc[s] <= t[i, s]
-    for i in range(g):
+                        w[g0 + i, s] += acc[s] <= t[i, s]
+    for i in range(n):
         for u in range(U):
             for s in range(S):
-                out[i, u, s] = h[i, u, s] if w[i, s] == u else 0.0
-
-
-_TILE = 512  # blocks per tile: U x 512 float32 stays in a core's L2 cache
+                out[g0 + i, u, s] = h[g0 + i, u, s] if w[g0 + i, s] == u else 0.0
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def _eval_tokens_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
     """Inference on token blocks ``h`` (B, U), U consecutive units per block: tiles of _TILE
-    blocks are transposed in cache to (1, U, n) for :func:`_eval_tile`, and the outputs back."""
+    blocks are transposed in cache to (1, U, _TILE) for :func:`_eval_tile`, and the outputs back."""
     B, U = h.shape
     for c in prange((B + _TILE - 1) // _TILE):
         b0 = c * _TILE
         n = min(_TILE, B - b0)
-        tile = np.empty((1, U, n), np.float32)
+        tile = np.empty((1, U, _TILE), np.float32)
+        _load_tile(h, b0, n, tile, 0)
+        otile = np.empty((1, U, _TILE), np.float32)
+        w = np.empty((1, _TILE), np.int64)
+        _eval_tile(tile, 0, 1, seed, b0, sample, otile, w)
+        _store_tile(otile, 0, b0, n, out)
         for j in range(n):
-            for u in range(U):
-                tile[0, u, j] = h[b0 + j, u]
-        otile = np.empty((1, U, n), np.float32)
-        w = np.empty((1, n), np.int64)
-        _eval_tile(tile, seed, b0, sample, otile, w)
-        for j in range(n):
-            for u in range(U):
-                out[b0 + j, u] = otile[0, u, j]
             idx[b0 + j] = w[0, j]
 
 
@@ -140,8 +161,7 @@ def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
     per = max(1, _TILE // S)
     for c in prange((G + per - 1) // per):
         g0 = c * per
-        g1 = min(G, g0 + per)
-        _eval_tile(h[g0:g1], seed, g0 * S, sample, out[g0:g1], idx[g0:g1])
+        _eval_tile(h, g0, min(G, g0 + per), seed, g0 * S, sample, out, idx)
 
 
 @njit(fastmath=FAST, cache=True, inline="always")
@@ -282,27 +302,6 @@ def _train_fwd_maps(h, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover 
         kl[g] = _fwd_rows(h, out, idx, lse, g, soft, g, seed, g * S, tau, S)
 
 
-@njit(fastmath=FAST, cache=True, inline="always")
-def _load_tile(x, b0, n, t, c):  # pragma: no cover - compiled
-    """t[c, u, j] = x[b0 + j, u] for j < n, 0 beyond (a (B, U) slab transposed into tile c)."""
-    U = x.shape[1]
-    for j in range(n):
-        for u in range(U):
-            t[c, u, j] = x[b0 + j, u]
-    for u in range(U):
-        for j in range(n, t.shape[2]):
-            t[c, u, j] = 0.0
-
-
-@njit(fastmath=FAST, cache=True, inline="always")
-def _store_tile(t, c, b0, n, x):  # pragma: no cover - compiled
-    """x[b0 + j, u] = t[c, u, j] for j < n: the inverse of :func:`_load_tile`."""
-    U = x.shape[1]
-    for j in range(n):
-        for u in range(U):
-            x[b0 + j, u] = t[c, u, j]
-
-
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def _train_fwd_tokens(h, seed, tau, out, idx, soft, lse, kl):  # pragma: no cover - compiled
     """:func:`_fwd_rows` on token blocks ``h`` (B, U): tile c holds blocks c _TILE ..; ``soft``
@@ -375,7 +374,7 @@ class _FusedTrainLWTA(torch.autograd.Function):
                 g = g.view(tiles, _TILE, U).transpose(1, 2)
             soft = g.clone(memory_format=torch.contiguous_format)
         out = torch.empty_like(h)
-        idx = torch.empty(G, S, dtype=torch.int64)
+        idx = torch.empty(G, S, dtype=_index_dtype(U))
         lse = torch.empty(G, S, dtype=h.dtype)
         if tokens:
             kl = torch.empty(tiles, dtype=torch.float64)
@@ -438,6 +437,12 @@ def block_kl(h: torch.Tensor, dim: int, U: int) -> torch.Tensor:
     return (logp.exp() * (logp + math.log(U))).sum(dim)
 
 
+def _index_dtype(U: int) -> torch.dtype:
+    """The fused kernels' winner index: uint8 where it fits (U <= 256), an eighth of the memory
+    traffic of int64, which for U = 2 conv maps was as much as the activation's own."""
+    return torch.uint8 if U <= 256 else torch.int64
+
+
 def _fused_ok(h: torch.Tensor) -> bool:
     return h.device.type == "cpu" and h.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
 
@@ -447,7 +452,8 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The competition of Eq. 1-2 on a ``(G, U, S)`` tensor of unit responses.
 
-    Returns (output, winner index ``(G, S)``, KL summed over all blocks or None). Training draws a
+    Returns (output, winner index ``(G, S)``: uint8 from the fused kernels for U <= 256, else
+    int64, KL summed over all blocks or None). Training draws a
     Straight-Through Gumbel-softmax sample (Eq. 6); evaluation samples pi ("sample") or takes the
     argmax ("argmax"). ``gumbel`` (training) fixes the noise; ``fused`` forces a path (tests).
     """
@@ -463,7 +469,7 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
     if fused and not h.requires_grad:
         h = h.contiguous()
         out = torch.empty_like(h)
-        idx = torch.empty(h.shape[0], h.shape[2], dtype=torch.int64)
+        idx = torch.empty(h.shape[0], h.shape[2], dtype=_index_dtype(U))
         seed = int(torch.randint(0, 2**32, ())) if mode == "sample" else 0
         if S == 1:  # token blocks, tiles transposed in cache
             _eval_tokens_kernel(h.view(G, U).numpy(), seed, mode == "sample", out.view(G, U).numpy(),
@@ -562,11 +568,11 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
 
 
 def winners(module: LWTABase) -> torch.Tensor:
-    """Winning competitor per block in the last forward: ``(..., B)`` for LWTA (``...`` = batch,
-    tokens), ``(N, B, H, W)`` for ConvLWTA; flat neuron index = ``b * U + winner``."""
+    """Winning competitor per block in the last forward (int64): ``(..., B)`` for LWTA (``...`` =
+    batch, tokens), ``(N, B, H, W)`` for ConvLWTA; flat neuron index = ``b * U + winner``."""
     if module.last_winners is None:
         raise DiscoverError(f"LWTA layer {module.name or '?'} has not run a forward yet")
-    return module.last_winners
+    return module.last_winners.long()
 
 
 # --- builders ------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_straight_through_gradient_matches_hand_derivation(tau: float, fused: bo
     tol = 1e-5 if fused else 1e-12
     np.testing.assert_allclose(rows(h.grad), ref_grad, rtol=tol, atol=tol)
     np.testing.assert_allclose(rows(y), ref_y, rtol=0, atol=0)
-    assert torch.equal(idx.reshape(-1), torch.as_tensor(ref_y != 0).float().argmax(1))
+    assert torch.equal(idx.reshape(-1).long(), torch.as_tensor(ref_y != 0).float().argmax(1))
 
 
 @pytest.mark.parametrize("U", [2, 4])
