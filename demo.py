@@ -33,7 +33,7 @@ class DemoConfig:
     arch: str = "deit_world"
     U: int = 8
     act: str = "gelu"  # the twin's activation
-    epochs: int = 8
+    epochs: int = train.RECIPES["deit_world"]["epochs"]
     train_size: int = 12_000
     val_size: int = 1_000
     seed: int = 0

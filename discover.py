@@ -226,7 +226,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default=None)
 @click.option("--kl-weight", type=float, default=None,
               help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; recipe default: "
-                   "DeiT 0.01, ResNet 1e-4; see train.KL_NOTE).")
+                   "DeiT 0.01, deit_world 0 (the paper's code), ResNet 1e-4; see train.KL_NOTE).")
 @click.option("--tau", type=float, default=0.67, show_default=True, help="Gumbel-softmax temperature.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
@@ -479,11 +479,12 @@ def report_cmd(results: str, out: str | None, force: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Where the runs, tables and report go.")
 @click.option("--U", "U", type=int, default=8, show_default=True, help="Competitors per LWTA block of the CVN.")
-@click.option("--epochs", type=int, default=8, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the deit_world recipe's, "
+              "those of the shipped checkpoints).")
 @click.option("--train-size", type=int, default=12_000, show_default=True)
 @click.option("--from-scratch", is_flag=True, help="Train both models here instead of using the shipped checkpoints.")
 @click.option("--force", is_flag=True, help="Use a non-empty --out that no demo wrote.")
-def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool, force: bool) -> None:
+def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch: bool, force: bool) -> None:
     """The whole story offline: train a CVN and its twin on the world, compare (resumable)."""
     from pathlib import Path
 
@@ -491,8 +492,9 @@ def demo_cmd(out: str, U: int, epochs: int, train_size: int, from_scratch: bool,
 
     import demo
 
-    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, epochs=epochs, train_size=train_size,
-                                       from_scratch=from_scratch), force=force)
+    extra = {} if epochs is None else {"epochs": epochs}
+    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, train_size=train_size, from_scratch=from_scratch,
+                                       **extra), force=force)
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}%"
 
