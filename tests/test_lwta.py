@@ -186,6 +186,29 @@ def test_kl_is_differentiable_and_sums_layers() -> None:
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("U", [8, 16, 24])
+@pytest.mark.parametrize("blocks", [1, 517, 1030])
+def test_fused_token_tiles_match_the_torch_path(U: int, blocks: int) -> None:
+    """Token blocks go through tiles of 512 transposed in cache, 8 x 8 at a time when U is a
+    multiple of 8: partial tiles and remainders must give exactly the torch path's winners and
+    outputs (training with the same noise, and argmax inference), and its gradient."""
+    torch.manual_seed(blocks + U)
+    h = torch.randn(blocks, U, 1)
+    g = -torch.log(-torch.log(torch.rand(blocks, U, 1)))
+    w = torch.randn(blocks, U, 1)
+    res = {}
+    for fused in (True, False):
+        x = h.clone().requires_grad_()
+        y, idx, kl = lwta.compete(x, tau=0.67, training=True, mode="sample", gumbel=g, fused=fused)
+        ((y * w).sum() + 0.3 * kl).backward()
+        _, eidx, _ = lwta.compete(h, tau=0.67, training=False, mode="argmax", fused=fused)
+        res[fused] = (y.detach(), idx.long(), x.grad, eidx.long(), kl.item())
+    (y1, i1, g1, e1, k1), (y0, i0, g0, e0, k0) = res[True], res[False]
+    assert torch.equal(i1, i0) and torch.equal(y1, y0) and torch.equal(e1, e0)
+    np.testing.assert_allclose(g1.numpy(), g0.numpy(), rtol=1e-4, atol=1e-5)
+    assert k1 == pytest.approx(k0, rel=1e-4)
+
+
 def test_conv_competition_is_per_position() -> None:
     """Hand-built 2x2 example: channels (0,1) and (2,3) compete separately at each pixel."""
     x = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]],
