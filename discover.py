@@ -226,7 +226,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default=None)
 @click.option("--kl-weight", type=float, default=None,
               help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; recipe default: "
-                   "DeiT 0.01, deit_world 0 (the paper's code), ResNet 1e-4; see train.KL_NOTE).")
+                   "DeiT 0.01, ResNet 1e-4, the world variants 0 (the paper's code); see train.KL_NOTE).")
 @click.option("--tau", type=float, default=0.67, show_default=True, help="Gumbel-softmax temperature.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
