@@ -272,12 +272,26 @@ def _fwd_rows(h, out, idx, lse, g, soft, gs, seed, bkey0, tau, n):  # pragma: no
 
 @njit(fastmath=FAST, cache=True, inline="always")
 def _bwd_rows(gy, h, gh, idx, lse, g, soft, gs, tau, gkl):  # pragma: no cover - compiled
-    """Straight-Through backward of tile g (U, S), soft sample soft[gs]: dL/dh = gy * hard + J_soft^T (gy * h) / tau,
-    plus gkl times dKL/dh = pi * (log pi - sum pi log pi) when the KL is in the loss (gkl != 0;
-    log pi = h - lse, pi recomputed from the saved lse into ``gh`` first). Loops run along the
-    blocks s."""
+    """Straight-Through backward of tile g (U, S), soft sample soft[gs]:
+    dL/dh = gy * hard + J_soft^T (gy * h) / tau, plus gkl times dKL/dh = pi * (log pi - sum pi
+    log pi) when the KL is in the loss (gkl != 0; log pi = h - lse, pi recomputed from the saved
+    lse into ``gh`` first). For U = 2 both terms have closed forms in the two units' difference
+    (one exp per block). Loops run along the blocks s."""
     _, U, S = h.shape
     zero = np.float32(0.0)
+    if U == 2:  # the same in closed form: s0 s1 (a0 - a1) / tau, a = gy h; dKL/dh1 = pi0 pi1 d
+        one = np.float32(1.0)
+        for s in range(S):
+            h0, h1 = h[g, 0, s], h[g, 1, s]
+            s1 = soft[gs, 1, s]
+            c = (one - s1) * s1 * (gy[g, 0, s] * h0 - gy[g, 1, s] * h1) / tau
+            d = h1 - h0
+            e = exp32(-abs(d))
+            k = gkl * e / ((one + e) * (one + e)) * d  # pi0 pi1 = e / (1 + e)^2, e = exp(-|d|)
+            win = idx[g, s] == 1
+            gh[g, 0, s] = c - k + (zero if win else gy[g, 0, s])
+            gh[g, 1, s] = k - c + (gy[g, 1, s] if win else zero)
+        return
     dot = np.zeros(S, np.float32)
     for u in range(U):
         for s in range(S):
