@@ -180,13 +180,13 @@ def _eval_maps_kernel(h, seed, sample, out, idx):  # pragma: no cover - compiled
 
 @njit(fastmath=FAST, cache=True, inline="always")
 def _fwd_rows(h, out, idx, lse, g, soft, gs, seed, bkey0, tau, n):  # pragma: no cover - compiled
-    """Training forward (Eq. 6) of the blocks of tile g, h[g] (U, S), column s = one block of U units:
-    soft = softmax((h + g) / tau) along u, winner = its first argmax (0 for an all-NaN block),
-    out = the winner's h, others 0, lse = logsumexp_u h (kept for the backward pass); soft[gs]
-    holds the tile's soft sample (the 3-d arrays are indexed, not sliced into 2-d views: through
-    views LLVM vectorised none of these loops, 4-5x slower). Returns
-    the KL to the uniform prior, sum_u pi_u (log pi_u + log U) with pi = softmax(h) (Sec. 3.1),
-    summed over the first ``n`` columns (the rest pad a short tile).
+    """Training forward (Eq. 6) of the blocks of tile g, h[g] (U, S), column s = one block of U
+    units: soft = softmax((h + g) / tau) along u, winner = its first argmax (0 for an all-NaN
+    block), out = the winner's h, others 0, lse = logsumexp_u h (kept for the backward pass);
+    soft[gs] holds the tile's soft sample (the 3-d arrays are indexed, not sliced into 2-d views:
+    through views LLVM vectorised none of these loops, 4-5x slower). Returns the KL to the
+    uniform prior, sum_u pi_u (log pi_u + log U) with pi = softmax(h) (Sec. 3.1), summed over
+    the first ``n`` columns (the rest pad a short tile).
 
     The noise: ``soft`` holds the given Gumbels on entry when ``seed`` < 0; else block s draws
     from the counter bkey0 + s, element (u, s) gumbel32(seed, (bkey0 + s) U + u), written into
@@ -307,13 +307,14 @@ def _bwd_rows(gy, h, gh, idx, lse, g, soft, gs, tau, gkl):  # pragma: no cover -
         for u in range(U):
             for s in range(S):
                 lp = h[g, u, s] - lse[g, s]
-                gh[g, u, s] = (soft[gs, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau + gkl * gh[g, u, s] * (lp - ent[s])
-                            + (gy[g, u, s] if idx[g, s] == u else zero))
+                gh[g, u, s] = (soft[gs, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau
+                               + gkl * gh[g, u, s] * (lp - ent[s])  # gh holds pi here
+                               + (gy[g, u, s] if idx[g, s] == u else zero))
     else:
         for u in range(U):
             for s in range(S):
                 gh[g, u, s] = (soft[gs, u, s] * (gy[g, u, s] * h[g, u, s] - dot[s]) / tau
-                            + (gy[g, u, s] if idx[g, s] == u else zero))
+                               + (gy[g, u, s] if idx[g, s] == u else zero))
 
 
 # Conv maps (G, U, S): each group is a (U, S) tile in place. Tokens (B, U), U consecutive units
