@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
@@ -78,20 +79,44 @@ def log32(v: float) -> float:
     return x + (y + ln2_lo * e - half * z) + ln2_hi * e
 
 
+@intrinsic
+def lowbias32(typingctx, seed, i):
+    """The Weyl step and the ``lowbias32`` integer hash of the low 32 bits of ``i`` under the key
+    ``seed``, as a uint32: x = i 0x9E3779B9 + seed, then x ^= x >> 16, x *= 0x7FEB352D,
+    x ^= x >> 15, x *= 0x846CA68B, x ^= x >> 16, all modulo 2^32.
+
+    Emitted as 32-bit LLVM IR: written in Numba, the integer arithmetic is widened to 64 bits,
+    and a loop of hashes then vectorises on 4 lanes of 64-bit multiplies (vpmuludq) instead of 8
+    of 32-bit ones (vpmulld), 3.8x slower (measured over 512 K draws)."""
+    if not (isinstance(seed, types.Integer) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+
+        def low32(v):
+            w = v.type.width
+            return builder.trunc(v, i32) if w > 32 else v if w == 32 else builder.zext(v, i32)
+
+        def const(v):
+            return ir.Constant(i32, v)
+
+        x = builder.add(builder.mul(low32(args[1]), const(0x9E3779B9)), low32(args[0]))
+        for mult, shift in ((0x7FEB352D, 16), (0x846CA68B, 15), (None, 16)):
+            x = builder.xor(x, builder.lshr(x, const(shift)))
+            if mult is not None:
+                x = builder.mul(x, const(mult))
+        return x
+    return types.uint32(seed, i), codegen
+
+
 @njit(cache=True, fastmath=True, inline="always")
 def uniform32(seed: int, i: int) -> float:
     """A uniform float32 in (0, 1), never 0 or 1, from the counter ``i`` under the 32-bit key
-    ``seed``: a Weyl step then the ``lowbias32`` integer hash, 23 bits kept. Pure in
-    (seed, i), so parallel loops draw the same numbers whatever their thread count; 32-bit
-    integer ops only, so a loop of them vectorises."""
-    # Numba widens integer arithmetic to 64 bits: truncate after every step (LLVM then emits
-    # 32-bit operations, as only the low 32 bits are ever used).
-    x = np.uint32(np.uint32(i) * np.uint32(0x9E3779B9) + np.uint32(seed))
-    x = np.uint32(x ^ (x >> np.uint32(16)))
-    x = np.uint32(x * np.uint32(0x7FEB352D))
-    x = np.uint32(x ^ (x >> np.uint32(15)))
-    x = np.uint32(x * np.uint32(0x846CA68B))
-    x = np.uint32(x ^ (x >> np.uint32(16)))
+    ``seed``: :func:`lowbias32`, 23 bits kept. Pure in (seed, i), so parallel loops draw the
+    same numbers whatever their thread count; 32-bit integer ops only, so a loop of them
+    vectorises."""
+    x = lowbias32(seed, i)
     # 23 bits + 1/2: exact in float32, so V is in [2^-24, 1 - 2^-24], never rounded to 0 or 1
     return (np.float32(np.int32(x >> np.uint32(9))) + np.float32(0.5)) * np.float32(1.1920928955078125e-07)
 
