@@ -6,6 +6,7 @@ the median of the per-pair ratios is printed, so drift of a noisy machine cancel
 
     python benchmarks/bench_lwta.py                  # deit_tiny@224, deit_world, resnet18_world
     python benchmarks/bench_lwta.py --quick          # fewer repetitions
+    python benchmarks/bench_lwta.py --models resnet18_world,deit_world
 """
 from __future__ import annotations
 
@@ -59,13 +60,18 @@ def _paired(fa, fb, reps: int) -> tuple[float, float, float]:
 @click.command()
 @click.option("--quick", is_flag=True, help="3 repetitions instead of 9.")
 @click.option("--threads", type=int, default=2, show_default=True)
-def main(quick: bool, threads: int) -> None:
+@click.option("--models", default=",".join(c[0] for c in CASES), show_default=True,
+              help="Comma-separated archs to run.")
+def main(quick: bool, threads: int, models: str) -> None:
     torch.set_num_threads(threads)
     reps = 3 if quick else 9
     table = Table(title=f"CVN vs twin, CPU, {threads} threads, median of {reps} interleaved pairs")
     for col in ("model", "batch", "pass", "CVN s", "twin s", "ratio", "goal"):
         table.add_column(col, justify="right" if col not in ("model", "pass") else "left")
-    for arch, U, act, batch in CASES:
+    chosen = [m for m in models.split(",") if m]
+    if unknown := set(chosen) - {c[0] for c in CASES}:
+        raise click.BadParameter(f"unknown models {sorted(unknown)}", param_hint="--models")
+    for arch, U, act, batch in [c for c in CASES if c[0] in chosen]:
         spec = lwta.ARCHS[arch]
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g)
