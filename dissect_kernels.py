@@ -58,7 +58,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from numba_math import FAST, LN2, exp32, log32  # FAST keeps NaN/inf semantics: dead rows are NaN
+from numba_math import FAST, LN2, exp32, float32_from_bits, log32  # FAST keeps NaN/inf semantics: dead rows are NaN
 
 
 # --- an LLVM-level helper Numba does not expose --------------------------------------------------
@@ -419,6 +419,7 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
         acc = np.empty((K, _SB), np.float32)
         bits = acc.view(np.int32)
         expo = np.empty((K, _SB), np.int32)
+        logs = np.empty((K, _SB), np.float32)
         count = np.empty(K, np.int64)
         for b in range(worker * n_blocks // workers, (worker + 1) * n_blocks // workers):
             c0 = b * _SB
@@ -456,33 +457,64 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
                         for j in range(_SB):  # acc = m 2^e, m in [1, 2): keep m, count e
                             re[j] += ((rb[j] & _EXP_BITS) >> 23) - 127
                             rb[j] = (rb[j] & ~_EXP_BITS) | np.int32(127 << 23)
-            _normalise(acc, expo, live, lam, log_n_live, out, c0, n)
+            _normalise(acc, expo, live, lam, log_n_live, logs, out, c0, n)
+
+
+_MANT_BITS = np.int32(0x007FFFFF)
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
-               log_n_live: float, out: np.ndarray, m0: int, width: int) -> None:
+               log_n_live: float, logs: np.ndarray, out: np.ndarray, m0: int, width: int) -> None:
     """out[k, m0 + j] = L[k, j] - lam (logsumexp_{live k'} L[k', j] - log #live), j < width, with
-    L = log(acc) + expo ln 2 = log E[p(t_m|B_k)] (Eq. 12-14); dead rows NaN."""
+    L = log(acc) + expo ln 2 = log E[p(t_m|B_k)] (Eq. 12-14); dead rows NaN. ``logs`` is a
+    float32 scratch array of acc's shape.
+
+    The logsumexp takes no exponential. The live rows are renormalised to acc = m 2^e (m in
+    [1, 2), e in ``expo``), so L = log m + e ln 2 with one log32 per entry (kept in ``logs``).
+    Per concept the reference r is the largest m 2^e (its bits as the integer key e 2^23 +
+    mantissa bits, whose order is the value's), and sum_k exp(L_k - L_r) is taken as
+    sum_k (m_k / m_r) 2^(e_k - e_r) in float64, r's own term exactly 1 (the other terms lose
+    log32's 2e-7 relative error, which moves the sum by no more than that). So the scores stay
+    consistent with L: a concept that neuron r dominates scores exactly
+    lam log #live - lam log(sum) as the equations give (docstring, Precision), which dissect's
+    float64 scores rank. Terms below 2^-126 of r's are dropped (< 1e-37 of the sum)."""
     K, B = acc.shape
-    L = np.empty((K, B))
-    mx = np.full(B, -np.inf)
-    for k in range(K):
-        if live[k]:
-            for j in range(B):  # log32: acc is a normal float32 (renormalised products)
-                v = log32(acc[k, j]) + expo[k, j] * LN2
-                L[k, j] = v
-                mx[j] = v if v > mx[j] else mx[j]
-    tot = np.zeros(B)
+    bits = acc.view(np.int32)
+    kmax = np.full(B, np.iinfo(np.int64).min, np.int64)
     for k in range(K):
         if live[k]:
             for j in range(B):
-                tot[j] += exp32(L[k, j] - mx[j])
+                b = bits[k, j]
+                e = expo[k, j] + ((b & _EXP_BITS) >> 23) - 127
+                expo[k, j] = e
+                bits[k, j] = (b & _MANT_BITS) | np.int32(127 << 23)
+                kmax[j] = max(kmax[j], (np.int64(e) << 23) | np.int64(b & _MANT_BITS))
+                logs[k, j] = log32(acc[k, j])
+    er = np.empty(B, np.int32)
+    inv = np.empty(B)
     for j in range(B):
-        tot[j] = lam * (mx[j] + math.log(tot[j]) - log_n_live)
+        er[j] = np.int32(kmax[j] >> 23)
+        inv[j] = 1.0 / float32_from_bits(np.int32(kmax[j] & _MANT_BITS) | np.int32(127 << 23))
+    tot = np.zeros(B)
+    lr = np.zeros(B)  # L of the reference, picked from ``logs`` so that it is the same value
     for k in range(K):
-        for j in range(width):
-            out[k, m0 + j] = L[k, j] - tot[j] if live[k] else np.nan
+        if live[k]:
+            for j in range(B):  # 2^(e - e_r) from its exponent bits (e - e_r <= 0); 0.0 below 2^-126
+                d = expo[k, j] - er[j]
+                scale = float32_from_bits(max(d + np.int32(127), np.int32(0)) << 23)
+                tot[j] += acc[k, j] * inv[j] * scale
+                is_ref = (np.int64(expo[k, j]) << 23) | np.int64(bits[k, j] & _MANT_BITS) == kmax[j]
+                lr[j] = logs[k, j] if is_ref else lr[j]
+    for j in range(B):
+        tot[j] = lam * ((lr[j] + er[j] * LN2) + math.log(tot[j]) - log_n_live)
+    for k in range(K):
+        if live[k]:
+            for j in range(width):
+                out[k, m0 + j] = (logs[k, j] + expo[k, j] * LN2) - tot[j]
+        else:
+            for j in range(width):
+                out[k, m0 + j] = np.nan
 
 
 def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float, eps: float,
