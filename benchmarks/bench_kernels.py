@@ -22,6 +22,7 @@ times import + the tiny first call: the fresh-process cost of loading the cached
     python benchmarks/bench_kernels.py --quick                  # 1 repeat, rank reorder on M=2000
     python benchmarks/bench_kernels.py --n 2000 --m 2000 --k 64 --n-large 0
     python benchmarks/bench_kernels.py --sims rank_reorder --n-large 0
+    python benchmarks/bench_kernels.py --stages --sims wpmi       # where one call spends its time
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from numba import njit, prange
 from rich.console import Console
 from rich.table import Table
 
@@ -189,6 +191,45 @@ def first_call(sim: str, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+# --- where WPMI / SoftWPMI spend their time ------------------------------------------------------
+
+@njit(parallel=True, cache=True, fastmath=dk.FAST)
+def _read_all(P: np.ndarray) -> float:
+    """Sum of P: one sequential read of P at the memory bandwidth, the floor of any pass over it."""
+    N, M = P.shape
+    part = np.zeros(N)
+    for i in prange(N):
+        t = np.float32(0.0)
+        for j in range(M):
+            t += P[i, j]
+        part[i] = t
+    return part.sum()
+
+
+def stages(A: np.ndarray, P: np.ndarray, sim: str, threads: int, reps: int) -> list[tuple[str, float]]:
+    """Median seconds of the steps of one WPMI / SoftWPMI call, each timed on its own: a plain
+    read of P; the softmax normaliser (one read of P and N x M exponentials); top-k and the
+    image-first index; the whole call. The rest of the call is the panel kernel (a second read of
+    the top-listed rows of P, their exponentials, the running products, the normaliser over
+    neurons)."""
+    k_top = 28 if sim == "wpmi" else 100
+    a = 2.0 if sim == "wpmi" else 10.0
+    live = dk.active_counts(A) > 0
+    fns = [("one read of P (memory floor of a pass)", lambda: _read_all(P)),
+           ("softmax normaliser: read P, N x M exps", lambda: dk._log_softmax_normaliser(P, a)),
+           ("top-k + image-first index",
+            lambda: dk._invert(dk._top_images_kernel(A, min(k_top, A.shape[0])), live)),
+           ("whole call", lambda: dk.SIMILARITIES[sim](A, P, n_threads=threads))]
+    out = []
+    with dk._threads(threads):
+        for label, fn in fns:
+            fn()
+            out.append((label, timed(fn, reps)[0]))
+    whole = out[-1][1]
+    out.insert(-1, ("panel kernel (the rest)", whole - sum(t for _, t in out[1:3])))
+    return out
+
+
 # --- main ------------------------------------------------------------------------------------------
 
 @click.command()
@@ -203,11 +244,26 @@ def first_call(sim: str, threads: int) -> float:
               help="Neurons the slow baselines are timed on (scaled to K).")
 @click.option("--sims", default=",".join(SIMS), show_default=True,
               help="Comma-separated similarities to run.")
+@click.option("--stages", "show_stages", is_flag=True,
+              help="Only time the steps of WPMI / SoftWPMI (no baseline).")
 @click.option("--child", "child_sim", default=None, hidden=True)
 def main(n: int, m: int, k: int, n_large: int, threads: int, quick: bool, baseline_neurons: int,
-         sims: str, child_sim: str | None) -> None:
+         sims: str, show_stages: bool, child_sim: str | None) -> None:
     if child_sim:
         print(json.dumps(child(child_sim, n, m, k, threads)))
+        return
+    if show_stages:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+        A, P = make_inputs(n, m, k)
+        for sim in [s for s in sims.split(",") if s in ("wpmi", "soft_wpmi")]:
+            table = Table(title=f"{sim} steps (N={n}, M={m}, K={k}, {threads} threads, "
+                                f"median of {1 if quick else 5})")
+            for col in ("step", "seconds", "share of the call"):
+                table.add_column(col, justify="left" if col == "step" else "right")
+            steps = stages(A, P, sim, threads, 1 if quick else 5)
+            for label, t in steps:
+                table.add_row(label, f"{t:.3f}", f"{t / steps[-1][1]:.0%}")
+            Console(width=120).print(table)
         return
     os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
