@@ -472,39 +472,43 @@ def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
 
     The logsumexp takes no exponential. The live rows are renormalised to acc = m 2^e (m in
     [1, 2), e in ``expo``), so L = log m + e ln 2 with one log32 per entry (kept in ``logs``).
-    Per concept the reference r is the largest m 2^e (its bits as the integer key e 2^23 +
-    mantissa bits, whose order is the value's), and sum_k exp(L_k - L_r) is taken as
-    sum_k (m_k / m_r) 2^(e_k - e_r) in float64, r's own term exactly 1 (the other terms lose
-    log32's 2e-7 relative error, which moves the sum by no more than that). So the scores stay
-    consistent with L: a concept that neuron r dominates scores exactly
-    lam log #live - lam log(sum) as the equations give (docstring, Precision), which dissect's
-    float64 scores rank. Terms below 2^-126 of r's are dropped (< 1e-37 of the sum)."""
+    Per concept the reference r is the largest m 2^e (the largest e, then among those the
+    largest mantissa bits, whose order is the value's), and sum_k exp(L_k - L_r) is taken as
+    sum_k (m_k / m_r) 2^(e_k - e_r) in float64, with the term of r (and of any neuron equal to
+    it) exactly 1; the other terms lose log32's 2e-7 relative error, which moves the sum by no
+    more than that. So r's score is L_r - lam (L_r + log(sum) - log #live) with the same L_r on
+    both sides: a concept that r dominates keeps the saturated score the equations give
+    (docstring, Precision), which dissect's float64 scores rank. A term whose exponent is 127 or
+    more below r's (under 2^-126 of r's term) is dropped.
+    """
     K, B = acc.shape
     bits = acc.view(np.int32)
-    kmax = np.full(B, np.iinfo(np.int64).min, np.int64)
+    er = np.full(B, np.iinfo(np.int32).min, np.int32)  # the reference's exponent and mantissa
+    mr = np.zeros(B, np.int32)  # bits: the lexicographic max of (e, mantissa bits), in int32 lanes
     for k in range(K):
         if live[k]:
             for j in range(B):
                 b = bits[k, j]
                 e = expo[k, j] + ((b & _EXP_BITS) >> 23) - 127
+                mant = b & _MANT_BITS
                 expo[k, j] = e
-                bits[k, j] = (b & _MANT_BITS) | np.int32(127 << 23)
-                kmax[j] = max(kmax[j], (np.int64(e) << 23) | np.int64(b & _MANT_BITS))
+                bits[k, j] = mant | np.int32(127 << 23)
+                mr[j] = mant if e > er[j] else (max(mr[j], mant) if e == er[j] else mr[j])
+                er[j] = max(er[j], e)
                 logs[k, j] = log32(acc[k, j])
-    er = np.empty(B, np.int32)
     inv = np.empty(B)
     for j in range(B):
-        er[j] = np.int32(kmax[j] >> 23)
-        inv[j] = 1.0 / float32_from_bits(np.int32(kmax[j] & _MANT_BITS) | np.int32(127 << 23))
+        inv[j] = 1.0 / float32_from_bits(mr[j] | np.int32(127 << 23))
     tot = np.zeros(B)
     lr = np.zeros(B)  # L of the reference, picked from ``logs`` so that it is the same value
     for k in range(K):
         if live[k]:
             for j in range(B):  # 2^(e - e_r) from its exponent bits (e - e_r <= 0); 0.0 below 2^-126
+                is_ref = (expo[k, j] == er[j]) & ((bits[k, j] & _MANT_BITS) == mr[j])
                 d = expo[k, j] - er[j]
                 scale = float32_from_bits(max(d + np.int32(127), np.int32(0)) << 23)
-                tot[j] += acc[k, j] * inv[j] * scale
-                is_ref = (np.int64(expo[k, j]) << 23) | np.int64(bits[k, j] & _MANT_BITS) == kmax[j]
+                # exactly 1 for the reference (m_r times the rounded 1 / m_r can be 1 - 2^-53)
+                tot[j] += 1.0 if is_ref else acc[k, j] * inv[j] * scale
                 lr[j] = logs[k, j] if is_ref else lr[j]
     for j in range(B):
         tot[j] = lam * ((lr[j] + er[j] * LN2) + math.log(tot[j]) - log_n_live)

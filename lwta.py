@@ -105,7 +105,7 @@ def _eval_tile(h, g0, g1, seed, key0, sample, out, w):  # pragma: no cover - com
     lanes), none branches on the data; the arrays are indexed, never sliced (through views LLVM
     vectorised none of the loops). The winners are kept in an int32 tile ``wt`` and copied into
     ``w`` (uint8 or int64) at the end: selects and compares on mixed-width lanes did not
-    vectorise (argmax of a (512, 2, 1024) map 4.3 -> 0.4 ms on one core). For U = 2 the inverse
+    vectorise (argmax of a (512, 2, 1024) map 4.3 -> 0.5 ms on one core). For U = 2 the inverse
     CDF is one comparison: winner 1 iff V >= pi_0 = 1 / (1 + exp(h_1 - h_0)) (one exp per block,
     no argmax pass)."""
     _, U, S = h.shape

@@ -94,14 +94,17 @@ def lowbias32(typingctx, seed, i):
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
 
-        def low32(v):
+        def low32(v, ty):  # as np.uint32(v): the low 32 bits, narrower types extended by sign
             w = v.type.width
-            return builder.trunc(v, i32) if w > 32 else v if w == 32 else builder.zext(v, i32)
+            if w >= 32:
+                return builder.trunc(v, i32) if w > 32 else v
+            return builder.sext(v, i32) if ty.signed else builder.zext(v, i32)
 
         def const(v):
             return ir.Constant(i32, v)
 
-        x = builder.add(builder.mul(low32(args[1]), const(0x9E3779B9)), low32(args[0]))
+        seed_ty, i_ty = signature.args
+        x = builder.add(builder.mul(low32(args[1], i_ty), const(0x9E3779B9)), low32(args[0], seed_ty))
         for mult, shift in ((0x7FEB352D, 16), (0x846CA68B, 15), (None, 16)):
             x = builder.xor(x, builder.lshr(x, const(shift)))
             if mult is not None:

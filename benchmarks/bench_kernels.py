@@ -211,7 +211,7 @@ def stages(A: np.ndarray, P: np.ndarray, sim: str, threads: int, reps: int) -> l
     read of P; the softmax normaliser (one read of P and N x M exponentials); top-k and the
     image-first index; the whole call. The rest of the call is the panel kernel (a second read of
     the top-listed rows of P, their exponentials, the running products, the normaliser over
-    neurons)."""
+    neurons) with the input checks and small gathers of the driver."""
     k_top = 28 if sim == "wpmi" else 100
     a = 2.0 if sim == "wpmi" else 10.0
     live = dk.active_counts(A) > 0
@@ -226,7 +226,8 @@ def stages(A: np.ndarray, P: np.ndarray, sim: str, threads: int, reps: int) -> l
             fn()
             out.append((label, timed(fn, reps)[0]))
     whole = out[-1][1]
-    out.insert(-1, ("panel kernel (the rest)", whole - sum(t for _, t in out[1:3])))
+    out.insert(-1, ("the rest: panel kernel, input checks, gathers",
+                    whole - sum(t for _, t in out[1:3])))
     return out
 
 
@@ -254,8 +255,12 @@ def main(n: int, m: int, k: int, n_large: int, threads: int, quick: bool, baseli
         return
     if show_stages:
         os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
+        pmi = [s for s in sims.split(",") if s in ("wpmi", "soft_wpmi")]
+        if not pmi:
+            raise click.BadParameter("--stages times WPMI / SoftWPMI: name wpmi or soft_wpmi",
+                                     param_hint="--sims")
         A, P = make_inputs(n, m, k)
-        for sim in [s for s in sims.split(",") if s in ("wpmi", "soft_wpmi")]:
+        for sim in pmi:
             table = Table(title=f"{sim} steps (N={n}, M={m}, K={k}, {threads} threads, "
                                 f"median of {1 if quick else 5})")
             for col in ("step", "seconds", "share of the call"):
