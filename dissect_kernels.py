@@ -58,7 +58,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from numba_math import FAST, LN2, exp32, float32_from_bits, log32  # FAST keeps NaN/inf semantics: dead rows are NaN
+from numba_math import FAST, LN2, exp32, log32  # FAST keeps NaN/inf semantics: dead rows are NaN
 
 
 # --- an LLVM-level helper Numba does not expose --------------------------------------------------
@@ -419,7 +419,6 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
         acc = np.empty((K, _SB), np.float32)
         bits = acc.view(np.int32)
         expo = np.empty((K, _SB), np.int32)
-        logs = np.empty((K, _SB), np.float32)
         count = np.empty(K, np.int64)
         for b in range(worker * n_blocks // workers, (worker + 1) * n_blocks // workers):
             c0 = b * _SB
@@ -457,68 +456,33 @@ def _pmi_kernel(P: np.ndarray, rows: np.ndarray, lse: np.ndarray, indptr: np.nda
                         for j in range(_SB):  # acc = m 2^e, m in [1, 2): keep m, count e
                             re[j] += ((rb[j] & _EXP_BITS) >> 23) - 127
                             rb[j] = (rb[j] & ~_EXP_BITS) | np.int32(127 << 23)
-            _normalise(acc, expo, live, lam, log_n_live, logs, out, c0, n)
-
-
-_MANT_BITS = np.int32(0x007FFFFF)
+            _normalise(acc, expo, live, lam, log_n_live, out, c0, n)
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _normalise(acc: np.ndarray, expo: np.ndarray, live: np.ndarray, lam: float,
-               log_n_live: float, logs: np.ndarray, out: np.ndarray, m0: int, width: int) -> None:
+               log_n_live: float, out: np.ndarray, m0: int, width: int) -> None:
     """out[k, m0 + j] = L[k, j] - lam (logsumexp_{live k'} L[k', j] - log #live), j < width, with
-    L = log(acc) + expo ln 2 = log E[p(t_m|B_k)] (Eq. 12-14); dead rows NaN. ``logs`` is a
-    float32 scratch array of acc's shape.
-
-    The logsumexp takes no exponential. The live rows are renormalised to acc = m 2^e (m in
-    [1, 2), e in ``expo``), so L = log m + e ln 2 with one log32 per entry (kept in ``logs``).
-    Per concept the reference r is the largest m 2^e (the largest e, then among those the
-    largest mantissa bits, whose order is the value's), and sum_k exp(L_k - L_r) is taken as
-    sum_k (m_k / m_r) 2^(e_k - e_r) in float64, with the term of r (and of any neuron equal to
-    it) exactly 1; the other terms lose log32's 2e-7 relative error, which moves the sum by no
-    more than that. So r's score is L_r - lam (L_r + log(sum) - log #live) with the same L_r on
-    both sides: a concept that r dominates keeps the saturated score the equations give
-    (docstring, Precision), which dissect's float64 scores rank. A term whose exponent is 127 or
-    more below r's (under 2^-126 of r's term) is dropped.
-    """
+    L = log(acc) + expo ln 2 = log E[p(t_m|B_k)] (Eq. 12-14); dead rows NaN."""
     K, B = acc.shape
-    bits = acc.view(np.int32)
-    er = np.full(B, np.iinfo(np.int32).min, np.int32)  # the reference's exponent and mantissa
-    mr = np.zeros(B, np.int32)  # bits: the lexicographic max of (e, mantissa bits), in int32 lanes
+    L = np.empty((K, B))
+    mx = np.full(B, -np.inf)
+    for k in range(K):
+        if live[k]:
+            for j in range(B):  # log32: acc is a normal float32 (renormalised products)
+                v = log32(acc[k, j]) + expo[k, j] * LN2
+                L[k, j] = v
+                mx[j] = v if v > mx[j] else mx[j]
+    tot = np.zeros(B)
     for k in range(K):
         if live[k]:
             for j in range(B):
-                b = bits[k, j]
-                e = expo[k, j] + ((b & _EXP_BITS) >> 23) - 127
-                mant = b & _MANT_BITS
-                expo[k, j] = e
-                bits[k, j] = mant | np.int32(127 << 23)
-                mr[j] = mant if e > er[j] else (max(mr[j], mant) if e == er[j] else mr[j])
-                er[j] = max(er[j], e)
-                logs[k, j] = log32(acc[k, j])
-    inv = np.empty(B)
+                tot[j] += exp32(L[k, j] - mx[j])
     for j in range(B):
-        inv[j] = 1.0 / float32_from_bits(mr[j] | np.int32(127 << 23))
-    tot = np.zeros(B)
-    lr = np.zeros(B)  # L of the reference, picked from ``logs`` so that it is the same value
+        tot[j] = lam * (mx[j] + math.log(tot[j]) - log_n_live)
     for k in range(K):
-        if live[k]:
-            for j in range(B):  # 2^(e - e_r) from its exponent bits (e - e_r <= 0); 0.0 below 2^-126
-                is_ref = (expo[k, j] == er[j]) & ((bits[k, j] & _MANT_BITS) == mr[j])
-                d = expo[k, j] - er[j]
-                scale = float32_from_bits(max(d + np.int32(127), np.int32(0)) << 23)
-                # exactly 1 for the reference (m_r times the rounded 1 / m_r can be 1 - 2^-53)
-                tot[j] += 1.0 if is_ref else acc[k, j] * inv[j] * scale
-                lr[j] = logs[k, j] if is_ref else lr[j]
-    for j in range(B):
-        tot[j] = lam * ((lr[j] + er[j] * LN2) + math.log(tot[j]) - log_n_live)
-    for k in range(K):
-        if live[k]:
-            for j in range(width):
-                out[k, m0 + j] = (logs[k, j] + expo[k, j] * LN2) - tot[j]
-        else:
-            for j in range(width):
-                out[k, m0 + j] = np.nan
+        for j in range(width):
+            out[k, m0 + j] = L[k, j] - tot[j] if live[k] else np.nan
 
 
 def _pmi(A: np.ndarray, P: np.ndarray, weight: np.ndarray, a: float, lam: float, eps: float,

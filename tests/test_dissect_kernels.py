@@ -144,6 +144,20 @@ def test_dead_neurons_do_not_move_the_normaliser(sim: str) -> None:
     assert np.isnan(S_dead[A.shape[1]:]).all()
 
 
+@pytest.mark.parametrize("sim", ["wpmi", "soft_wpmi"])
+def test_a_lone_live_neuron_scores_exactly_zero_at_lam_1(sim: str) -> None:
+    # With one live neuron, logsumexp over the layer is that neuron's own log p(t|B) (Eq. 7, 13),
+    # so with lam = 1 and log #live = 0 every concept scores L - L = 0, exactly: the normaliser
+    # must use the very L it subtracts from. Many mantissas of L make 1 / m inexact.
+    g = np.random.default_rng(4)
+    A = np.zeros((400, 3), np.float32)
+    A[:, 1] = g.random(400, dtype=np.float32)
+    P = g.normal(0.2, 0.05, (400, 257)).astype(np.float32)
+    S = dk.SIMILARITIES[sim](A, P, lam=1.0, dtype=np.float64, n_threads=THREADS)
+    assert np.isnan(S[[0, 2]]).all()
+    assert (S[1] == 0.0).all(), np.abs(S[1]).max()
+
+
 def test_hyper_parameters_are_passed_through() -> None:
     A, P = make_inputs("dense", seed=1)
     S = dk.soft_wpmi(A, P, a=5.0, top_k=40, lam=0.5, p_start=1.0, p_end=0.9, n_threads=THREADS)
