@@ -26,6 +26,7 @@ times import + the tiny first call: the fresh-process cost of loading the cached
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import statistics
@@ -212,8 +213,8 @@ def stages(A: np.ndarray, P: np.ndarray, sim: str, threads: int, reps: int) -> l
     image-first index; the whole call. The rest of the call is the panel kernel (a second read of
     the top-listed rows of P, their exponentials, the running products, the normaliser over
     neurons) with the input checks and small gathers of the driver."""
-    k_top = 28 if sim == "wpmi" else 100
-    a = 2.0 if sim == "wpmi" else 10.0
+    defaults = inspect.signature(dk.SIMILARITIES[sim]).parameters  # the paper's a and top-k
+    k_top, a = defaults["top_k"].default, defaults["a"].default
     live = dk.active_counts(A) > 0
     fns = [("one read of P (memory floor of a pass)", lambda: _read_all(P)),
            ("softmax normaliser: read P, N x M exps", lambda: dk._log_softmax_normaliser(P, a)),
@@ -253,9 +254,12 @@ def main(n: int, m: int, k: int, n_large: int, threads: int, quick: bool, baseli
     if child_sim:
         print(json.dumps(child(child_sim, n, m, k, threads)))
         return
+    chosen = [s for s in sims.split(",") if s]
+    if unknown := set(chosen) - set(SIMS):
+        raise click.BadParameter(f"unknown similarities {sorted(unknown)}; choose from {SIMS}")
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     if show_stages:
-        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
-        pmi = [s for s in sims.split(",") if s in ("wpmi", "soft_wpmi")]
+        pmi = [s for s in chosen if s in ("wpmi", "soft_wpmi")]
         if not pmi:
             raise click.BadParameter("--stages times WPMI / SoftWPMI: name wpmi or soft_wpmi",
                                      param_hint="--sims")
@@ -270,7 +274,6 @@ def main(n: int, m: int, k: int, n_large: int, threads: int, quick: bool, baseli
                 table.add_row(label, f"{t:.3f}", f"{t / steps[-1][1]:.0%}")
             Console(width=120).print(table)
         return
-    os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
     reps = 1 if quick else 5
     console = Console(width=200)
@@ -282,9 +285,6 @@ def main(n: int, m: int, k: int, n_large: int, threads: int, quick: bool, baseli
     soft_w = 0.998 - torch.arange(100) / 100 * (0.998 - 0.97)
     rr_m = min(m, 2000) if quick else m
     rows = []
-    chosen = [s for s in sims.split(",") if s]
-    if unknown := set(chosen) - set(SIMS):
-        raise click.BadParameter(f"unknown similarities {sorted(unknown)}; choose from {SIMS}")
     for sim in chosen:
         rr = sim == "rank_reorder"
         Pm = np.ascontiguousarray(P[:, :rr_m]) if rr else P

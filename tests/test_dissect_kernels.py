@@ -148,7 +148,7 @@ def test_dead_neurons_do_not_move_the_normaliser(sim: str) -> None:
 def test_a_lone_live_neuron_scores_exactly_zero_at_lam_1(sim: str) -> None:
     # With one live neuron, logsumexp over the layer is that neuron's own log p(t|B) (Eq. 7, 13),
     # so with lam = 1 and log #live = 0 every concept scores L - L = 0, exactly: the normaliser
-    # must use the very L it subtracts from. Many mantissas of L make 1 / m inexact.
+    # must use the very L it subtracts from, not a second, separately rounded copy of it.
     g = np.random.default_rng(4)
     A = np.zeros((400, 3), np.float32)
     A[:, 1] = g.random(400, dtype=np.float32)
