@@ -168,10 +168,15 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
               help="Words of common English (none of concepts/world.txt) per step as extra negatives.")
 @click.option("--init", type=click.Path(), default=None,
               help="Start from these world-clip weights (.safetensors) instead of from scratch.")
+@click.option("--truth-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the loss that makes short world descriptions score above a threshold where "
+                   "true and below it where false (and the --negatives words below it everywhere).")
+@click.option("--null-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the loss that makes each --negatives word score every image alike.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
 @click.option("--force", is_flag=True, help="Train into a non-empty OUT.")
 def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int, pool: int, negatives: int,
-                     init: str | None, resume: bool, force: bool) -> None:
+                     init: str | None, truth_weight: float, null_weight: float, resume: bool, force: bool) -> None:
     """Train world-clip on fresh world images (seeds >= 1000) into OUT, from scratch or from --init."""
     from pathlib import Path
 
@@ -187,6 +192,10 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
         raise DiscoverError(f"--pool ({pool}) must be at least --batch-size ({batch_size})")
     if negatives < 0:
         raise DiscoverError(f"--negatives must be 0 or more, got {negatives}")
+    if truth_weight < 0 or null_weight < 0:
+        raise DiscoverError("--truth-weight and --null-weight must be 0 or more")
+    if null_weight > 0 and negatives == 0:
+        raise DiscoverError("--null-weight needs --negatives N > 0 (the words it makes score every image alike)")
     if init is not None and not Path(init).is_file():
         raise DiscoverError(f"--init {init}: no such weights file")
     import world_clip
@@ -199,7 +208,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
                           highlight=False)
 
     manifest = world_clip.train_clip(Path(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool,
-                                     negatives=negatives, init=init, resume=resume,
+                                     negatives=negatives, init=init, truth_weight=truth_weight,
+                                     null_weight=null_weight, resume=resume,
                                      progress=err_console.is_terminal)
     zs = manifest["zeroshot"]
     console.print(_zeroshot_table(f"world-clip ({steps} steps): zero-shot on {zs['n']} world images "
@@ -227,14 +237,20 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--kl-weight", type=float, default=None,
               help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; recipe default: "
                    "DeiT 0.01, ResNet 1e-4, the world variants 0 (the paper's code); see train.KL_NOTE).")
-@click.option("--tau", type=float, default=0.67, show_default=True, help="Gumbel-softmax temperature.")
+@click.option("--tau", type=float, default=None,
+              help="Gumbel-softmax temperature of the Straight-Through gradient (recipe default; the paper's "
+                   "0.67); the forward sample is exact for any.")
+@click.option("--label-smoothing", type=float, default=None, help="Cross-entropy label smoothing (recipe default).")
+@click.option("--fresh/--no-fresh", default=None,
+              help="World: new training images every epoch (recipe default) or one set rendered once.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
               help="Mixed precision on CUDA (CPU runs fp32).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--workers", type=int, default=4, show_default=True, help="Data-loader workers (ImageFolder).")
+@click.option("--workers", type=int, default=4, show_default=True,
+              help="Data-loader workers (ImageFolder; world images rendered fresh).")
 @click.option("--img-size", type=int, default=None)
-@click.option("--train-size", type=int, default=12_000, show_default=True, help="World: training images.")
+@click.option("--train-size", type=int, default=12_000, show_default=True, help="World: training images per epoch.")
 @click.option("--val-size", type=int, default=1_000, show_default=True, help="World: validation images.")
 @click.option("--test-size", type=int, default=10_000, show_default=True,
               help="World: held-out test images scored after the last epoch (0: skip).")
@@ -269,6 +285,8 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
 @click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners: drawn from the posterior (seeded) or the argmax.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled LWTA winners.")
+@click.option("--signal", type=click.Choice(["pi", "expected", "sample", "argmax"]), default="pi", show_default=True,
+              help="LWTA layers: a unit's winning probability (pi), pi*h, one sampled output, or the argmax winner's output.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--list-layers", is_flag=True, help="Print every named module with its output shape and exit.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
@@ -277,7 +295,7 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
 @click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str | None, summary: str,
-               mode: str, seed: int, batch_size: int, list_layers: bool, skip_bad: bool, arch: str | None,
+               mode: str, seed: int, signal: str, batch_size: int, list_layers: bool, skip_bad: bool, arch: str | None,
                U: int | None, act: str | None, device: str) -> None:
     """Record layer activations on a probe set: one N x K safetensors file per layer (cached)."""
     import time
@@ -327,14 +345,15 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 
     t0 = time.perf_counter()
     paths = record.record_layers(model, meta, names, pr, out, summary=summary, mode=mode, seed=seed,
-                                 batch_size=batch_size, log=log)
+                                 batch_size=batch_size, signal=signal, log=log)
     secs = time.perf_counter() - t0
     table = Table(title=f"{pr.n} probe images ({pr.spec}) -> {out}")
-    for col in ("layer", "U", "summary", "shape", "file"):
+    for col in ("layer", "U", "signal", "summary", "shape", "file"):
         table.add_column(col)
     for name, p in paths.items():
         info = record.read_metadata(p)
-        table.add_row(name, info.get("U", ""), info.get("summary_applied", ""), info.get("shape", ""), str(p))
+        table.add_row(name, info.get("U", ""), info.get("signal", ""), info.get("summary_applied", ""),
+                      info.get("shape", ""), str(p))
     console.print(table)
     if any(m.endswith(": recorded") for m in done):
         console.print(f"{secs:.1f} s ({pr.n / secs:.0f} images/s, image loading included)", highlight=False)
@@ -348,9 +367,12 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
               help="world, 20k, 10k, 3k, imagenet, or a file (one concept per line).")
 @click.option("--clip", "clip_spec", default="world-clip", show_default=True,
               help="world-clip, NAME:PRETRAINED (open_clip tag) or NAME:/path/to/weights.")
-@click.option("--similarity", type=click.Choice(["soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
-              default="soft_wpmi", show_default=True)
+@click.option("--similarity", type=click.Choice(["auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
+              default="auto", show_default=True,
+              help="auto: SoftWPMI on the output layer, WPMI on the others (docs/labels.md).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--signal", type=click.Choice(["pi", "expected", "sample", "argmax"]), default="pi", show_default=True,
+              help="LWTA layers: a unit's winning probability (pi), pi*h, one sampled output, or the argmax winner's output.")
 @click.option("--summary", type=click.Choice(["auto", "cls", "mean", "max", "identity"]), default="auto", show_default=True)
 @click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners while recording.")
@@ -360,8 +382,9 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
               help="SoftWPMI score above which a neuron counts as interpretable (CLIP-Dissect A.8).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
-                summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float, force: bool) -> None:
-    """Label every neuron of LAYERS with a concept (CLIP-Dissect; default SoftWPMI)."""
+                signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float,
+                force: bool) -> None:
+    """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
 
     from rich.table import Table
 
@@ -382,13 +405,14 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
             raise DiscoverError(f"--layers lwta: {model} has no LWTA layer")
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
-                                batch_size=batch_size, cutoff=interpretable_cutoff)
+                                batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal)
     res = dissect.dissect(cfg)
-    table = Table(title=f"dissected {model} ({similarity}) -> {out}")
-    for col in ("layer", "neurons", "U", "dead", f"interpretable (> {interpretable_cutoff:g})"):
+    table = Table(title=f"dissected {model} -> {out}")
+    for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (> {interpretable_cutoff:g})"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, info in res["layers"].items():
-        table.add_row(layer, str(info["K"]), str(info["U"] or "-"), str(info["dead"]), str(info["interpretable"]))
+        table.add_row(layer, str(info["K"]), str(info["U"] or "-"), info["signal"], info["similarity"],
+                      str(info["dead"]), str(info["interpretable"]))
     console.print(table)
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 

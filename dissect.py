@@ -23,9 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from common import DiscoverError, atomic_dir, cache_dir, sha256_json
+from common import DiscoverError, atomic_dir
 
-SIMILARITY_NAMES = ("soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
+SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
+# "auto": SoftWPMI on the output layer, WPMI on every other layer. SoftWPMI (lam = 1) scores a
+# concept by how much more it fits this neuron than the layer's other neurons: right where each
+# neuron has a concept of its own (a classifier's output layer, CLIP-Dissect's benchmark), wrong
+# where many neurons share one (hidden layers: forty "red" units make "red" score low for each of
+# them); WPMI's lam = 0.6 keeps 40 % of how well the concept fits the neuron's top images itself.
+# The ground-truth table behind the choice: docs/labels.md.
+AUTO_SIMILARITY = {"output": "soft_wpmi", "hidden": "wpmi"}
 TOP_IMAGES = 20
 TOP_CONCEPTS = 5
 
@@ -37,14 +44,31 @@ class DissectConfig:
     probe: str = "world:2000"
     concepts: str = "world"
     clip: str = "world-clip"
-    similarity: str = "soft_wpmi"
+    similarity: str = "auto"
     out: str = "dissect_out"
     summary: str = "auto"
     mode: str = "sample"
+    signal: str = "pi"  # what an LWTA layer's neuron vector is (record.SIGNALS)
     seed: int = 0
     batch_size: int = 64
     cutoff: float = 0.16  # CLIP-Dissect A.8: interpretable when the SoftWPMI score exceeds it
     build_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def output_layer(model: Any) -> str | None:
+    """The model's output layer: its last ``nn.Linear`` module (a classifier's one neuron per class)."""
+    import torch.nn as nn
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def layer_similarity(similarity: str, layer: str, output: str | None) -> str:
+    """The similarity a layer is scored with: ``similarity`` itself, or for ``auto`` SoftWPMI on
+    the output layer and WPMI on the others (:data:`AUTO_SIMILARITY`)."""
+    if similarity != "auto":
+        return similarity
+    return AUTO_SIMILARITY["output" if layer == output else "hidden"]
 
 
 def scores(similarity: str, A: np.ndarray, P: np.ndarray, name: str | None = None) -> np.ndarray:
@@ -58,12 +82,14 @@ def scores(similarity: str, A: np.ndarray, P: np.ndarray, name: str | None = Non
 
 
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
-                cutoff: float) -> list[dict[str, Any]]:
-    """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M)."""
+                cutoff: float, wins: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M).
+    A neuron is active on an image where it won its block (``wins`` > 0, LWTA layers) or where
+    its activation is non-zero; a neuron active on no image is dead."""
     import dissect_kernels
 
     N, K = A.shape
-    active = dissect_kernels.active_counts(A)
+    active = dissect_kernels.active_counts(A if wins is None else wins)
     top = dissect_kernels.top_images(A, min(TOP_IMAGES, N))
     rows = []
     for k in range(K):
@@ -82,15 +108,15 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
     return rows
 
 
-def _csv(rows: list[dict[str, Any]], probe_names: list[str]) -> str:
+def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["layer", "unit", "description", "similarity", "block", "competitor", "active_rate",
-                "interpretable", "top_images"])
+                "interpretable", "signal", "top_images"])
     for r in rows:
         w.writerow([r["layer"], r["unit"], r["description"], f"{r['similarity']:.6g}",
                     "" if r["block"] is None else r["block"], "" if r["competitor"] is None else r["competitor"],
-                    f"{r['active_rate']:.6g}", int(r["interpretable"]),
+                    f"{r['active_rate']:.6g}", int(r["interpretable"]), signals.get(r["layer"], ""),
                     ";".join(probe_names[i] for i in r["top_images"])])
     return buf.getvalue()
 
@@ -99,7 +125,6 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (layers, neurons, dead units, seconds per stage)."""
     import clip_backend
     import concepts as concepts_mod
-    import dissect_kernels
     import record
 
     if cfg.similarity not in SIMILARITY_NAMES:
@@ -113,9 +138,10 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
     seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = sha256_json({"model": record.model_hash(model), "probe": probe.fingerprint})[:24]
-    paths = record.record_layers(model, meta, cfg.layers, probe, cache_dir() / "activations" / key,
-                                 summary=cfg.summary, mode=cfg.mode, seed=cfg.seed, batch_size=cfg.batch_size)
+    cache = record.activation_cache(record.model_hash(model), probe, signal=cfg.signal, mode=cfg.mode, seed=cfg.seed)
+    paths = record.record_layers(model, meta, cfg.layers, probe, cache,
+                                 summary=cfg.summary, mode=cfg.mode, seed=cfg.seed, batch_size=cfg.batch_size,
+                                 signal=cfg.signal)
     seconds["record"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -125,6 +151,7 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
 
     t = time.perf_counter()
     rows, layers_info = [], {}
+    out_layer = output_layer(model)
     for layer, path in paths.items():
         A, info = record.read_activations(path)
         if A.shape[0] != P.shape[0] or info.get("probe_fingerprint", probe.fingerprint) != probe.fingerprint:
@@ -132,12 +159,14 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
                                 f"({P.shape[0]} images) come from different probes; delete {path} to recompute")
         U = None if info.get("U", "none") in ("none", "", None) else int(info["U"])
         try:
-            S = scores(cfg.similarity, A, P, name=layer)
+            S = scores(layer_similarity(cfg.similarity, layer, out_layer), A, P, name=layer)
         except ValueError as e:  # NaN/inf in the activations or similarities: names the layer
             raise DiscoverError(str(e)) from None
-        layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff)
+        layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff, record.read_wins(path))
         rows += layer_rows
         layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
+                              "signal": info.get("signal", "output"),
+                              "similarity": layer_similarity(cfg.similarity, layer, out_layer),
                               "dead": sum(r["dead"] for r in layer_rows),
                               "interpretable": sum(r["interpretable"] for r in layer_rows),
                               "activations": str(path)}
@@ -147,11 +176,13 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
                   "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
                   "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
                   "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,
-                  "similarity": cfg.similarity, "cutoff": cfg.cutoff, "mode": cfg.mode, "seed": cfg.seed,
+                  "similarity": cfg.similarity, "cutoff": cfg.cutoff, "mode": cfg.mode, "signal": cfg.signal,
+                  "seed": cfg.seed,
                   "summary": cfg.summary}
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        (tmp / "descriptions.csv").write_text(_csv(rows, list(probe.names)))
+        (tmp / "descriptions.csv").write_text(_csv(rows, list(probe.names),
+                                                     {k: v["signal"] for k, v in layers_info.items()}))
         (tmp / "labels.json").write_text(json.dumps({"provenance": provenance, "layers": layers_info,
                                                      "neurons": rows}, allow_nan=True) + "\n")
     return {"out": str(out), "layers": layers_info, "seconds": seconds, "neurons": len(rows)}

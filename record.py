@@ -34,7 +34,17 @@ last recorded layer. Each file is keyed by the content of what produced it (mode
 structure, layer, summary, probe fingerprint, preprocessing, LWTA mode and seed): a re-run with the
 same inputs reuses it ("cached"), any change recomputes it.
 
-LWTA mode ``sample`` draws winners from the posterior; the generator is seeded per batch from
+The neuron signal of an LWTA layer (``signal``; other layers record their output):
+
+- ``pi`` (default): unit (b, u)'s winning probability pi_b[u] = softmax(h_b)[u] (Eq. 2), the
+  quantity DISCOVER defines a unit's function by; a conv map's spatial mean of pi is the unit's
+  win rate over its positions;
+- ``expected``: pi * h, the expected output E[xi h] of the unit;
+- ``sample``: the layer's output in one posterior draw (Eq. 1), the paper's Table 4 recording;
+- ``argmax``: the output with the deterministic winner (argmax h) of each block.
+
+``pi`` and ``expected`` are computed from the layer's input h, the other layers running in
+``mode``. LWTA mode ``sample`` draws winners from the posterior; the generator is seeded per batch from
 ``seed`` and the batch index, so a run is reproducible for a given (seed, batch size, device type),
 and a layer's values do not depend on which other layers are recorded with it.
 """
@@ -56,6 +66,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import lwta
 from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_json, write_json_atomic
@@ -64,8 +75,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SUMMARIES = ("auto", "cls", "mean", "max", "identity")
+SIGNALS = ("pi", "expected", "sample", "argmax")  # what an LWTA layer's neuron vector is made of
+DEFAULT_SIGNAL = "pi"
 WORLD_PROBE_SEED = 2  # world.py's convention: 0 train, 1 val, 2 probe
-FORMAT_VERSION = "1"  # of the activation files; bump to invalidate every cached recording
+FORMAT_VERSION = "2"  # of the activation files; bump to invalidate every cached recording
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -478,6 +491,55 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
     return out
 
 
+def neuron_signal(module: nn.Module, h: torch.Tensor, out: torch.Tensor, signal: str) -> torch.Tensor:
+    """The per-unit signal of ``module`` (input ``h``, output ``out``) before summarising: for an
+    LWTA layer pi, pi * h, its output (``sample``) or the argmax winner's output, each with the
+    output's shape; for any other layer its output."""
+    if signal not in SIGNALS:
+        raise DiscoverError(f"--signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
+    if not isinstance(module, lwta.LWTABase) or signal == "sample":
+        return out
+    dim = 1 if isinstance(module, lwta.ConvLWTA) else -1
+    h = h.float()
+    if signal == "argmax":
+        y, _, _ = lwta.compete(h.movedim(dim, -1).reshape(-1, module.U, 1), tau=module.tau, training=False,
+                               mode="argmax", fused=False)
+        return y.reshape(h.movedim(dim, -1).shape).movedim(-1, dim)
+    pi = lwta.block_probabilities(h, module.U, dim)
+    return pi if signal == "pi" else pi * h
+
+
+def winner_mask(module: lwta.LWTABase, h: torch.Tensor, signal: str) -> torch.Tensor:
+    """1.0 where a unit won its block in this forward, else 0 (the output's shape): the drawn
+    winners for the ``sample`` signal, the argmax winners (first maximum of h) for the others."""
+    conv = isinstance(module, lwta.ConvLWTA)
+    U = module.U
+    if conv:
+        N, C, H, W = h.shape
+        w = lwta.winners(module) if signal == "sample" else h.reshape(N, C // U, U, H, W).argmax(2)
+        return F.one_hot(w.long(), U).permute(0, 1, 4, 2, 3).reshape(N, C, H, W).float()
+    K = h.shape[-1]
+    w = lwta.winners(module) if signal == "sample" else h.reshape(*h.shape[:-1], K // U, U).argmax(-1)
+    return F.one_hot(w.long(), U).reshape(h.shape).float()
+
+
+def read_wins(path: str | os.PathLike) -> np.ndarray | None:
+    """The ``N x K`` winner indicators (summarised like the activations: per image 0/1 for a class
+    token, the win rate over positions for a conv map) of an LWTA layer's file; None for others."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return f.get_tensor("wins") if "wins" in f.keys() else None
+    except Exception as e:
+        raise DiscoverError(f"activation file {path}: cannot be read ({type(e).__name__})") from e
+
+
+def layer_signal(module: nn.Module, signal: str) -> str:
+    """The signal a layer records: ``signal`` for an LWTA layer, ``output`` for any other."""
+    return signal if isinstance(module, lwta.LWTABase) else "output"
+
+
 def summarise(out: torch.Tensor, summary: str, has_cls: bool = True) -> tuple[torch.Tensor, str, str]:
     """Reduce a layer output to ``N x K``; returns (values, summary applied, shape meaning)."""
     if summary not in SUMMARIES:
@@ -555,27 +617,38 @@ class _Stop(Exception):
 
 
 class _StreamWriter:
-    """Writes a safetensors file holding one float32 ``n x K`` tensor "activations", row block by
-    row block, so that no more than a batch is ever in memory (header: 8-byte length, JSON)."""
+    """Writes a safetensors file of float32 ``n x K`` tensors ("activations", and "wins" for an
+    LWTA layer), row block by row block, so that no more than a batch is ever in memory (header:
+    8-byte length, JSON; each tensor's rows go to their own region of the file)."""
 
     def __init__(self, path: Path, n: int, metadata: dict[str, str]) -> None:
         self.path, self.n, self.metadata = path, n, metadata
         self.rows, self.k, self.f = 0, None, None
+        self.names: list[str] = []
+        self.base = 0
 
-    def write(self, block: np.ndarray, extra: dict[str, str]) -> None:
-        block = np.ascontiguousarray(block, dtype="<f4")
+    def write(self, blocks: dict[str, np.ndarray], extra: dict[str, str]) -> None:
+        blocks = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in blocks.items()}
+        first = next(iter(blocks.values()))
         if self.f is None:
-            self.k = block.shape[1]
+            self.k, self.names = first.shape[1], list(blocks)
             meta = {**self.metadata, **extra, "shape": f"{self.n}x{self.k}"}
-            header = {"__metadata__": meta,
-                      "activations": {"dtype": "F32", "shape": [self.n, self.k],
-                                      "data_offsets": [0, self.n * self.k * 4]}}
+            size = self.n * self.k * 4
+            header: dict[str, Any] = {"__metadata__": meta}
+            for j, name in enumerate(self.names):
+                header[name] = {"dtype": "F32", "shape": [self.n, self.k], "data_offsets": [j * size, (j + 1) * size]}
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             self.f = open(self.path, "wb")
             self.f.write(struct.pack("<Q", len(raw)) + raw)
-        self.f.write(block.tobytes())
-        self.rows += block.shape[0]
+            self.base = 8 + len(raw)
+            self.f.truncate(self.base + len(self.names) * size)
+        if list(blocks) != self.names:  # pragma: no cover - the hook always gives the same tensors
+            raise DiscoverError(f"recording {self.metadata.get('layer')}: tensors changed between batches")
+        for j, name in enumerate(self.names):
+            self.f.seek(self.base + (j * self.n + self.rows) * self.k * 4)
+            self.f.write(blocks[name].tobytes())
+        self.rows += first.shape[0]
 
     def close(self) -> None:
         if self.f is not None:
@@ -614,18 +687,21 @@ def read_activations(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str
 
 def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str], probe: Probe,
                   out_dir: str | os.PathLike, summary: str | dict[str, str] = "auto",
-                  mode: str = "sample", seed: int = 0, batch_size: int = 64, *,
+                  mode: str = "sample", seed: int = 0, batch_size: int = 64, *, signal: str = DEFAULT_SIGNAL,
                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Record ``layers`` of ``model`` on ``probe`` into ``out_dir/<layer>.safetensors``.
 
     Runs on the model's device; ``summary`` is one name or a dict layer -> name; ``mode``/``seed``
-    set the LWTA winners (``sample`` is seeded per batch). Files whose content key matches are
+    set the LWTA winners (``sample`` is seeded per batch); ``signal`` what an LWTA layer records
+    (see the module doc). Files whose content key matches are
     reused (``log`` gets "<layer>: cached"). Also writes ``out_dir/record.json``. Returns the paths.
     """
     if mode not in lwta.MODES:
         raise DiscoverError(f"--mode must be one of {', '.join(lwta.MODES)}, got {mode!r}")
     if batch_size < 1:
         raise DiscoverError(f"--batch-size must be at least 1, got {batch_size}")
+    if signal not in SIGNALS:
+        raise DiscoverError(f"--signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
     log = log or (lambda _msg: None)
     modules = resolve_layers(model, layers)
     summaries = {name: summary if isinstance(summary, str) else summary.get(name, "auto") for name in modules}
@@ -644,7 +720,9 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
               "seed": seed if stochastic else "none",
               "batch_size": batch_size if stochastic else "none",  # sample: the random stream
               "device": device.type if stochastic else "none"}
-    keys = {name: sha256_json({**inputs, "layer": name, "summary": summaries[name]}) for name in modules}
+    signals = {name: layer_signal(m, signal) for name, m in modules.items()}
+    keys = {name: sha256_json({**inputs, "layer": name, "summary": summaries[name], "signal": signals[name]})
+            for name in modules}
     paths = {name: out_dir / f"{name}.safetensors" for name in modules}
     todo = [name for name in modules if _file_key(paths[name]) != keys[name]]
     for name in modules:
@@ -652,13 +730,13 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
             log(f"{name}: cached")
     if todo:
         base = {name: {**{k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in inputs.items()},
-                       "key": keys[name], "layer": name, "summary": summaries[name],
+                       "key": keys[name], "layer": name, "summary": summaries[name], "signal": signals[name],
                        "model": str(meta.get("spec", meta.get("arch", "?"))), "probe": probe.spec,
                        "U": str(getattr(modules[name], "U", "none")),
                        "lwta": "yes" if isinstance(modules[name], lwta.LWTABase) else "no"}
                 for name in todo}
         _record(model, meta, {n: modules[n] for n in todo}, probe, paths, summaries, base, mode, seed,
-                batch_size, progress)
+                batch_size, progress, signals)
         for name in todo:
             log(f"{name}: recorded")
     _write_record_json(out_dir, meta, digest, probe, {n: paths[n] for n in modules}, summaries, mode, seed)
@@ -667,20 +745,25 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
 
 def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module], probe: Probe,
             paths: dict[str, Path], summaries: dict[str, str], base: dict[str, dict[str, str]],
-            mode: str, seed: int, batch_size: int, progress: bool) -> None:
+            mode: str, seed: int, batch_size: int, progress: bool, signals: dict[str, str]) -> None:
     device = _device_of(model)
     has_cls = getattr(model, "cls_token", None) is not None or not hasattr(model, "num_prefix_tokens")
     calls = {name: 0 for name in modules}
     results: dict[str, tuple[torch.Tensor, str, str]] = {}
+    win_results: dict[str, torch.Tensor] = {}
     early = [False]
 
     def hook(name: str):
-        def fn(_m, _inp, out):
+        def fn(m, inp, out):
             if not isinstance(out, torch.Tensor):
                 raise DiscoverError(f"layer {name} outputs a {type(out).__name__}, not a tensor; "
                                     "record one of its submodules")
             calls[name] += 1
-            results[name] = summarise(out.detach().float(), summaries[name], has_cls)
+            h = inp[0].detach() if inp and isinstance(inp[0], torch.Tensor) else out
+            values = neuron_signal(m, h, out.detach(), signals[name] if signals[name] != "output" else "sample")
+            results[name] = summarise(values.float(), summaries[name], has_cls)
+            if isinstance(m, lwta.LWTABase):
+                win_results[name] = summarise(winner_mask(m, h, signals[name]), summaries[name], has_cls)[0]
             if early[0] and all(calls.values()):
                 raise _Stop
         return fn
@@ -707,6 +790,7 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
                 for n in calls:
                     calls[n] = 0
                 results.clear()
+                win_results.clear()
                 try:
                     model(x)
                 except _Stop:
@@ -719,7 +803,10 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
                                                 "record another layer (--list-layers shows the calls)")
                     early[0] = True
                 for n, (values, how, meaning) in results.items():
-                    writers[n].write(values.cpu().numpy(), {"summary_applied": how, "shape_meaning": meaning})
+                    blocks = {"activations": values.cpu().numpy()}
+                    if n in win_results:
+                        blocks["wins"] = win_results[n].cpu().numpy()
+                    writers[n].write(blocks, {"summary_applied": how, "shape_meaning": meaning})
                 bar.advance(task, len(images))
             for w in writers.values():
                 if w.rows != probe.n:  # pragma: no cover - a probe that lied about its size
@@ -730,6 +817,15 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
         for n, m in lwta.lwta_modules(model).items():
             m.mode = old_modes[n]
         model.train(was_training)
+
+
+def activation_cache(model_digest: str, probe: Probe, *, signal: str, mode: str, seed: int) -> Path:
+    """The cache directory of a (model, probe, signal, LWTA mode, seed) recording: dissect and
+    evaluate record into it, so recordings that differ in any of these never overwrite each other
+    (each file is still checked against its full content key before it is used)."""
+    key = sha256_json({"model": model_digest, "probe": probe.fingerprint, "signal": signal,
+                       "mode": mode, "seed": seed})[:24]
+    return cache_dir() / "activations" / key
 
 
 def _write_record_json(out_dir: Path, meta: dict[str, Any], digest: str, probe: Probe,
@@ -745,6 +841,7 @@ def _write_record_json(out_dir: Path, meta: dict[str, Any], digest: str, probe: 
     for name, p in paths.items():
         info = read_metadata(p)
         layers[name] = {"file": p.name, "U": info.get("U"), "summary": info.get("summary_applied"),
+                        "signal": info.get("signal"),
                         "shape": info.get("shape"), "lwta_mode": info.get("lwta_mode"),
                         "seed": info.get("seed")}
     write_json_atomic(path, {

@@ -80,13 +80,15 @@ class TrainConfig:
     step_epochs: int = 30
     gamma: float = 0.1
     kl_weight: float | None = None  # recipe default (DeiT 0.01, ResNet 1e-4, world 0); see KL_NOTE
-    tau: float = 0.67
+    tau: float | None = None  # Gumbel-softmax temperature of the surrogate gradient (recipe default)
     samples: int = 4  # posterior samples averaged at evaluation (the paper's 4)
     amp: str = "off"  # bf16 | fp16 | off (CUDA only)
     seed: int = 0
     workers: int = 4
     img_size: int | None = None
-    train_size: int = 12_000  # world: images per epoch (rendered once)
+    train_size: int = 12_000  # world: images per epoch
+    fresh: bool | None = None  # world: new images every epoch (recipe default) or one set rendered once
+    label_smoothing: float | None = None
     val_size: int = 1_000
     test_size: int = 10_000  # world: held-out images scored once, after the last epoch (0: skip)
     crop_scale: float | None = None  # RandomResizedCrop lower scale bound
@@ -106,9 +108,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     # The world recipes train without the KL term, as the paper's code did (KL_NOTE); deit_world
     # 20 epochs: fewer leave both models on the colour plateau.
     "deit_world": dict(optimizer="adamw", lr=2e-3, lr_scaled=False, weight_decay=0.02, epochs=20,
-                       warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0),
+                       warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0,
+                       fresh=True, label_smoothing=0.0),
     "resnet_world": dict(optimizer="sgd", lr=0.05, lr_scaled=False, weight_decay=1e-4, epochs=12,
-                         warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0),
+                         warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0,
+                         fresh=True, label_smoothing=0.0),
 }
 
 
@@ -120,9 +124,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     recipe = RECIPES[family]
     c = dataclasses.replace(cfg)
     for key in ("optimizer", "weight_decay", "epochs", "warmup_epochs", "schedule", "batch_size", "crop_scale",
-                "kl_weight"):
+                "kl_weight", "fresh", "label_smoothing", "tau"):
         if getattr(c, key) is None:
-            setattr(c, key, recipe[key])
+            setattr(c, key, recipe.get(key, {"fresh": False, "label_smoothing": 0.0, "tau": 0.67}.get(key)))
     if c.lr is None:
         c.lr = recipe["lr"] * (c.batch_size / 512 if recipe["lr_scaled"] else 1.0)
     if c.img_size is None:
@@ -133,6 +137,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
               (c.schedule in ("cosine", "step"), "--schedule must be cosine or step"),
               (c.amp in ("bf16", "fp16", "off"), "--amp must be bf16, fp16 or off"),
               (c.kl_weight >= 0, "--kl-weight must be >= 0"),
+              (0 <= c.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+              (c.tau > 0, "--tau must be > 0"),
               (c.train_size >= 1 and c.val_size >= 1, "--train-size/--val-size must be >= 1"),
               (c.test_size >= 0, "--test-size must be >= 0")]
     for ok, msg in checks:
@@ -187,14 +193,48 @@ def _render_world(task: str, n: int, seed: int, size: int) -> tuple[torch.Tensor
     return torch.from_numpy(images), labels, list(world.TASKS[task])
 
 
+class FreshWorld(torch.utils.data.Dataset):
+    """``n`` world images per epoch, new ones every epoch: item ``i`` of epoch ``e`` is image
+    ``e * n + i`` of world ``seed``, rendered when asked for (in DataLoader workers). No image
+    repeats within a run, and the data of an epoch depends only on (seed, e, n), so a resumed
+    run sees what the uninterrupted one saw, with any number of workers."""
+
+    def __init__(self, task: str, n: int, seed: int, size: int) -> None:
+        import world
+
+        if task not in world.TASKS:
+            raise DiscoverError(f"--data world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
+        self.task, self.n, self.seed, self.size, self.epoch = task, n, seed, size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        import world
+
+        index = self.epoch * self.n + int(i)
+        s = world.render(self.seed, index, self.size)
+        return torch.from_numpy(s.image), world.label(s.attrs, self.task), index
+
+
 def load_data(cfg: TrainConfig) -> Data:
-    """``world:TASK`` (rendered once: train seed 0, val seed 1) or an ImageFolder root with
-    ``train/`` and ``val/`` (ImageNet, Places365 layout)."""
+    """``world:TASK`` (train seed 0, fresh images every epoch or one set rendered once; val seed 1,
+    rendered once) or an ImageFolder root with ``train/`` and ``val/`` (ImageNet, Places365 layout)."""
     if cfg.data.startswith("world:"):
+        import world
+
         task = cfg.data.split(":", 1)[1]
-        xtr, ytr, classes = _render_world(task, cfg.train_size, WORLD_TRAIN_SEED, cfg.img_size)
+        if cfg.fresh:
+            train_set: torch.utils.data.Dataset = FreshWorld(task, cfg.train_size, WORLD_TRAIN_SEED, cfg.img_size)
+            classes = list(world.TASKS[task])
+        else:
+            xtr, ytr, classes = _render_world(task, cfg.train_size, WORLD_TRAIN_SEED, cfg.img_size)
+            train_set = _UInt8Images(xtr, ytr)
         xva, yva, _ = _render_world(task, cfg.val_size, WORLD_VAL_SEED, cfg.img_size)
-        return Data(_UInt8Images(xtr, ytr), _UInt8Images(xva, yva), classes, True)
+        return Data(train_set, _UInt8Images(xva, yva), classes, True)
     from torchvision import datasets, transforms
 
     root = Path(cfg.data)
@@ -276,11 +316,13 @@ def evaluate(model: nn.Module, loader: Iterable[Any], cfg: TrainConfig, data: Da
     model.eval()
     has_lwta = bool(lwta.lwta_modules(model))
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # sampled-correct, argmax-correct, n
+    meter = lwta.CertaintyMeter(lwta.unwrap(model))
     for batch in loader:
         x, y = _to_device(batch, cfg, data, device, epoch=None)
         with _autocast(cfg, device):
             lwta.set_mode(model, "argmax")
-            logits_arg = model(x).float()
+            with meter:  # the competitions of the deterministic pass: pi depends on x alone
+                logits_arg = model(x).float()
             if has_lwta:
                 lwta.set_mode(model, "sample")
                 logits = sum(model(x).float() for _ in range(cfg.samples)) / cfg.samples
@@ -292,7 +334,10 @@ def evaluate(model: nn.Module, loader: Iterable[Any], cfg: TrainConfig, data: Da
     if d.world_size > 1:
         dist.all_reduce(counts)
     n = counts[2].item()
-    return {"val_top1": 100 * counts[0].item() / n, "val_top1_argmax": 100 * counts[1].item() / n}
+    out: dict[str, Any] = {"val_top1": 100 * counts[0].item() / n, "val_top1_argmax": 100 * counts[1].item() / n}
+    if has_lwta:
+        out["certainty"] = meter.means()
+    return out
 
 
 def _to_device(batch: list[Any], cfg: TrainConfig, data: Data, device: torch.device,
@@ -311,11 +356,11 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-def elbo_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, kl_weight: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Negative ELBO per example (Eq. 3): mean CE + kl_weight * KL (per example). Returns
-    (loss, ce, kl)."""
-    ce = F.cross_entropy(logits.float(), y)
+def elbo_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, kl_weight: float,
+              label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Negative ELBO per example (Eq. 3): mean CE (against targets smoothed by ``label_smoothing``,
+    as the DISCOVER release trains DeiT) + kl_weight * KL (per example). Returns (loss, ce, kl)."""
+    ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     kl = lwta.kl_divergence(lwta.unwrap(model)).to(ce.device)
     return ce + kl_weight * kl, ce, kl
 
@@ -408,10 +453,13 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     sampler = DistributedSampler(data.train, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=cfg.seed)
     val_sampler = DistributedSampler(data.val, num_replicas=d.world_size, rank=d.rank, shuffle=False)
     per_rank = max(1, cfg.batch_size // d.world_size)
-    workers = 0 if data.on_gpu_augment else cfg.workers
+    fresh = isinstance(data.train, FreshWorld)  # rendered in the workers; in memory otherwise
+    workers = cfg.workers if fresh or not data.on_gpu_augment else 0
     loader = DataLoader(data.train, batch_size=per_rank, sampler=sampler, num_workers=workers,
-                        drop_last=True, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    val_loader = DataLoader(data.val, batch_size=per_rank, sampler=val_sampler, num_workers=workers)
+                        drop_last=True, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0 and not fresh)  # fresh: workers see each epoch
+    val_loader = DataLoader(data.val, batch_size=per_rank, sampler=val_sampler,
+                            num_workers=0 if data.on_gpu_augment else workers)
     iters = len(loader)
     if iters == 0:
         raise DiscoverError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(data.train)})")
@@ -437,6 +485,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         for epoch in range(start_epoch, end_epoch):
             model.train()
             sampler.set_epoch(epoch)
+            if fresh:
+                data.train.set_epoch(epoch)
             t0, seen, sums = time.perf_counter(), 0, torch.zeros(4, dtype=torch.float64)
             for i, batch in enumerate(loader):
                 it = epoch * iters + i
@@ -445,7 +495,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                 x, y = _to_device(batch, cfg, data, device, epoch=epoch)
                 with _autocast(cfg, device):
                     logits = model(x)
-                loss, ce, kl = elbo_loss(model, logits, y, cfg.kl_weight)
+                loss, ce, kl = elbo_loss(model, logits, y, cfg.kl_weight, cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -471,8 +521,12 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                 save_checkpoint(out, model, opt, scaler, epoch, cfg, meta)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                sure = ""
+                if ev.get("certainty"):
+                    last, c = list(ev["certainty"].items())[-1]
+                    sure = f", {last}: mean max pi {c['max_pi']:.3f}, 4 draws agree {100 * c['agree4']:.1f}%"
                 bar.console.print(f"epoch {epoch + 1}: val top-1 {ev['val_top1']:.2f}% "
-                                  f"(argmax {ev['val_top1_argmax']:.2f}%), {record['epoch_seconds']:.0f} s")
+                                  f"(argmax {ev['val_top1_argmax']:.2f}%), {record['epoch_seconds']:.0f} s{sure}")
     if d.main and end_epoch == cfg.epochs and cfg.data.startswith("world:") and cfg.test_size:
         meta["test"] = test_metrics(lwta.unwrap(model), cfg, device, progress=progress)
         write_json_atomic(out / "meta.json", meta)
@@ -510,16 +564,20 @@ def test_metrics(model: nn.Module, cfg: TrainConfig, device: torch.device,
 
     return {"images": n, "seed": WORLD_TEST_SEED, "samples": cfg.samples,
             "top1": ev["val_top1"], "top1_se": se(ev["val_top1"]),
-            "top1_argmax": ev["val_top1_argmax"], "top1_argmax_se": se(ev["val_top1_argmax"])}
+            "top1_argmax": ev["val_top1_argmax"], "top1_argmax_se": se(ev["val_top1_argmax"]),
+            "certainty": ev.get("certainty")}
 
 
 def reproduce_command(cfg: TrainConfig) -> str:
     """The CLI line that retrains this run (kept in meta.json)."""
     parts = ["python discover.py train", f"--arch {cfg.arch}", f"--U {cfg.U}" if cfg.U else f"--act {cfg.act or 'default'}",
              f"--data {cfg.data}", f"--out {cfg.out}", f"--epochs {cfg.epochs}", f"--batch-size {cfg.batch_size}",
-             f"--lr {cfg.lr:g}", f"--seed {cfg.seed}", f"--kl-weight {cfg.kl_weight:g}"]
+             f"--lr {cfg.lr:g}", f"--warmup-epochs {cfg.warmup_epochs}", f"--weight-decay {cfg.weight_decay:g}",
+             f"--seed {cfg.seed}", f"--kl-weight {cfg.kl_weight:g}", f"--tau {cfg.tau:g}",
+             f"--label-smoothing {cfg.label_smoothing:g}"]
     if cfg.data.startswith("world:"):
-        parts += [f"--train-size {cfg.train_size}", f"--val-size {cfg.val_size}", f"--test-size {cfg.test_size}"]
+        parts += [f"--train-size {cfg.train_size}", f"--val-size {cfg.val_size}", f"--test-size {cfg.test_size}",
+                  "--fresh" if cfg.fresh else "--no-fresh"]
     return " ".join(p for p in parts if "--act default" not in p)
 
 

@@ -41,6 +41,7 @@ WEIGHTS = DIR / f"{NAME}.safetensors"
 MANIFEST = DIR / "manifest.json"
 TRAIN_SEED = 1000  # world seed of CLIP training images (see world.py's convention)
 EVAL_SEED = 777
+TRUTH_SCALE = 10.0  # logit scale of the truth and null losses (WPMI's a is of this order)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # open_clip's
 
 # Prompt templates per attribute: averaged at zero-shot time, one drawn per step in training.
@@ -132,9 +133,13 @@ def zeroshot(model: torch.nn.Module, tokenizer: Any, n: int = 1000, seed: int = 
     return {a: 100.0 * c / n for a, c in correct.items()}
 
 
-def negative_vocabulary() -> list[str]:
-    """Words of ``concepts/20k.txt`` for the negatives: none of ``concepts/world.txt`` (whose
-    distractors test the dissection), no word of the world's attributes, captions or prompts."""
+HOLDOUT_SEED = 12345  # which non-world words world-clip never trains on (see heldout_vocabulary)
+HOLDOUT_FRACTION = 0.25
+
+
+def _non_world_words() -> list[str]:
+    """Words of ``concepts/20k.txt`` that say nothing of the world: none of ``concepts/world.txt``
+    (whose distractors test the dissection), no word of the world's attributes, captions, prompts."""
     import re
 
     import concepts
@@ -147,19 +152,91 @@ def negative_vocabulary() -> list[str]:
             if w not in world_words and not (set(re.findall(r"[a-z]+", w)) & banned)]
 
 
+def _holdout_mask(n: int) -> np.ndarray:
+    return np.random.default_rng(HOLDOUT_SEED).random(n) < HOLDOUT_FRACTION
+
+
+def negative_vocabulary() -> list[str]:
+    """The non-world words world-clip trains against (negatives, "describes nothing here"): the
+    words of :func:`_non_world_words` outside the seeded held-out quarter."""
+    words = _non_world_words()
+    return [w for w, out in zip(words, _holdout_mask(len(words))) if not out]
+
+
+def heldout_vocabulary() -> list[str]:
+    """Non-world words world-clip never saw in training (a seeded quarter of them): an honest
+    test of how it scores words it has not learned, like ``concepts/world.txt``'s distractors."""
+    words = _non_world_words()
+    return [w for w, out in zip(words, _holdout_mask(len(words))) if out]
+
+
+# Short descriptions of an image (what a concept list holds): one or two attribute values in the
+# forms the prompts use. Each phrase is true of an image when every value it names holds.
+PHRASE_FORMS: list[tuple[tuple[str, ...], str]] = [
+    (("shape",), "{shape}"), (("shape",), "a {shape}"), (("color",), "{color}"), (("color",), "a {color} object"),
+    (("texture",), "{texture}"), (("texture",), "{texture} pattern"), (("size",), "{size}"),
+    (("size",), "{size} object"), (("background",), "{background}"), (("background",), "{background} background"),
+    (("color", "shape"), "{color} {shape}"), (("size", "shape"), "{size} {shape}"),
+    (("texture", "shape"), "{texture} {shape}"), (("size", "color"), "{size} {color} object"),
+    (("color", "texture"), "{color} {texture} object"), (("shape", "background"), "{shape} on a {background} background"),
+]
+
+
+def phrase_bank() -> tuple[list[str], list[tuple[tuple[str, str], ...]]]:
+    """Every short world description of :data:`PHRASE_FORMS` and the (attribute, value) pairs each
+    one claims."""
+    import itertools
+
+    texts, claims = [], []
+    for attrs, form in PHRASE_FORMS:
+        for combo in itertools.product(*(world.ATTRIBUTES[a] for a in attrs)):
+            texts.append(form.format(**dict(zip(attrs, combo))))
+            claims.append(tuple(zip(attrs, combo)))
+    return texts, claims
+
+
+def phrase_truth(claims: list[tuple[tuple[str, str], ...]], attrs: list[dict[str, str]]) -> torch.Tensor:
+    """``(len(attrs), len(claims))`` float: 1 where every value a phrase claims holds on the image."""
+    return torch.tensor([[float(all(a[k] == v for k, v in c)) for c in claims] for a in attrs])
+
+
 def _caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
     return world.CAPTIONS[rng.integers(len(world.CAPTIONS))].format(**attrs)
 
 
+def truth_loss(img: torch.Tensor, phrases: torch.Tensor, truth: torch.Tensor, null: torch.Tensor | None,
+               bias: torch.Tensor, scale: float = TRUTH_SCALE) -> torch.Tensor:
+    """What a concept list asks of a CLIP: each short description scores above ``bias`` on the
+    images it is true of and below it on the others (a per-pair logistic loss, as SigLIP's, on
+    ``scale * (cos - bias)``), and a word that names nothing of the world (``null``) scores below it
+    on every image. Embeddings L2-normalised; ``truth`` (images x phrases) in {0, 1}."""
+    logits = scale * (img @ phrases.T - bias)
+    loss = F.binary_cross_entropy_with_logits(logits, truth)
+    if null is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(scale * (img @ null.T - bias), torch.zeros(len(img), len(null)))
+    return loss
+
+
+def null_uniformity(img: torch.Tensor, null: torch.Tensor, scale: float = TRUTH_SCALE) -> torch.Tensor:
+    """How much a null word prefers some images of the batch to others: the mean over words of
+    KL(uniform || softmax over images of ``scale * cos``), 0 when it scores every image alike."""
+    z = scale * null @ img.T  # words x images
+    return (torch.logsumexp(z, 1) - z.mean(1) - math.log(z.shape[1])).mean()
+
+
 def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                pool: int = 20_000, aux_weight: float = 1.0, negatives: int = 0, init: Path | str | None = None,
-               resume: bool = False, progress: bool = True) -> dict:
+               truth_weight: float = 0.0, null_weight: float = 0.0, resume: bool = False,
+               progress: bool = True) -> dict:
     """Train world-clip into ``out``, from scratch or from the weights ``init``; resumable from
     ``out/train_state.pt``.
 
     Images come from a pool of ``pool`` fresh world images of seed TRAIN_SEED (rendered once,
     flipped at random); each step draws a batch and a new caption template per image, and
-    ``negatives`` words of :func:`negative_vocabulary` as extra image-to-text negatives.
+    ``negatives`` words of :func:`negative_vocabulary` as extra image-to-text negatives. With
+    ``truth_weight`` > 0, :func:`truth_loss` on every phrase of :func:`phrase_bank` (and the
+    step's negative words as null words); with ``null_weight`` > 0, :func:`null_uniformity` of
+    those words.
     """
     import open_clip
 
@@ -173,11 +250,17 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     init_sha = None if init is None else sha256_file(init)
     tokenizer = open_clip.get_tokenizer(NAME)
     vocab = negative_vocabulary() if negatives > 0 else []
+    bank, claims = phrase_bank()
+    bank_tokens = tokenizer(bank) if truth_weight > 0 else None
+    bias = torch.nn.Parameter(torch.tensor(0.2))  # the truth threshold on the cosine (training only)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
+    opt.add_param_group({"params": [bias], "weight_decay": 0.0})
     step, elapsed, np_state = 0, 0.0, None
     if resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
+        with torch.no_grad():
+            bias.copy_(st.get("bias", bias))
         opt.load_state_dict(st["opt"])
         step, elapsed = st["step"], st["elapsed"]
         torch.set_rng_state(st["rng"])
@@ -209,17 +292,25 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
             logits = scale * img @ txt.T
             target = torch.arange(batch_size)
             i2t = logits
+            neg = None
             if vocab:
                 words = [vocab[j] for j in rng.choice(len(vocab), negatives, replace=False)]
                 neg = F.normalize(model.encode_text(tokenizer(words)), dim=-1)
                 i2t = torch.cat([logits, scale * img @ neg.T], dim=1)
             loss = (F.cross_entropy(i2t, target) + F.cross_entropy(logits.T, target)) / 2
+            extra = torch.zeros(())
+            if bank_tokens is not None:
+                phrases = F.normalize(model.encode_text(bank_tokens), dim=-1)
+                extra = extra + truth_weight * truth_loss(img, phrases, phrase_truth(claims, [attrs[i] for i in idx]),
+                                                          neg, bias)
+            if null_weight > 0 and neg is not None:
+                extra = extra + null_weight * null_uniformity(img, neg)
             aux = 0.0
             for a, templates in PROMPTS.items():
                 t = prompt_embeddings(model, tokenizer, a, [templates[rng.integers(len(templates))]])
                 y = torch.tensor([attribute_index(attrs[i], a) for i in idx])
                 aux = aux + F.cross_entropy(scale * img @ t.T, y)
-            total = loss + aux_weight * aux / len(PROMPTS)
+            total = loss + aux_weight * aux / len(PROMPTS) + extra
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -230,13 +321,16 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
             if step % 200 == 0 or step == steps:
                 st = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                       "elapsed": elapsed + time.perf_counter() - t0, "rng": torch.get_rng_state(),
-                      "np_rng": rng.bit_generator.state}
+                      "np_rng": rng.bit_generator.state, "bias": bias.detach().clone()}
                 with atomic_path(state_path) as tmp:
                     torch.save(st, tmp)
     elapsed += time.perf_counter() - t0
     return export(model, tokenizer, out, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                                           "pool": pool, "train_world_seed": TRAIN_SEED, "aux_weight": aux_weight,
                                           "negatives": negatives, "negative_vocabulary": len(vocab),
+                                          "truth_weight": truth_weight, "null_weight": null_weight,
+                                          "heldout_words": len(heldout_vocabulary()) if vocab else 0,
+                                          "truth_bias": round(float(bias), 4),
                                           "init_sha256": init_sha,
                                           "train_seconds": round(elapsed, 1), "render_seconds": round(render_s, 1)})
 
