@@ -50,6 +50,7 @@ class ClipModel:
     fingerprint: str
     spec: str = DEFAULT
     weights: Path | None = None
+    truth_threshold: float | None = None  # the cosine above which a short description holds (see load_clip)
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +92,19 @@ def load_clip(spec: str = DEFAULT, device: str = "cpu") -> ClipModel:
     except (RuntimeError, AssertionError) as e:  # cuda missing, a bad device string
         raise DiscoverError(f"--device {device}: {str(e).splitlines()[0][:120]}") from None
     fingerprint = sha256_json(["clip", weights_sha256(weights), spec, str(preprocess)])
-    return ClipModel(model.float().eval(), preprocess, tokenizer, name, fingerprint, spec, Path(weights))
+    return ClipModel(model.float().eval(), preprocess, tokenizer, name, fingerprint, spec, Path(weights),
+                     truth_threshold(spec))
+
+
+def truth_threshold(spec: str) -> float | None:
+    """The image-text cosine above which the CLIP of ``spec`` holds a short description true of an
+    image, where the CLIP was trained to have one: world-clip's truth loss learns it (its manifest's
+    ``training.truth_bias``). None for other CLIPs (a contrastive CLIP's cosines have no absolute
+    meaning), and then ``dissect`` labels without the gallery check."""
+    if spec != DEFAULT or not world_clip.MANIFEST.is_file():
+        return None
+    bias = json.loads(world_clip.MANIFEST.read_text()).get("training", {}).get("truth_bias")
+    return None if bias is None else float(bias)
 
 
 def _close_names(name: str, choices: Sequence[str], n: int = 5) -> list[str]:

@@ -5,7 +5,9 @@
     words = concepts.load_concepts("my_words.txt")  # any file, one concept per line
 
 Specs:
-    world       concepts/world.txt, the synthetic world's concepts
+    world       concepts/world.txt, the synthetic world's 99 concepts and 445 distractor words
+    world_heldout  the same 99 concepts and 445 other words of 20k.txt outside the words world-clip's
+                last training stage used (world_clip.heldout_vocabulary; world_clip.write_heldout_concepts)
     20k 10k 3k  the most frequent English words (concepts/make_wordlists.py made them, once)
     imagenet    the 1000 ImageNet class names shipped with torchvision (999 after cleaning:
                 "Cardigan" the dog and "cardigan" the sweater are one concept)
@@ -25,7 +27,8 @@ from typing import Iterable
 from common import REPO_DIR, DiscoverError
 
 CONCEPT_DIR = REPO_DIR / "concepts"
-FILES = {"world": "world.txt", "20k": "20k.txt", "10k": "10k.txt", "3k": "3k.txt"}
+FILES = {"world": "world.txt", "world_heldout": "world_heldout.txt", "20k": "20k.txt", "10k": "10k.txt",
+         "3k": "3k.txt"}
 SPECS = (*FILES, "imagenet", "places365")
 
 

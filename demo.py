@@ -1,10 +1,14 @@
 """The offline demo: the whole DISCOVER story on the synthetic world, in resumable stages.
 
 Stages (each reuses the output of an earlier run; an interrupted one resumes where it stopped):
-    1. train   deit_world --U 8 and its GELU twin on the 64-class world task
-    2. dissect  both models' last MLP layer and head with SoftWPMI (world-clip, concepts/world.txt,
-                2 000 probe images of world seed 2)
-    3. evaluate how true the labels are (final layer: class names; hidden layer: world attributes)
+    1. train    two CVN / twin pairs on the 64-class world task: deit_world --U 8 and its GELU twin
+                (the main story), resnet18_world --U 2 and its ReLU twin (the shipped checkpoints,
+                or trained here with ``from_scratch``)
+    2. dissect  each model's last LWTA/activation layer and its output layer (world-clip,
+                concepts/world.txt, 2 000 probe images of world seed 2; the default signal and
+                similarity of ``dissect``)
+    3. evaluate how true the labels are (the world's ground truth), how decided the competitions
+                are, and how many listed concepts of an explained image fit that image
     4. explain  6 probe images with each model: the winning neurons and their concepts
     5. report   a static HTML site (``report.py``): figures, charts, neuron galleries, explanations
 """
@@ -23,23 +27,55 @@ SHIPPED = REPO_DIR / "checkpoints"  # small world checkpoints made by `discover.
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """The demo's models and data. deit_world tells the competition story: its MLP layer summarised by
-    the CLS token has exactly K/U active neurons per image. (resnet18_world learns the task far better,
-    96.7 % for its ReLU twin, but a ConvLWTA map averaged over positions has every unit active
-    somewhere, so it cannot show a short list of winners.)"""
+class DemoModel:
+    """One model of the demo: ``name`` (its labels directory), an arch, ``U`` (a CVN) or ``act``
+    (its twin), the two layers dissected (the last LWTA / activation layer, the output layer)."""
 
+    name: str
+    arch: str
+    U: int | None
+    act: str | None
+    layers: tuple[str, str]
+
+    @property
+    def shipped(self) -> Path:
+        return SHIPPED / f"{self.arch}_{'u' + str(self.U) if self.U else self.act}"
+
+    @property
+    def epochs(self) -> int:
+        return train.resolve(train.TrainConfig(arch=self.arch, data="world:object", out="-", U=self.U,
+                                               act=self.act)).epochs
+
+
+def demo_models(U: int = 8) -> tuple[DemoModel, ...]:
+    """deit_world tells the competition story: its class-token MLP layer has exactly K/U winners per
+    image. resnet18_world shows it at every position of a conv map (a unit's spatial-mean signal is
+    its win rate over the map)."""
+    deit = ("blocks.3.mlp.act", "head")
+    res = ("layer4.0.act2", "fc")
+    return (DemoModel("cvn", "deit_world", U, None, deit), DemoModel("twin", "deit_world", None, "gelu", deit),
+            DemoModel("r18_cvn", "resnet18_world", 2, None, res),
+            DemoModel("r18_twin", "resnet18_world", None, "relu", res))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
     out: Path
-    arch: str = "deit_world"
     U: int = 8
-    act: str = "gelu"  # the twin's activation
-    epochs: int = train.RECIPES["deit_world"]["epochs"]
+    epochs: int | None = None  # None: each recipe's own (those of the shipped checkpoints)
     train_size: int = 12_000
     val_size: int = 1_000
     seed: int = 0
     probe: str = "world:2000"
-    layers: tuple[str, ...] = ("blocks.3.mlp.act", "head")
+    explain_n: int = 6
     from_scratch: bool = False
+
+    @property
+    def models(self) -> tuple[DemoModel, ...]:
+        return demo_models(self.U)
+
+    def epochs_of(self, m: DemoModel) -> int:
+        return self.epochs or m.epochs
 
 
 def _complete_meta(run: Path, epochs: int) -> dict[str, Any] | None:
@@ -49,76 +85,116 @@ def _complete_meta(run: Path, epochs: int) -> dict[str, Any] | None:
     return meta if meta.get("epoch") == epochs - 1 else None
 
 
-def run_dir(cfg: DemoConfig, name: str) -> Path:
-    """Where model ``name`` ("cvn" / "twin") lives: the shipped checkpoint, or the demo's own run."""
-    shipped = SHIPPED / f"{cfg.arch}_{'u' + str(cfg.U) if name == 'cvn' else cfg.act}"
-    meta = _complete_meta(shipped, cfg.epochs) if not cfg.from_scratch else None
-    if meta and (shipped / "model.safetensors").is_file() \
+def run_dir(cfg: DemoConfig, m: DemoModel) -> Path:
+    """Where model ``m`` lives: the shipped checkpoint, or the demo's own run."""
+    meta = _complete_meta(m.shipped, cfg.epochs_of(m)) if not cfg.from_scratch else None
+    if meta and (m.shipped / "model.safetensors").is_file() \
             and meta.get("config", {}).get("train_size", cfg.train_size) == cfg.train_size:
-        return shipped  # never trained into: another --epochs / --train-size gets a run of its own
-    return cfg.out / "runs" / name
+        return m.shipped  # never trained into: another --epochs / --train-size gets a run of its own
+    return cfg.out / "runs" / m.name
 
 
 def train_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
-    """Stage 1: the CVN and its twin: the shipped checkpoints, or trained here (``from_scratch``,
-    resumed from their last checkpoint if interrupted)."""
+    """Stage 1: every model: the shipped checkpoint, or trained here (``from_scratch``, resumed
+    from its last checkpoint if interrupted)."""
     metas = {}
-    for name, kind in (("cvn", {"U": cfg.U}), ("twin", {"act": cfg.act})):
-        run = run_dir(cfg, name)
-        meta = _complete_meta(run, cfg.epochs)
+    for m in cfg.models:
+        run = run_dir(cfg, m)
+        meta = _complete_meta(run, cfg.epochs_of(m))
         if meta is not None:
-            metas[name] = meta
+            metas[m.name] = meta
             continue
-        tc = train.TrainConfig(arch=cfg.arch, data="world:object", out=str(run), epochs=cfg.epochs,
-                               train_size=cfg.train_size, val_size=cfg.val_size, seed=cfg.seed, **kind)
+        tc = train.TrainConfig(arch=m.arch, data="world:object", out=str(run), epochs=cfg.epochs_of(m),
+                               train_size=cfg.train_size, val_size=cfg.val_size, seed=cfg.seed, U=m.U, act=m.act)
         resume = train.latest_checkpoint(run) is not None
-        metas[name] = train.train(tc, resume=resume, force=not resume)
+        metas[m.name] = train.train(tc, resume=resume, force=not resume)
     return metas
 
 
 def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
-    """Stage 2: label both models' neurons (skipped when labels of the same run already exist)."""
+    """Stage 2: label each model's neurons (skipped when labels of the same run, probe and signal exist)."""
     import dissect
     import record
 
     results = {}
-    for name in ("cvn", "twin"):
-        run, out = run_dir(cfg, name), cfg.out / "labels" / name
-        labels = out / "labels.json"
-        if labels.is_file():
+    defaults = dissect.DissectConfig(model="", layers=[])
+    for m in cfg.models:
+        run, out = run_dir(cfg, m), cfg.out / "labels" / m.name
+        if (out / "labels.json").is_file():
             prov = dissect.read_labels(out)["provenance"]
-            if prov["model_hash"] == record.model_hash(record.load_model(str(run))[0]) and prov["probe"] == cfg.probe:
-                results[name] = {"out": str(out), "cached": True}
+            same = (prov["model_hash"] == record.model_hash(record.load_model(str(run))[0])
+                    and prov["probe"] == cfg.probe and prov.get("signal") == defaults.signal
+                    and prov.get("similarity") == defaults.similarity
+                    and prov.get("gallery_share", defaults.gallery_share) in (defaults.gallery_share, None)
+                    and prov.get("format") == dissect.LABELS_FORMAT
+                    and prov.get("clip_fingerprint") == _clip_fingerprint())
+            if same:
+                results[m.name] = {"out": str(out), "cached": True}
                 continue
-        results[name] = dissect.dissect(dissect.DissectConfig(model=str(run), layers=list(cfg.layers),
-                                                              probe=cfg.probe, out=str(out)))
+        results[m.name] = dissect.dissect(dissect.DissectConfig(model=str(run), layers=list(m.layers),
+                                                                probe=cfg.probe, out=str(out)))
     return results
 
 
+def _clip_fingerprint() -> str:
+    import clip_backend
+
+    return clip_backend.load_clip().fingerprint
+
+
 def evaluate_models(cfg: DemoConfig) -> dict[str, Any]:
-    """Stage 3: label quality of both models, side by side (CLIP-Dissect Sec. 4.2 + world AUROC)."""
+    """Stage 3: label quality, winner certainty and explanation precision of every model."""
     import evaluate
 
-    res = evaluate.jsonable(evaluate.evaluate([str(cfg.out / "labels" / n) for n in ("cvn", "twin")]))
+    res = evaluate.jsonable(evaluate.evaluate([str(cfg.out / "labels" / m.name) for m in cfg.models]))
     write_json_atomic(cfg.out / "evaluation.json", res)
     return res
 
 
-def explain_images(cfg: DemoConfig, n: int = 6) -> dict[str, list[dict[str, Any]]]:
-    """Stage 4: the active neurons of the last MLP layer for ``n`` probe images, per model."""
+def explain_images(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
+    """Stage 4: the winners of each model's dissected hidden layer for ``explain_n`` probe images."""
     import dissect
     import explain
     import record
 
-    seed = int(cfg.probe.split(":")[2]) if cfg.probe.count(":") == 2 else 2
+    seed = record.load_probe(cfg.probe).world_seed
     out: dict[str, list[dict[str, Any]]] = {}
-    for name in ("cvn", "twin"):
-        model, meta = record.load_model(str(run_dir(cfg, name)))
-        labels = dissect.read_labels(cfg.out / "labels" / name)
-        out[name] = [explain.explain_image(model, meta, labels, cfg.layers[0], f"world:{seed}:{i}", seed=cfg.seed)
-                     for i in range(n)]
+    for m in cfg.models:
+        model, meta = record.load_model(str(run_dir(cfg, m)))
+        labels = dissect.read_labels(cfg.out / "labels" / m.name)
+        out[m.name] = [explain.explain_image(model, meta, labels, m.layers[0], f"world:{seed}:{i}", seed=cfg.seed,
+                                             samples=4) for i in range(cfg.explain_n)]
     write_json_atomic(cfg.out / "explanations.json", out)
     return out
+
+
+def summarise(cfg: DemoConfig, metas: dict[str, dict[str, Any]], evaluation: dict[str, Any],
+              explanations: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One record per model: accuracy, and the label / competition figures of its two layers."""
+    summary: dict[str, dict[str, Any]] = {}
+    for m in cfg.models:
+        meta = metas[m.name]
+        s: dict[str, Any] = {"run": str(run_dir(cfg, m)), "arch": m.arch, "U": meta.get("U"), "act": meta.get("act"),
+                             "val_top1": meta["metrics"]["val_top1"],
+                             "val_top1_argmax": meta["metrics"]["val_top1_argmax"],
+                             "test": meta.get("test"), "train_seconds": meta.get("train_seconds")}
+        for r in (r for r in evaluation["runs"] if Path(r["labels"]).name == m.name):
+            if r.get("output_layer"):
+                s.update(output_layer=r["layer"], final_layer_accuracy=r["output_layer"].get("accuracy_percent"))
+                continue
+            w, ti, ex, ez, c = (r.get(k) or {} for k in ("world", "top_images", "explanations", "explanations_z",
+                                                          "certainty"))
+            s.update(hidden_layer=r["layer"], signal=r.get("signal"), similarity=r.get("similarity"),
+                     hidden_layer_accuracy=w.get("hidden_accuracy_percent"), selective_neurons=w.get("selective"),
+                     selective_top=ti.get("selective"), named_right=ti.get("right_percent"),
+                     names_world=ti.get("world_percent"), explanation_precision=ex.get("precision_percent"),
+                     explanation_precision_z=ez.get("precision_percent"),
+                     max_pi=c.get("max_pi"), agree4=c.get("agree4"),
+                     active_per_example=r["active_per_example"], K=r["K"])
+        s["explained"] = [{"image": e["image"], "prediction": e["prediction"]["class"], "n_active": e["n_active"]}
+                          for e in explanations[m.name]]
+        summary[m.name] = s
+    return summary
 
 
 def run(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
@@ -131,26 +207,7 @@ def run(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     dissect_models(cfg)
     evaluation = evaluate_models(cfg)
     explanations = explain_images(cfg)
-    summary = {
-        name: {"run": str(run_dir(cfg, name)), "U": m.get("U"), "act": m.get("act"),
-               "val_top1": m["metrics"]["val_top1"], "val_top1_argmax": m["metrics"]["val_top1_argmax"],
-               "test": m.get("test"), "train_seconds": m.get("train_seconds")}
-        for name, m in metas.items()
-    }
-    for name in summary:
-        rows = [r for r in evaluation["runs"] if r["labels"].endswith(f"labels/{name}")]
-        for r in rows:
-            key = "output" if r.get("output_layer") else "hidden"
-            summary[name][f"{key}_layer"] = r["layer"]
-            if r.get("output_layer"):
-                summary[name]["final_layer_accuracy"] = r["output_layer"].get("accuracy_percent")
-            else:
-                summary[name]["hidden_layer_accuracy"] = (r.get("world") or {}).get("hidden_accuracy_percent")
-                summary[name]["selective_neurons"] = (r.get("world") or {}).get("selective")
-                summary[name]["active_per_example"] = r["active_per_example"]
-                summary[name]["K"] = r["K"]
-        summary[name]["explained"] = [{"image": e["image"], "prediction": e["prediction"]["class"],
-                                       "n_active": e["n_active"]} for e in explanations[name]]
+    summary = summarise(cfg, metas, evaluation, explanations)
     write_json_atomic(out / "summary.json", summary)
     import report
 

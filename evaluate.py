@@ -43,6 +43,8 @@ import numpy as np
 from common import DiscoverError
 
 SELECTIVE_AUROC = 0.85
+EXPLAIN_IMAGES = 100  # world probes: explained images behind the explanation precision
+EXPLAIN_SAMPLES = 4  # posterior draws per explained image (the paper's 4)
 TOP_SHARE = 0.8  # a unit's top images "share" a value when at least this fraction of them has it
 OUTPUT_LAYERS = ("head", "fc", "classifier")
 DEFAULT_SENTENCE_MODEL = "all-MiniLM-L6-v2"
@@ -111,6 +113,13 @@ def world_attributes(probe: str) -> tuple[list[tuple[str, str]], np.ndarray, str
     values = [(a, v) for a, vs in world.ATTRIBUTES.items() for v in vs]
     Y = np.array([[img[a] == v for a, v in values] for img in attrs], bool).reshape(p.n, len(values))
     return values, Y, p.fingerprint
+
+
+def record_probe_seed(probe: str) -> int:
+    """The world seed of a ``world:N[:SEED]`` probe."""
+    import record
+
+    return int(record.load_probe(probe).world_seed)
 
 
 def _words(text: str) -> list[str]:
@@ -302,6 +311,50 @@ def top_image_metrics(top_images: Sequence[Sequence[int]], labels: Sequence[str]
             "world_percent": 100.0 * naming / labelled if labelled else None, "units": units}
 
 
+def concept_fits(concept: str, attrs: dict[str, str], values: list[tuple[str, str]]) -> bool:
+    """Whether ``concept`` says something true of an image with ``attrs``: it names at least one
+    attribute value of the world and every value it names is the image's (a class name such as
+    "red circle" names two)."""
+    named = label_names(concept, values) if concept else []
+    return bool(named) and all(attrs.get(values[j][0]) == values[j][1] for j in named)
+
+
+def explanation_precision(explanations: Sequence[dict[str, Any]], attrs: Sequence[dict[str, str]],
+                          values: list[tuple[str, str]], top: int = 7) -> dict[str, Any]:
+    """DISCOVER Table 4's claim as a number: over the explained images, the share of the ``top``
+    listed concepts (the first ``top`` rows of each explanation) that fit the image
+    (:func:`concept_fits`); ``explanations[i]`` explains the image with ``attrs[i]``."""
+    listed = fits = 0
+    for ex, a in zip(explanations, attrs):
+        for n in ex["neurons"][:top]:
+            listed += 1
+            fits += concept_fits(n.get("concept") or "", a, values)
+    return {"images": len(explanations), "top": top, "listed": listed, "fit": fits,
+            "precision_percent": 100.0 * fits / listed if listed else None}
+
+
+def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: int = 64) -> dict[str, dict[str, float]]:
+    """Per LWTA layer, over every block of the probe images (the deterministic argmax forward, so
+    pi depends on the image alone): mean max pi, mean entropy (nats) and ``agree4``, the mean chance
+    that 4 posterior draws pick the same winner (sum_u pi_u^4)."""
+    import torch
+
+    import lwta
+    import record
+
+    old = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
+    meter = lwta.CertaintyMeter(model)
+    lwta.set_mode(model, "argmax")
+    try:
+        with torch.inference_mode(), meter:
+            for images in probe.batches(batch_size, int(meta["img_size"]), meta.get("interpolation", "bilinear")):
+                model(record._to_input(images, meta, record._device_of(model)))
+    finally:
+        for n, m in lwta.lwta_modules(model).items():
+            m.mode = old[n]
+    return meter.means()
+
+
 # --- one labels directory -----------------------------------------------------------------------------
 
 class _Run:
@@ -318,6 +371,10 @@ class _Run:
         self.model_spec = model_spec or self.prov.get("model")
         self.signal = self.prov.get("signal", "sample")  # labels older than the signal option: sampled
         self._model: tuple[Any, dict[str, Any]] | None = None
+        self._certainty: dict[str, dict[str, float]] | None = None
+        self.paths: dict[str, Path] = {}  # the activation file each layer was read from
+        self.explicit = bool(model_spec)
+        self.missing_model: str | None = None
         if model_spec:  # given explicitly: check now that the labels belong to it
             self.model()
 
@@ -332,6 +389,17 @@ class _Run:
             explain.check_labels(model, self.labels, where=f"--labels {self.dir}")
             self._model = (model, meta)
         return self._model
+
+    def model_or_none(self) -> tuple[Any, dict[str, Any]] | None:
+        """The model, or None when the provenance names one that cannot be loaded here (the
+        figures that need it are then left out with a note); an explicit --model always loads."""
+        try:
+            return self.model()
+        except DiscoverError as e:
+            if self.explicit:
+                raise
+            self.missing_model = str(e)
+            return None
 
     @property
     def classes(self) -> list[str] | None:
@@ -349,8 +417,15 @@ class _Run:
             with contextlib.suppress(DiscoverError):
                 A, meta = record.read_activations(path)
                 if self._matches(meta, info, A):
+                    self.paths[layer] = Path(path)
                     return A, meta
         return self._record(layer)
+
+    def wins(self, layer: str) -> np.ndarray | None:
+        """The winner indicators recorded beside the layer's activations (LWTA layers), else None."""
+        import record
+
+        return record.read_wins(self.paths[layer]) if layer in self.paths else None
 
     def _matches(self, meta: dict[str, str], info: dict[str, Any], A: np.ndarray) -> bool:
         p = self.prov
@@ -363,6 +438,31 @@ class _Run:
                 and (meta.get("lwta") != "yes" or meta.get("signal", "sample") == info.get("signal", "sample"))
                 and (not stochastic or meta.get("seed") == str(p.get("seed"))))
 
+    def certainty(self) -> dict[str, dict[str, float]]:
+        """:func:`winner_certainty` of the model on the labels' probe (computed once)."""
+        if self._certainty is None:
+            import record
+
+            model, meta = self.model()
+            self._certainty = winner_certainty(model, meta, record.load_probe(self.prov["probe"]))
+        return self._certainty
+
+    def explanation_precision(self, layer: str, n: int, values: list[tuple[str, str]],
+                              samples: int = EXPLAIN_SAMPLES, sort: str = "activation") -> dict[str, Any]:
+        """:func:`explanation_precision` of ``layer`` on the first ``n`` probe images (world probes),
+        each explained with ``samples`` posterior draws, listed in ``sort`` order."""
+        import explain
+        import world
+
+        model, meta = self.model()
+        seed = record_probe_seed(self.prov["probe"])
+        n = min(n, int(self.prov.get("probe_n", n)))
+        exs = [explain.explain_image(model, meta, self.labels, layer, f"world:{seed}:{i}", samples=samples,
+                                     mode=self.prov.get("mode", "sample"), seed=int(self.prov.get("seed", 0)),
+                                     sort=sort) for i in range(n)]
+        _, attrs = world.render_batch(seed, 0, n, size=16)
+        return explanation_precision(exs, attrs, values)
+
     def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         import record
         model, meta = self.model()
@@ -374,6 +474,7 @@ class _Run:
         cache = record.activation_cache(self.prov["model_hash"], probe, signal=signal, mode=mode, seed=seed)
         paths = record.record_layers(model, meta, [layer], probe, cache, summary=summary, mode=mode, seed=seed,
                                      signal=signal, progress=False)
+        self.paths[layer] = paths[layer]
         return record.read_activations(paths[layer])
 
 
@@ -382,7 +483,7 @@ def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
 
 
 def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sentence: Callable | None,
-                 sentence_name: str, world_cache: dict[str, Any]) -> list[dict[str, Any]]:
+                 sentence_name: str, world_cache: dict[str, Any], explain_n: int = 0) -> list[dict[str, Any]]:
     """One row of figures per labelled layer of ``run``."""
     import clip_backend
 
@@ -406,13 +507,17 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
         scores = np.array([n.get("similarity") if n.get("similarity") is not None else np.nan
                            for n in neurons], np.float64)
         dead = int(sum(bool(n.get("dead")) for n in neurons))
-        interpretable = int(np.sum(np.isfinite(scores) & (scores > cutoff)))
+        soft = info.get("similarity", prov.get("similarity")) == "soft_wpmi"  # the cutoff's scale
+        interpretable = int(np.sum(np.isfinite(scores) & (scores > cutoff))) if soft else None
         row: dict[str, Any] = {
-            "labels": run.dir, "model": run.model_spec, "similarity": prov.get("similarity"),
+            "labels": run.dir, "model": run.model_spec, "similarity": info.get("similarity", prov.get("similarity")),
+            "signal": info.get("signal", prov.get("signal", "sample") if U else "output"),
             "probe": probe, "layer": layer, "K": K, "U": U, "lwta": bool(competitive),
             "dead": dead, "cutoff": cutoff, "interpretable": interpretable,
-            "interpretable_percent": 100.0 * interpretable / K, **activity(A, competitive),
-            "output_layer": None, "world": None, "notes": [],
+            "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K, **activity(A if (W := run.wins(layer)) is None else W, competitive),
+            "output_layer": None, "world": None, "top_images": None, "explanations": None, "explanations_z": None,
+            "certainty": None,
+            "notes": [],
         }
         classes = run.classes
         if _is_output_layer(layer, K, classes):
@@ -435,15 +540,30 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
             values, Y, fingerprint = world_gt
             if Y.shape[0] == A.shape[0]:
                 row["world"] = world_metrics(A, labels, values, Y)
+                row["top_images"] = top_image_metrics([n.get("top_images") or [] for n in neurons], labels,
+                                                      values, Y)
+                if explain_n and not row["output_layer"] and run.model_or_none() is not None:
+                    row["explanations"] = run.explanation_precision(layer, explain_n, values)
+                    row["explanations_z"] = run.explanation_precision(layer, explain_n, values, sort="z")
             if fingerprint != prov.get("probe_fingerprint"):
                 row["notes"].append("world.py changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
+        if U and run.model_or_none() is not None and lwta_layer(run, layer):
+            row["certainty"] = run.certainty().get(layer)
+        if run.missing_model:
+            row["notes"].append(f"explanation precision and winner certainty left out: {run.missing_model}")
         rows.append(row)
     return rows
 
 
+def lwta_layer(run: "_Run", layer: str) -> bool:
+    import lwta
+
+    return layer in lwta.lwta_modules(run.model()[0])
+
+
 def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_model: str | None = None,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None, explain_images: int = EXPLAIN_IMAGES) -> dict[str, Any]:
     """Evaluate every labelled layer of every labels directory.
 
     ``models``: none (each dir's provenance model), one (for every dir) or one per dir; a model that
@@ -469,7 +589,7 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     for r in runs:
         if log:
             log(f"evaluating {r.dir}")
-        rows += evaluate_run(r, clip_encoders, sentence, sentence_name, world_cache)
+        rows += evaluate_run(r, clip_encoders, sentence, sentence_name, world_cache, explain_images)
     return {"sentence_model": sentence_name, "selective_auroc": SELECTIVE_AUROC, "runs": rows}
 
 
@@ -507,7 +627,11 @@ def table(result: dict[str, Any]):
     t = Table(title=f"label evaluation (selective: best attribute AUROC >= {result['selective_auroc']})")
     cols = ["labels", "layer", "K/U", "active/ex", "dead", "interp."]
     cols += ["out acc", "CLIP cos", "sent. cos"] if has_out else []
-    cols += ["selective", "hidden acc"] if has_world else []
+    cols += ["selective", "hidden acc", "sel. (top 20)", "named right", "names world"] if has_world else []
+    has_expl = any(r.get("explanations") for r in runs)
+    has_cert = any(r.get("certainty") for r in runs)
+    cols += ["expl. prec. (act. / z)"] if has_expl else []
+    cols += ["max pi", "4 agree"] if has_cert else []
     for c in cols:
         t.add_column(c, justify="left" if c in ("labels", "layer") else "right",
                      overflow="fold" if c in ("labels", "layer") else "ellipsis")
@@ -517,16 +641,25 @@ def table(result: dict[str, Any]):
         short = {d: d for d in dirs}
     for r in runs:
         o, w = r["output_layer"], r["world"]
-        cells = [f"{short[r['labels']]}\n[dim]{r['similarity'] or '?'}[/]", r["layer"],
+        cells = [f"{short[r['labels']]}\n[dim]{r['similarity'] or '?'}, {r.get('signal') or '?'}[/]", r["layer"],
                  f"{r['K']}/{r['U']}" if r["U"] else str(r["K"]),
                  f"{r['active_per_example']:.1f} ({r['active_percent']:.0f}%)", str(r["dead"]),
-                 f"{r['interpretable_percent']:.1f}%"]
+                 _pct(r["interpretable_percent"])]
         if has_out:
             cells += [_pct(o["accuracy_percent"]), _cos(o["clip_cos"]), _cos(o["sentence_cos"], "n/a")] if o \
                 else ["-"] * 3
         if has_world:
             cells += [f"{w['selective']} ({w['selective_percent']:.0f}%)", _pct(w["hidden_accuracy_percent"])] if w \
                 else ["-"] * 2
+            ti = r.get("top_images")
+            right = _pct(ti["right_percent"]) if ti and not o else "-"
+            cells += [str(ti["selective"]) if ti and not o else "-", right, _pct(ti["world_percent"]) if ti else "-"]
+        if has_expl:
+            e, ez = r.get("explanations"), r.get("explanations_z")
+            cells.append(f"{_pct(e['precision_percent'])} / {_pct(ez['precision_percent']) if ez else '-'}" if e else "-")
+        if has_cert:
+            c = r.get("certainty")
+            cells += [f"{c['max_pi']:.3f}", f"{100 * c['agree4']:.1f}%"] if c else ["-", "-"]
         t.add_row(*cells)
     notes = list(dict.fromkeys(f"{short[r['labels']]}: {n}" if "world.py" in n or "CLIP" in n
                                else f"{short[r['labels']]} {r['layer']}: {n}" for r in runs for n in r["notes"]))

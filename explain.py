@@ -20,10 +20,12 @@ From Python::
     res["neurons"][0]          # {"unit", "block", "competitor", "concept", "score", "activation", "win_rate", ...}
 
 With ``samples`` S > 1 the image is run through S independent posterior draws (in a batch of S copies);
-a neuron's ``win_rate`` is the fraction of draws in which it was active, its ``activation`` the mean of
-its output over the S draws (0 in the draws it lost: a Monte Carlo estimate of the expected output,
-the quantity the list is sorted by) and ``activation_when_active`` its mean over the draws it won.
-The class prediction averages the S draws' logits (the paper's Bayesian averaging).
+a neuron's ``win_rate`` is the fraction of draws in which it was active. For an LWTA layer with one
+competition per block per image (a class token) the list shows each block's winner with its ``pi``
+(softmax of the block's responses, Eq. 2: how sure the competition was) and its ``activation``, the
+linear response it passes on when it wins (Eq. 1); elsewhere ``activation`` is the mean output over
+the draws. Sorted by activation (Table 4: top 7, bottom 6) or by pi. The class prediction averages
+the S draws' logits (the paper's Bayesian averaging).
 """
 from __future__ import annotations
 
@@ -145,58 +147,78 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise DiscoverError(f"the model returns a {type(out).__name__}, not logits")
 
 
-def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary: str
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run ``n`` copies of input ``x`` (1 x 3 x S x S); returns (values n x K, active mask n x K,
-    logits n x C) of the layer under the dissection's ``summary``."""
+def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary: str,
+           signal: str = "pi") -> dict[str, np.ndarray]:
+    """Run ``n`` copies of input ``x`` (1 x 3 x S x S) through the model. Returns, each with one
+    row per draw, ``values`` (n x K: the layer's output under the dissection's ``summary``),
+    ``active`` (n x K: the block winners of an LWTA layer, the positive neurons of any other),
+    ``logits`` (n x C) and, for an LWTA layer, ``pi`` (n x K: each unit's winning probability,
+    summarised the same way), ``h`` (n x K: its linear response, summarised) and ``signal`` (n x K:
+    the LWTA ``signal`` the layer was dissected with, ``record.neuron_signal``, summarised)."""
     import record
 
     has_cls = _has_cls(model)
     captured: dict[str, Any] = {}
 
-    def hook(_m, _inp, out):
+    def hook(_m, inp, out):
         if not isinstance(out, torch.Tensor):
             raise DiscoverError("the explained layer outputs a "
                                 f"{type(out).__name__}, not a tensor; explain one of its submodules")
         captured["out"] = out.detach().float()
+        captured["in"] = inp[0].detach().float() if inp and isinstance(inp[0], torch.Tensor) else None
 
-    values, masks, logits = [], [], []
+    competitive = isinstance(module, lwta.LWTABase)
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("values", "active", "logits", "pi", "h", "signal")}
     handle = module.register_forward_hook(hook)
     try:
         for start in range(0, n, DRAW_BATCH):
             b = min(DRAW_BATCH, n - start)
             captured.clear()
-            logits.append(_first_tensor(model(x.expand(b, *x.shape[1:]))).float().reshape(b, -1).cpu())
+            rows["logits"].append(_first_tensor(model(x.expand(b, *x.shape[1:]))).float().reshape(b, -1).cpu())
             if "out" not in captured:
                 raise DiscoverError("the explained layer did not run in the forward pass")
             out = captured["out"]
             v, applied, _ = record.summarise(out, summary, has_cls)
-            if isinstance(module, lwta.LWTA) and (out.dim() == 2 or (out.dim() == 3 and applied == "cls")):
+            if competitive:
+                h = captured["in"]
+                rows["pi"].append(record.summarise(record.neuron_signal(module, h, out, "pi"), summary, has_cls)[0].cpu())
+                rows["h"].append(record.summarise(h, summary, has_cls)[0].cpu())
+                rows["signal"].append(record.summarise(record.neuron_signal(module, h, out, signal), summary,
+                                                       has_cls)[0].cpu())
                 # exactly the block winners (a winner whose response is exactly 0 still counts)
-                w = lwta.winners(module)
-                w = w[:, 0] if out.dim() == 3 else w
-                flat = w + torch.arange(w.shape[-1], device=w.device) * module.U
-                m = torch.zeros_like(v, dtype=torch.bool).scatter_(1, flat.long(), True)
-            elif isinstance(module, lwta.LWTABase):
-                m = v != 0  # spatial/token means of a competitive map: every unit that won somewhere
+                m = record.summarise(record.winner_mask(module, h, "sample"), summary, has_cls)[0] > 0
             else:
                 m = v > 0  # GELU / ReLU / linear: the positive neurons
-            values.append(v.cpu())
-            masks.append(m.cpu())
+            rows["values"].append(v.cpu())
+            rows["active"].append(m.cpu())
     finally:
         handle.remove()
-    return torch.cat(values).numpy(), torch.cat(masks).numpy(), torch.cat(logits).numpy()
+    return {k: torch.cat(r).numpy() for k, r in rows.items() if r}
+
+
+SORTS = ("activation", "pi", "z")
 
 
 def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any], layer: str | None,
-                  image: Any, samples: int = 1, mode: str = "sample", seed: int = 0) -> dict[str, Any]:
-    """The active neurons of ``layer`` for one image, with their concepts, sorted by activation.
+                  image: Any, samples: int = 1, mode: str = "sample", seed: int = 0,
+                  sort: str = "activation") -> dict[str, Any]:
+    """The active neurons of ``layer`` for one image, with their concepts.
 
     ``image``: a file path, ``world:SEED:INDEX``, a PIL image or a uint8 array. ``layer`` None: the
     last LWTA layer of the labels (else their first). ``mode``: LWTA winners sampled from the
     posterior (seeded with ``seed``; ``samples`` draws) or the argmax. ``labels`` must come from
-    this model (its hash). Returns a JSON-ready dict: ``prediction``, ``n_active`` (neurons active in
-    at least one draw), ``K``, ``neurons`` (every active neuron, highest activation first).
+    this model (its hash).
+
+    For an LWTA layer whose summary leaves one competition per block (a class token, a vector), the
+    list has one row per block: its winner (the unit that won most of the draws; ties to the
+    larger pi), the winner's pi (how sure the competition was; mean over draws), ``win_rate`` (the
+    share of draws it won) and ``activation`` (its linear response h when it won, Eq. 1). For a
+    conv map or a token mean, every unit that won somewhere, with its mean pi. For any other layer,
+    the positive neurons. Sorted by ``sort``: "activation" (descending, signed: DISCOVER Table 4
+    shows the top 7 and the bottom 6), "pi" (descending) or "z": how far the unit's dissected signal
+    on this image lies above its mean over the probe, in standard deviations (the labels' per-unit
+    ``signal_mean`` / ``signal_std``): the units this image moves most, whatever their scale.
+    Returns a JSON-ready dict.
     """
     import record
 
@@ -204,6 +226,8 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
         raise DiscoverError(f"--samples must be at least 1, got {samples}")
     if mode not in lwta.MODES:
         raise DiscoverError(f"--mode must be one of {', '.join(lwta.MODES)}, got {mode!r}")
+    if sort not in SORTS:
+        raise DiscoverError(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
     check_labels(model, labels)
     layer = layer or default_layer(model, labels)
     check_layer(labels, layer)
@@ -223,22 +247,37 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
             torch.manual_seed(seed)
-            values, mask, logits = _draws(model, module, x, n_draws, summary)
+            signal = linfo.get("signal") or labels["provenance"].get("signal") or "sample"
+            d = _draws(model, module, x, n_draws, summary, signal if signal in record.SIGNALS else "sample")
     finally:
         for n, m in lwta.lwta_modules(model).items():
             m.mode = old_modes[n]
         model.train(was_training)
 
+    values, mask, logits = d["values"], d["active"], d["logits"]
     K = values.shape[1]
     if linfo.get("K") not in (None, K):
         raise DiscoverError(f"--layer {layer}: the labels have {linfo['K']} neurons, the model's layer {K}")
-    wins = mask.sum(0)
-    mean_act = np.where(mask, values, 0.0).mean(0)
-    when_active = np.where(wins > 0, np.where(mask, values, 0.0).sum(0) / np.maximum(wins, 1), 0.0)
     by_unit = {int(n["unit"]): n for n in labels.get("neurons", []) if n.get("layer") == layer}
     U = getattr(module, "U", None) if isinstance(module, lwta.LWTABase) else None
-    active = np.flatnonzero(wins > 0)
-    order = active[np.lexsort((active, -mean_act[active]))]  # activation, descending; ties: unit
+    wins = mask.sum(0)
+    pi = d["pi"].mean(0) if "pi" in d else None
+    per_block = U is not None and bool((mask.sum(1) == K // U).all())  # one winner per block, each draw
+    if per_block:
+        B = K // U
+        w = wins.reshape(B, U).astype(np.float64) + 1e-9 * pi.reshape(B, U)  # ties: the larger pi
+        shown = np.arange(B) * U + w.argmax(1)
+        act = np.where(mask, d["h"], 0.0).sum(0) / np.maximum(wins, 1)  # h when it won
+    else:
+        shown = np.flatnonzero(wins > 0)
+        act = np.where(mask, values, 0.0).mean(0)  # the mean output over the draws
+    when_active = np.where(wins > 0, np.where(mask, values, 0.0).sum(0) / np.maximum(wins, 1), 0.0)
+    sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
+    mu = np.array([_num(by_unit.get(k, {}).get("signal_mean")) or 0.0 for k in range(K)])
+    sd = np.array([_num(by_unit.get(k, {}).get("signal_std")) or 0.0 for k in range(K)])
+    z = np.where(sd > 0, (sig - mu) / np.where(sd > 0, sd, 1.0), 0.0)
+    key = {"activation": act, "pi": act if pi is None else pi, "z": z}[sort][shown]
+    order = shown[np.lexsort((shown, -key))]  # descending; ties: unit
     neurons = []
     for k in order:
         rec = by_unit.get(int(k), {})
@@ -246,8 +285,9 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
         neurons.append({
             "unit": int(k), "block": int(k) // U if U else None, "competitor": int(k) % U if U else None,
             "concept": rec.get("description", ""), "score": _num(rec.get("similarity")),
-            "interpretable": bool(rec.get("interpretable", False)),
-            "activation": float(mean_act[k]), "activation_when_active": float(when_active[k]),
+            "interpretable": rec.get("interpretable"),
+            "activation": float(act[k]), "activation_when_active": float(when_active[k]),
+            "pi": None if pi is None else float(pi[k]), "z": float(z[k]),
             "win_rate": float(wins[k]) / n_draws, "top_concepts": top[:3]})
 
     mean_logits = logits.mean(0)
@@ -260,12 +300,13 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
 
     return {
         "image": name, "layer": layer, "K": K, "U": U, "summary": summary, "mode": mode,
-        "samples": samples, "draws": n_draws, "seed": seed if stochastic else None,
+        "samples": samples, "draws": n_draws, "seed": seed if stochastic else None, "sort": sort,
+        "per_block": per_block, "signal": linfo.get("signal"),
         "prediction": {"index": int(top_classes[0]), "class": cname(int(top_classes[0])),
                        "probability": float(probs[top_classes[0]])},
         "top_classes": [{"index": int(i), "class": cname(int(i)), "probability": float(probs[i])}
                         for i in top_classes],
-        "n_active": int(len(active)), "active_fraction": len(active) / K,
+        "n_active": int((wins > 0).sum()), "active_fraction": float((wins > 0).sum()) / K,
         "mean_active_per_draw": float(mask.sum(1).mean()),
         "neurons": neurons,
     }
@@ -302,7 +343,9 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     title = f"{res['image']}: [bold]{p['class']}[/] ({100 * p['probability']:.1f}%)\n{res['layer']}: {active}"
     t = Table(title=title, caption=how)
     sampled, blocks = res["draws"] > 1, res["U"] is not None
-    for col in ("#", "neuron", *(["block/comp"] if blocks else []), "concept", "score", "activation",
+    if res.get("per_block"):
+        how += f"; one row per block, its winner, sorted by {res.get('sort', 'activation')}"
+    for col in ("#", "neuron", *(["block/comp", "pi"] if blocks else []), "concept", "score", "activation",
                 *(["wins"] if sampled else [])):
         t.add_column(col, justify="left" if col == "concept" else "right")
     neurons = res["neurons"]
@@ -316,13 +359,14 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
         gap = top
     for j, (i, r) in enumerate(shown):
         if gap is not None and j == gap:
-            t.add_row("…", "", *([""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]", "", "",
+            t.add_row("…", "", *(["", ""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]", "", "",
                       *([""] if sampled else []))
         concept = r["concept"] or "[dim](dead)[/]"
-        if r["concept"] and not r["interpretable"]:
+        if r["concept"] and r["interpretable"] is False:
             concept = f"[dim]{r['concept']}[/]"
         score = "-" if r["score"] is None else f"{r['score']:.3f}"
-        t.add_row(str(i + 1), str(r["unit"]), *([f"{r['block']}/{r['competitor']}"] if blocks else []), concept,
+        pi = "-" if r.get("pi") is None else f"{r['pi']:.2f}"
+        t.add_row(str(i + 1), str(r["unit"]), *([f"{r['block']}/{r['competitor']}", pi] if blocks else []), concept,
                   score, f"{r['activation']:+.3f}",
                   *([f"{100 * r['win_rate']:.0f}%"] if sampled else []))
     return t

@@ -101,7 +101,7 @@ def _evaluate(sources: list[Source]) -> tuple[dict[str, Any] | None, str | None]
     import evaluate
 
     try:
-        return evaluate.jsonable(evaluate.evaluate([str(s.path) for s in sources])), None
+        return evaluate.jsonable(evaluate.evaluate([str(s.path) for s in sources], explain_images=0)), None
     except DiscoverError as e:
         return None, f"evaluation unavailable: {e}"
 
@@ -380,7 +380,10 @@ def _models(summary: dict[str, Any] | None, sources: list[Source]) -> list[dict[
     seen: dict[str, dict[str, Any]] = {}
     for s in sources:
         p = s.labels["provenance"]
-        seen.setdefault(p.get("model", s.name), {"name": p.get("model", s.name), "arch": p.get("arch")})
+        units = [info.get("U") for info in s.labels["layers"].values() if info.get("U")]
+        seen.setdefault(p.get("model", s.name), {"name": p.get("model", s.name), "arch": p.get("arch"),
+                                                 "U": units[0] if units else None, "act": None, "test": None,
+                                                 "run": p.get("model", s.name)})
     return list(seen.values())
 
 

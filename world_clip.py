@@ -170,6 +170,21 @@ def heldout_vocabulary() -> list[str]:
     return [w for w, out in zip(words, _holdout_mask(len(words))) if out]
 
 
+def write_heldout_concepts(path: Path | str = REPO_DIR / "concepts" / "world_heldout.txt", n: int = 445,
+                           seed: int = 2026) -> Path:
+    """Write a concept list of the world's 99 concepts (the head of ``concepts/world.txt``) and
+    ``n`` words drawn (seeded) from :func:`heldout_vocabulary`: labels judged on words the
+    null-word training never used."""
+    import concepts
+
+    held = heldout_vocabulary()
+    pick = sorted(np.random.default_rng(seed).choice(len(held), n, replace=False))
+    words = concepts.load_concepts("world")[:99] + [held[i] for i in pick]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(words) + "\n")
+    return Path(path)
+
+
 # Short descriptions of an image (what a concept list holds): one or two attribute values in the
 # forms the prompts use. Each phrase is true of an image when every value it names holds.
 PHRASE_FORMS: list[tuple[tuple[str, ...], str]] = [
@@ -330,7 +345,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
                                           "negatives": negatives, "negative_vocabulary": len(vocab),
                                           "truth_weight": truth_weight, "null_weight": null_weight,
                                           "heldout_words": len(heldout_vocabulary()) if vocab else 0,
-                                          "truth_bias": round(float(bias), 4),
+                                          "truth_bias": round(float(bias.detach()), 4),
                                           "init_sha256": init_sha,
                                           "train_seconds": round(elapsed, 1), "render_seconds": round(render_s, 1)})
 

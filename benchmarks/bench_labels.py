@@ -1,105 +1,164 @@
-"""Label accuracy on the world's ground truth: a well-trained model, and ideal neurons as a ceiling.
+"""The ground-truth table of labels: model x signal x similarity, judged on the world.
 
-The demo's deit_world models learn colour but hardly shape (about 20 % top-1 on the 64 classes), so
-their output neurons cannot be named better than they respond. This benchmark takes a model that
-does learn the task, the `resnet18_world` ReLU twin (96.7 % val top-1 after its 12-epoch recipe,
-about 4 minutes on one core; trained here into --run when missing, resumable), dissects its output
-layer (`fc`) and last block (`layer4.0.act2`) with the shipped world-clip and `concepts/world.txt`,
-for every similarity function and probe size asked, and prints:
+For every model (default: the demo's four shipped checkpoints), probe and concept set, the model's
+dissected hidden layer (the demo's: the last LWTA / activation layer) and output layer are labelled
+with every LWTA signal and similarity asked, and judged:
 
-- final-layer accuracy: % of the 64 output neurons labelled exactly with their class name
-  (CLIP-Dissect Sec. 4.2; issue goal: SoftWPMI >= 90 %), and the mean CLIP cosine label/class;
-- hidden-layer accuracy of layer4.0.act2: % of attribute-selective units (AUROC >= 0.85) whose
-  label names that attribute value;
-- the same pipeline on ideal neurons (activation = "the image is of class c"): the ceiling that the
-  CLIP, concept set and similarity function allow on that probe.
+- final-layer accuracy: % of the output neurons labelled exactly with their class name
+  (CLIP-Dissect Sec. 4.2);
+- selective / named right / names the world: units whose top 20 probe images share an attribute
+  value (>= 80 % of them), the % of those whose label names only values their top images share,
+  and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
+- AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85,
+  label names that value);
+- explanation precision: of the 7 first concepts listed for each of the first ``--explain`` probe
+  images (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``).
 
-    python benchmarks/bench_labels.py                         # probes of 2 000 and 6 400 images
-    python benchmarks/bench_labels.py --probe-sizes 2000 --similarities soft_wpmi
+    python benchmarks/bench_labels.py                                  # the full table (minutes)
+    python benchmarks/bench_labels.py --signals pi --similarities auto --probes world:2000:4
+    python benchmarks/bench_labels.py --markdown docs/labels_table.md  # also write the table
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import clip_backend  # noqa: E402
 import concepts  # noqa: E402
+import demo  # noqa: E402
 import dissect  # noqa: E402
 import dissect_kernels as dk  # noqa: E402
 import evaluate  # noqa: E402
+import explain  # noqa: E402
+import lwta  # noqa: E402
 import record  # noqa: E402
-import train  # noqa: E402
 import world  # noqa: E402
 
-LAYERS = ["fc", "layer4.0.act2"]
-PROBE_SEED = 2
+SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 
 
-def ensure_model(run: Path) -> Path:
-    """The resnet18_world ReLU twin on world:object with its recipe defaults (resumes if cut off)."""
-    if (run / "meta.json").is_file() and (run / "model.safetensors").is_file():
-        meta = record.load_model(str(run))[1]
-        if meta.get("epoch", -1) + 1 >= meta["config"]["epochs"]:
-            return run
-    cfg = train.TrainConfig(arch="resnet18_world", act="relu", data="world:object", out=str(run))
-    train.train(cfg, resume=train.latest_checkpoint(run) is not None)
-    return run
-
-
-def ideal_accuracy(n: int, similarity: str, clip: clip_backend.ClipModel, names: list[str]) -> float:
-    """Final-layer accuracy of 64 ideal neurons (one-hot of the probe image's class)."""
-    probe = record.load_probe(f"world:{n}:{PROBE_SEED}")
-    P = clip_backend.similarity_matrix(clip, probe, names, progress=False)
-    attrs = world.render_batch(PROBE_SEED, 0, n)[1]
-    y = np.array([world.label(a, "object") for a in attrs])
-    A = np.ascontiguousarray(np.eye(64, dtype=np.float32)[y])
+def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str,
+            allowed: np.ndarray | None = None) -> list[str]:
+    """Each neuron's label as ``dissect`` chooses it (``dissect.neuron_rows``)."""
     S = dissect.scores(similarity, A, P)
-    classes = world.TASKS["object"]
-    return 100.0 * float(np.mean([names[j] == c for j, c in zip(S.argmax(1), classes)]))
+    return [r["description"] for r in dissect.neuron_rows("-", A, S, words, None, None, None, allowed)]
+
+
+def _explanations(model: Any, meta: dict[str, Any], layer: str, probe: record.Probe, n: int) -> list[dict[str, Any]]:
+    """The winners of ``layer`` for the first ``n`` probe images (labels filled in later)."""
+    stub = {"provenance": {"model_hash": record.model_hash(model), "summary": "auto"},
+            "layers": {layer: {"summary": "auto"}}, "neurons": []}
+    return [explain.explain_image(model, meta, stub, layer, f"world:{probe.world_seed}:{i}", samples=4)
+            for i in range(min(n, probe.n))]
+
+
+def _precision(exs: list[dict[str, Any]], labels: list[str], attrs: list[dict[str, str]], values) -> float | None:
+    relabelled = [dict(e, neurons=[dict(r, concept=labels[r["unit"]]) for r in e["neurons"]]) for e in exs]
+    return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
+
+
+def run(models: dict[str, str], probes: list[str], concept_sets: list[str], signals: list[str],
+        similarities: list[str], n_explain: int, gallery_share: float) -> list[dict[str, Any]]:
+    clip = clip_backend.load_clip()
+    check = gallery_share > 0 and clip.truth_threshold is not None
+    by_name = {m.name: m for m in demo.demo_models()}
+    rows = []
+    for probe_spec in probes:
+        probe = record.load_probe(probe_spec)
+        values, Y, _ = evaluate.world_attributes(probe_spec)
+        _, attrs = world.render_batch(probe.world_seed, 0, min(n_explain, probe.n), size=16)
+        Ps = {c: clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(c), progress=False)
+              for c in concept_sets}
+        for name, spec in models.items():
+            model, meta = record.load_model(spec)
+            hidden, output = by_name[name].layers if name in by_name else (
+                list(lwta.lwta_modules(model))[-1], dissect.output_layer(model))
+            competitive = bool(lwta.lwta_modules(model))
+            exs = _explanations(model, meta, hidden, probe, n_explain) if n_explain else []
+            for signal in (signals if competitive else ["output"]):
+                sig = signal if competitive else "pi"  # a plain layer records its output whatever is asked
+                cache = record.activation_cache(record.model_hash(model), probe, signal=sig, mode="sample", seed=0)
+                paths = record.record_layers(model, meta, [hidden, output], probe, cache, signal=sig, progress=False)
+                Ah, _ = record.read_activations(paths[hidden])
+                Ao, _ = record.read_activations(paths[output])
+                top = dk.top_images(Ah, dissect.TOP_IMAGES)
+                for cset in concept_sets:
+                    words = concepts.load_concepts(cset)
+                    allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
+                    for sim in similarities:
+                        lh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed)
+                        lo = _labels(Ao, Ps[cset], words, dissect.layer_similarity(sim, output, output))
+                        ti = evaluate.top_image_metrics(top, lh, values, Y)
+                        wm = evaluate.world_metrics(Ah, lh, values, Y)
+                        rows.append({
+                            "probe": probe_spec, "concepts": cset, "model": name, "signal": signal, "similarity": sim,
+                            "gallery": gallery_share if check else 0.0,
+                            "final_accuracy": evaluate.final_layer_metrics(lo, meta["classes"])["accuracy_percent"],
+                            "selective": ti["selective"], "named_right": ti["right_percent"],
+                            "names_world": ti["world_percent"], "auroc_selective": wm["selective"],
+                            "hidden_accuracy": wm["hidden_accuracy_percent"],
+                            "explanation_precision": _precision(exs, lh, attrs, values) if exs else None})
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("signal", "signal"),
+           ("similarity", "similarity"), ("gallery", "gallery share"), ("final_accuracy", "final-layer acc. %"), ("selective", "selective"),
+           ("named_right", "named right %"), ("names_world", "names the world %"),
+           ("auroc_selective", "AUROC selective"), ("hidden_accuracy", "AUROC hidden acc. %"),
+           ("explanation_precision", "explanation precision %")]
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    v = row[key]
+    return _pct(v) if isinstance(v, float) or v is None else str(v)
 
 
 @click.command()
-@click.option("--run", type=click.Path(file_okay=False), default=str(ROOT / "runs" / "resnet18_world_relu"),
-              show_default=True, help="The model's run directory (trained here when missing).")
-@click.option("--out", type=click.Path(file_okay=False), default=str(ROOT / "runs" / "bench_labels"),
-              show_default=True, help="Where the label tables go.")
-@click.option("--probe-sizes", default="2000,6400", show_default=True)
-@click.option("--similarities", default="soft_wpmi,wpmi,cos", show_default=True)
-def main(run: str, out: str, probe_sizes: str, similarities: str) -> None:
-    console = Console()
-    sizes = [int(s) for s in probe_sizes.split(",")]
-    sims = similarities.split(",")
-    unknown = [s for s in sims if s not in dk.SIMILARITIES]
-    if unknown:
-        raise click.BadParameter(f"unknown similarity {unknown[0]!r}; choose from {sorted(dk.SIMILARITIES)}",
+@click.option("--models", default=None, help="NAME=RUN,... (default: the demo's shipped checkpoints).")
+@click.option("--probes", default="world:2000:2,world:2000:4", show_default=True)
+@click.option("--concepts", "concept_sets", default="world,world_heldout", show_default=True)
+@click.option("--signals", default="pi,expected,sample,argmax", show_default=True)
+@click.option("--similarities", default=",".join(SIMILARITIES), show_default=True)
+@click.option("--explain", "n_explain", type=int, default=100, show_default=True,
+              help="Probe images explained for the explanation precision (0: skip).")
+@click.option("--gallery-share", type=float, default=dissect.GALLERY_SHARE, show_default=True,
+              help="dissect's gallery check of hidden-layer labels (0: off).")
+@click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the table as Markdown.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
+def main(models: str | None, probes: str, concept_sets: str, signals: str, similarities: str, n_explain: int,
+         gallery_share: float, markdown: str | None, json_out: str | None) -> None:
+    specs = dict(kv.split("=", 1) for kv in models.split(",")) if models else \
+        {m.name: str(m.shipped) for m in demo.demo_models()}
+    sims = [s for s in similarities.split(",") if s]
+    bad = [s for s in sims if s not in dissect.SIMILARITY_NAMES]
+    if bad:
+        raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {', '.join(dissect.SIMILARITY_NAMES)}",
                                  param_hint="--similarities")
-    run_dir = ensure_model(Path(run))
-    meta = record.load_model(str(run_dir))[1]
-    clip = clip_backend.load_clip("world-clip")
-    names = concepts.load_concepts("world")
-    table = Table(title=f"Label accuracy on the world: {run_dir.name} (val top-1 "
-                        f"{meta['metrics']['val_top1']:.1f} %), world-clip, concepts/world.txt")
-    for col in ("probe", "similarity", "fc accuracy", "fc CLIP cos", "ideal neurons",
-                "layer4 selective", "layer4 accuracy"):
-        table.add_column(col, justify="right")
-    for n in sizes:
-        for sim in sims:
-            labels = Path(out) / f"n{n}_{sim}"
-            dissect.dissect(dissect.DissectConfig(model=str(run_dir), layers=LAYERS, probe=f"world:{n}:{PROBE_SEED}",
-                                                  similarity=sim, out=str(labels)), log=lambda *_: None)
-            rows = {r["layer"]: r for r in evaluate.evaluate([str(labels)])["runs"]}
-            fc, l4 = rows["fc"]["output_layer"], rows["layer4.0.act2"]["world"]
-            table.add_row(str(n), sim, f"{fc['accuracy_percent']:.1f} %", f"{fc['clip_cos']:.3f}",
-                          f"{ideal_accuracy(n, sim, clip, names):.1f} %", str(l4["selective"]),
-                          f"{l4['hidden_accuracy_percent']:.1f} %")
-    console.print(table)
+    rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, gallery_share)
+    table = Table(title="Labels against the world's ground truth")
+    for _, title in COLUMNS:
+        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective") else "left")
+    for r in rows:
+        table.add_row(*[_cell(r, k) for k, _ in COLUMNS])
+    Console(width=250).print(table)
+    if markdown:
+        lines = ["| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+        lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
+        Path(markdown).write_text("\n".join(lines) + "\n")
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

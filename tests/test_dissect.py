@@ -71,7 +71,7 @@ def _reference_scores(setup: Path) -> dict[str, np.ndarray]:
 
 
 def test_labels_are_the_argmax_of_independently_computed_scores(setup: Path) -> None:
-    res = dissect.dissect(_cfg(setup))
+    res = dissect.dissect(_cfg(setup, similarity="soft_wpmi", signal="argmax"))  # the reference's choices
     assert res["neurons"] == 384 + 64
     with open(setup / "out" / "descriptions.csv") as f:
         rows = list(csv.DictReader(f))
@@ -148,3 +148,62 @@ def test_cli_one_line_errors(setup: Path) -> None:
         r = run(*args)
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and expected in r.stderr, r.stderr
+
+
+def test_gallery_check_chooses_the_best_concept_that_holds_on_the_top_images() -> None:
+    """dissect.gallery_mask / neuron_rows against a plain loop: a concept is allowed for a unit when
+    P > threshold on at least `share` of the unit's top images; the label is the best-scoring
+    allowed concept, or the best overall when none is allowed."""
+    rng = np.random.default_rng(0)
+    N, M, K, T = 30, 5, 4, 20
+    P = rng.uniform(-0.5, 0.5, (N, M)).astype(np.float32)
+    A = rng.random((N, K)).astype(np.float32)
+    top = dissect_kernels.top_images(A, T)
+    thr, share = 0.1, 0.8
+    P[top[0], 2] = 0.3  # concept 2 holds on every top image of unit 0
+    P[top[1][:15], 3] = 0.3  # concept 3 holds on 15 of unit 1's 20 top images (< 80 %)
+    P[top[1][15:], 3] = -0.3
+    P[:, 4] = np.where(np.isin(np.arange(N), top[2][:16]), 0.2, -0.2)  # 16 of 20 for unit 2: exactly 80 %
+    S = rng.normal(size=(K, M))
+    S[:, 0] = 10.0  # concept 0 scores best everywhere but holds nowhere it is checked
+    P[:, 0] = -0.4
+    mask = dissect.gallery_mask(P, top, thr, share)
+    ref = np.zeros((K, M), bool)
+    for k in range(K):
+        for m in range(M):
+            ref[k, m] = sum(float(P[i, m]) > thr for i in top[k]) >= share * T
+    np.testing.assert_array_equal(mask, ref)
+    assert ref[0, 2] and not ref[1, 3] and ref[2, 4]
+    words = ["zero", "one", "two", "three", "four"]
+    rows = dissect.neuron_rows("l", A, S, words, None, None, None, mask)
+    for k, r in enumerate(rows):
+        allowed = [m for m in range(M) if ref[k, m]]
+        best = max(allowed, key=lambda m: S[k, m]) if allowed else int(np.argmax(S[k]))
+        assert r["description"] == words[best] and r["gallery_checked"] == bool(allowed)
+        assert r["similarity"] == pytest.approx(S[k, best])
+        assert [c for c, _ in r["top_concepts"][:len(allowed)]] == \
+            [words[m] for m in sorted(allowed, key=lambda m: -S[k, m])][:5]
+    plain = dissect.neuron_rows("l", A, S, words, None, None, None, None)
+    assert all(r["description"] == "zero" and r["gallery_checked"] is None for r in plain)
+
+
+def test_truth_threshold_comes_from_the_clip_manifest_only() -> None:
+    import clip_backend
+
+    manifest = json.loads(world_clip.MANIFEST.read_text())
+    assert clip_backend.truth_threshold("world-clip") == manifest["training"]["truth_bias"]
+    assert clip_backend.truth_threshold("ViT-B-32:/tmp/weights.bin") is None
+
+
+def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatch) -> None:
+    import clip_backend
+
+    monkeypatch.setattr(clip_backend, "truth_threshold", lambda spec: -1.0)  # every concept holds
+    dissect.dissect(_cfg(setup, out=str(setup / "gallery"), similarity="soft_wpmi", signal="argmax"))
+    lab = json.loads((setup / "gallery" / "labels.json").read_text())
+    assert lab["provenance"]["gallery_share"] == 0.8 and lab["provenance"]["truth_threshold"] == -1.0
+    assert lab["layers"]["blocks.3.mlp.act"]["gallery_share"] == 0.8 and lab["layers"]["head"]["gallery_share"] is None
+    hidden = [n for n in lab["neurons"] if n["layer"] == "blocks.3.mlp.act" and not n["dead"]]
+    assert hidden and all(n["gallery_checked"] for n in hidden)
+    with pytest.raises(DiscoverError, match="--gallery-share must be in"):
+        dissect.dissect(_cfg(setup, out=str(setup / "bad"), gallery_share=1.5))

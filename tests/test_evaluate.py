@@ -185,7 +185,7 @@ def test_missing_activations_are_recorded_again(tmp_path: Path) -> None:
     model, meta = record.load_model(str(tmp_path / "run"))
     layer = "blocks.1.mlp.act"
     ref = record.record_layers(model, meta, [layer], record.load_probe("world:64"), tmp_path / "ref",
-                               mode="argmax", progress=False)
+                               mode="argmax", signal="argmax", progress=False)  # the winners' (signed) outputs
     A, _ = record.read_activations(ref[layer])
     run = write_run(tmp_path, "cvn", {layer: (A, ["red"] * A.shape[1], True)}, model=str(tmp_path / "run"),
                     model_hash=record.model_hash(model))

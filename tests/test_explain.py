@@ -100,16 +100,21 @@ def test_sampled_win_rates(tmp_path: Path) -> None:
     res = explain.explain_image(model, META, labels, "act", img, samples=400, mode="sample", seed=3)
     again = explain.explain_image(model, META, labels, "act", img, samples=400, mode="sample", seed=3)
     assert res == again  # seeded
-    rate = {n["unit"]: n["win_rate"] for n in res["neurons"]}
-    assert rate.get(0, 0) + rate.get(1, 0) == pytest.approx(1.0)  # one winner per block and draw
-    assert rate.get(2, 0) + rate.get(3, 0) == pytest.approx(1.0)
-    p0 = 1 / (1 + math.exp(-0.9))  # softmax(-0.4, -1.3)[0] (Eq. 2)
-    assert rate[0] == pytest.approx(p0, abs=0.08)
-    assert res["mean_active_per_draw"] == 2.0
-    for n in res["neurons"]:  # expected output = win rate x the winner's (fixed) response
-        assert n["activation"] == pytest.approx(n["win_rate"] * n["activation_when_active"], abs=1e-6)
-    acts = [n["activation"] for n in res["neurons"]]
-    assert acts == sorted(acts, reverse=True)
+    assert res["per_block"] and res["mean_active_per_draw"] == 2.0  # one winner per block and draw
+    # x = 0.8: h = c * 0.8 + b = (-0.4, -1.3 | 0.5, 1.4); pi = softmax per block (Eq. 2)
+    h = C * 0.8 + B
+    p_first = 1 / (1 + math.exp(-(h[0] - h[1])))
+    p_last = 1 / (1 + math.exp(-(h[3] - h[2])))
+    rows = {n["unit"]: n for n in res["neurons"]}
+    assert sorted(rows) == [0, 3]  # one row per block: the unit that won most draws
+    assert rows[0]["pi"] == pytest.approx(p_first, abs=1e-5) and rows[3]["pi"] == pytest.approx(p_last, abs=1e-5)
+    assert rows[0]["win_rate"] == pytest.approx(p_first, abs=0.08)  # 400 draws: 3.5 standard errors
+    assert rows[3]["win_rate"] == pytest.approx(p_last, abs=0.08)
+    for k, n in rows.items():  # a winner passes its linear response (Eq. 1)
+        assert n["activation"] == pytest.approx(h[k], abs=1e-5) and n["block"] == k // 2
+    assert [n["unit"] for n in res["neurons"]] == [3, 0]  # by signed activation, descending
+    by_pi = explain.explain_image(model, META, labels, "act", img, samples=400, mode="sample", seed=3, sort="pi")
+    assert [n["pi"] for n in by_pi["neurons"]] == sorted([n["pi"] for n in by_pi["neurons"]], reverse=True)
 
 
 def test_world_reference_and_errors(tmp_path: Path) -> None:
@@ -205,3 +210,34 @@ def test_cli_subprocess_exit_code(deit) -> None:
                         str(tmp / "run"), "--labels", str(tmp / "labels")], capture_output=True, text=True,
                        cwd=ROOT, env={**os.environ}, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nowhere.png" in r.stderr
+
+
+def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path) -> None:
+    """sort="z": (signal on this image - the unit's probe mean) / its probe std, with the labels'
+    signal (pi for this CVN: softmax of the block's responses, Eq. 2; the output for a twin)."""
+    img = grey(tmp_path, 204)  # h = [-0.4, -1.3, 0.5, 1.4]: argmax winners 0 and 3
+    h = C * 0.8 + B
+    pi = np.array([1 / (1 + math.exp(h[1] - h[0])), 0, 0, 1 / (1 + math.exp(h[2] - h[3]))])
+    mean, std = [0.5, 0.2, 0.3, 0.7], [0.1, 0.2, 0.3, 0.01]
+    model = tiny(lwta.LWTA(2))
+    labels = labels_for(model)
+    labels["layers"]["act"]["signal"] = "pi"
+    for n in labels["neurons"][:4]:
+        n["signal_mean"], n["signal_std"] = mean[n["unit"]], std[n["unit"]]
+    by_act = explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0)
+    by_z = explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0, sort="z")
+    assert [n["unit"] for n in by_act["neurons"]] == [3, 0]
+    z = {k: (pi[k] - mean[k]) / std[k] for k in (0, 3)}  # 2.11 and 1.09
+    assert [n["unit"] for n in by_z["neurons"]] == sorted(z, key=lambda k: -z[k]) == [0, 3]
+    for n in by_z["neurons"]:
+        assert n["z"] == pytest.approx(z[n["unit"]], rel=1e-4)
+    twin = tiny(nn.GELU())
+    tl = labels_for(twin)
+    for n in tl["neurons"][:4]:
+        n["signal_mean"], n["signal_std"] = mean[n["unit"]], std[n["unit"]]
+    res = explain.explain_image(twin, META, tl, "act", img, 1, "sample", 0, sort="z")
+    g = nn.functional.gelu(torch.tensor(h)).numpy()
+    zt = {k: (g[k] - mean[k]) / std[k] for k in (2, 3)}  # the positive units
+    assert [n["unit"] for n in res["neurons"]] == sorted(zt, key=lambda k: -zt[k])
+    with pytest.raises(DiscoverError, match="--sort must be one of"):
+        explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0, sort="rank")

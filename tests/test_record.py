@@ -71,7 +71,8 @@ def test_deit_mlp_activation_matches_a_hand_run_forward(deit_run, image_dir, tmp
     model, meta = record.load_model(str(deit_run))
     probe = record.load_probe(str(image_dir))
     k, U = 3, 4
-    acts, _ = _record(model, meta, [f"blocks.{k}.mlp.act", "head"], probe, tmp_path, mode="argmax", batch_size=5)
+    acts, _ = _record(model, meta, [f"blocks.{k}.mlp.act", "head"], probe, tmp_path, mode="argmax", batch_size=5,
+                      signal="sample")
     lwta.set_mode(model, "argmax")
     with torch.no_grad():
         x = _input(probe, meta)
@@ -128,7 +129,7 @@ def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> No
     meta = {"img_size": 64, "mean": list(record.IMAGENET_MEAN), "std": list(record.IMAGENET_STD)}
     probe = record.load_probe(str(image_dir))
     last = len(model.blocks) - 1
-    acts, _ = _record(model, meta, ["blocks.1.mlp.act", f"blocks.{last}.mlp.act"], probe, tmp_path)
+    acts, _ = _record(model, meta, ["blocks.1.mlp.act", f"blocks.{last}.mlp.act"], probe, tmp_path, signal="sample")
     for a in acts.values():
         assert a.shape == (probe.n, model.blocks[0].mlp.fc1.out_features)
         assert np.all((a.reshape(probe.n, -1, U) != 0).sum(-1) == 1)  # per block and example
@@ -139,19 +140,104 @@ def test_lwta_conv_spatial_mean_is_not_sparse(image_dir, tmp_path) -> None:
     torch.manual_seed(0)
     model = lwta.build("resnet18_world", U=2, num_classes=10).eval()
     meta = {"img_size": 64, "mean": list(record.IMAGENET_MEAN), "std": list(record.IMAGENET_STD)}
-    acts, _ = _record(model, meta, ["layer1.0.act1"], record.load_probe(str(image_dir)), tmp_path)
+    acts, _ = _record(model, meta, ["layer1.0.act1"], record.load_probe(str(image_dir)), tmp_path, signal="sample")
     assert (acts["layer1.0.act1"] != 0).mean() > 0.9  # every position has its own winner
 
 
 def test_sample_mode_is_seeded_and_independent_of_the_other_layers(deit_run, image_dir, tmp_path) -> None:
     model, meta = record.load_model(str(deit_run))
     probe = record.load_probe(str(image_dir))
-    a, _ = _record(model, meta, ["blocks.1.mlp.act"], probe, tmp_path / "a", seed=3, batch_size=5)
-    b, _ = _record(model, meta, ["blocks.1.mlp.act", "blocks.3.mlp.act"], probe, tmp_path / "b", seed=3, batch_size=5)
-    c, _ = _record(model, meta, ["blocks.1.mlp.act"], probe, tmp_path / "c", seed=4, batch_size=5)
+    kw = {"batch_size": 5, "signal": "sample"}
+    a, _ = _record(model, meta, ["blocks.1.mlp.act"], probe, tmp_path / "a", seed=3, **kw)
+    b, _ = _record(model, meta, ["blocks.1.mlp.act", "blocks.3.mlp.act"], probe, tmp_path / "b", seed=3, **kw)
+    c, _ = _record(model, meta, ["blocks.1.mlp.act"], probe, tmp_path / "c", seed=4, **kw)
     assert np.array_equal(a["blocks.1.mlp.act"], b["blocks.1.mlp.act"])
     assert not np.array_equal(a["blocks.1.mlp.act"], c["blocks.1.mlp.act"])
     assert all(m.mode == "sample" for m in lwta.lwta_modules(model).values())  # restored after argmax runs
+
+
+# --- LWTA neuron signals against hand computations -------------------------------------------------
+
+class _Tiny(nn.Module):
+    """A linear map into one LWTA layer: the layer's responses h are the input itself."""
+
+    def __init__(self, U: int, conv: bool = False) -> None:
+        super().__init__()
+        self.act = lwta.ConvLWTA(U) if conv else lwta.LWTA(U)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)
+
+
+def _signal(module: nn.Module, h: torch.Tensor, signal: str) -> np.ndarray:
+    out = module(h)
+    return record.neuron_signal(module, h, out, signal).numpy()
+
+
+def test_pi_of_a_hand_built_block() -> None:
+    h = torch.tensor([[1.0, 2.0, 0.5, -1.0, 3.0, 3.0, 0.0, -2.0]])  # two blocks of 4
+    layer = lwta.LWTA(4).eval()
+    pi = _signal(layer, h, "pi")
+    for b in range(2):
+        e = np.exp(h[0, 4 * b:4 * b + 4].double().numpy())
+        np.testing.assert_allclose(pi[0, 4 * b:4 * b + 4], e / e.sum(), rtol=1e-6)
+    assert np.allclose(pi.reshape(2, 4).sum(1), 1.0)
+
+
+def test_expected_and_argmax_signals_by_hand() -> None:
+    h = torch.tensor([[0.3, -1.2, 2.0, 1.5], [-0.5, -0.25, 4.0, 4.0]])  # U = 2: four blocks per row
+    layer = lwta.LWTA(2).eval()
+    exp_ = _signal(layer, h, "expected")
+    arg = _signal(layer, h, "argmax")
+    ref_exp = np.zeros((2, 4))
+    ref_arg = np.zeros((2, 4))
+    for i in range(2):
+        for b in range(2):
+            a, c = float(h[i, 2 * b]), float(h[i, 2 * b + 1])
+            p0 = 1 / (1 + np.exp(c - a))
+            ref_exp[i, 2 * b], ref_exp[i, 2 * b + 1] = p0 * a, (1 - p0) * c
+            w = 0 if a >= c else 1  # first maximum on a tie
+            ref_arg[i, 2 * b + w] = (a, c)[w]
+    np.testing.assert_allclose(exp_, ref_exp, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(arg, ref_arg)
+
+
+def test_win_rate_of_a_2x2_conv_map(tmp_path) -> None:
+    """ConvLWTA U = 2 on one block and a 2 x 2 map: the spatial mean of pi is the unit's mean winning
+    probability; the recorded winner indicators (argmax) are the share of positions it wins."""
+    h = torch.tensor([[[[1.0, 0.0], [2.0, -1.0]], [[0.0, 3.0], [1.0, -1.5]]]])  # (1, 2, 2, 2)
+    layer = lwta.ConvLWTA(2).eval()
+    pi = record.summarise(torch.from_numpy(_signal(layer, h, "pi")), "mean")[0].numpy()
+    p0 = [1 / (1 + np.exp(b - a)) for a, b in zip([1.0, 0.0, 2.0, -1.0], [0.0, 3.0, 1.0, -1.5])]
+    np.testing.assert_allclose(pi[0], [np.mean(p0), 1 - np.mean(p0)], rtol=1e-6)
+    wins = record.summarise(record.winner_mask(layer, h, "argmax"), "mean")[0].numpy()
+    np.testing.assert_array_equal(wins[0], [0.75, 0.25])  # unit 0 wins 3 of the 4 positions
+
+
+def test_signals_are_recorded_with_their_winners_and_never_share_a_cache_entry(deit_run, image_dir, tmp_path) -> None:
+    model, meta = record.load_model(str(deit_run))
+    probe = record.load_probe(str(image_dir))
+    layer, U = "blocks.3.mlp.act", 4
+    got, infos, wins = {}, {}, {}
+    for sig in ("pi", "expected", "sample", "argmax"):
+        logs: list[str] = []
+        paths = record.record_layers(model, meta, [layer, "head"], probe, tmp_path, progress=False, log=logs.append,
+                                     signal=sig)
+        assert f"{layer}: recorded" in logs  # the file of the previous signal is not reused
+        got[sig], infos[sig] = record.read_activations(paths[layer])
+        wins[sig] = record.read_wins(paths[layer])
+        assert record.read_wins(paths["head"]) is None  # a plain layer records its output only
+        assert record.read_metadata(paths["head"])["signal"] == "output"
+    assert len({i["key"] for i in infos.values()}) == 4 and all(i["signal"] == s for s, i in infos.items())
+    pi = got["pi"].reshape(probe.n, -1, U)
+    assert np.allclose(pi.sum(-1), 1.0, atol=1e-5)
+    assert np.array_equal(wins["pi"], (pi == pi.max(-1, keepdims=True)).reshape(probe.n, -1).astype(np.float32))
+    assert np.array_equal(wins["sample"], (got["sample"] != 0).astype(np.float32))
+    again = record.record_layers(model, meta, [layer], probe, tmp_path, progress=False, signal="sample")
+    assert np.array_equal(record.read_activations(again[layer])[0], got["sample"])  # the same file again
+    with pytest.raises(DiscoverError, match="--signal must be one of"):
+        record.record_layers(model, meta, [layer], probe, tmp_path / "bad", progress=False, signal="probability")
+    assert not (tmp_path / "bad").exists()
 
 
 # --- the content cache ----------------------------------------------------------------------------

@@ -56,7 +56,9 @@ def demo_dir(tmp_path_factory) -> Path:
 
 def test_site_pages_and_every_local_link_exist(demo_dir: Path) -> None:
     site = demo_dir / "report"
-    labels = {n: json.loads((demo_dir / "labels" / n / "labels.json").read_text()) for n in ("cvn", "twin")}
+    names = [m.name for m in demo.demo_models()]
+    assert sorted(p.name for p in (demo_dir / "labels").iterdir()) == sorted(names)
+    labels = {n: json.loads((demo_dir / "labels" / n / "labels.json").read_text()) for n in names}
     expected = [site / "index.html"]
     expected += [site / "layers" / f"{n}--{layer}.html" for n in labels for layer in labels[n]["layers"]]
     expected += [site / "explain" / f"{n}-{j}.html" for n in labels for j in range(6)]
@@ -235,5 +237,11 @@ def test_layer_page_search_sort_and_filter(demo_dir: Path, browser) -> None:
     order = visible()
     by_score = sorted(neurons, key=lambda n: (-(n["similarity"] if n["similarity"] is not None else -1e30), n["unit"]))
     assert order == [n["unit"] for n in by_score]
+    # a WPMI-labelled layer has no interpretability cutoff (a SoftWPMI score): no filter to offer
+    assert lab["layers"][layer]["interpretable"] is None and not browser.find_elements(By.ID, "interpretable")
+    head = [n for n in lab["neurons"] if n["layer"] == "head"]
+    assert lab["layers"]["head"]["similarity"] == "soft_wpmi"
+    _load(browser, demo_dir / "report" / "layers" / "twin--head.html")
     browser.find_element(By.ID, "interpretable").click()
-    assert sorted(visible()) == [n["unit"] for n in neurons if n["interpretable"]]
+    assert sorted(visible()) == [n["unit"] for n in head if n["interpretable"]]
+    assert 0 < len(visible()) < len(head) or all(n["interpretable"] for n in head)

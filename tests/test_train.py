@@ -141,8 +141,10 @@ def test_held_out_test_score_matches_a_manual_count(tmp_path: Path) -> None:
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
-    """One optimisation step on 2 ranks x 32 images == one process on the combined 64."""
-    args = ["--arch", "deit_world", "--act", "gelu", "--data", "world:object", "--train-size", "64",
+    """One optimisation step on 2 ranks x 32 images == one process on the combined 64. deit_tiny at
+    64 px (a linear patch embedding): deit_world's conv stem has BatchNorm, whose batch statistics
+    are per rank under DDP on CPU (SyncBatchNorm needs a GPU), so there the two differ by design."""
+    args = ["--arch", "deit_tiny", "--img-size", "64", "--act", "gelu", "--data", "world:object", "--train-size", "64",
             "--val-size", "16", "--test-size", "40", "--batch-size", "64", "--epochs", "1", "--seed", "5",
             "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -154,7 +156,7 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
                          text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "ddp")
-    init = lwta.build("deit_world", act="gelu").state_dict()
+    init = lwta.build("deit_tiny", act="gelu", num_classes=64, img_size=64).state_dict()
     moved = 0
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
@@ -183,3 +185,114 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     (occupied / "notes.txt").write_text("mine")
     r = _cli("train", *TINY, "--U", "8", "--out", str(occupied))
     assert r.returncode == 2 and "not empty" in r.stderr and (occupied / "notes.txt").read_text() == "mine"
+
+
+def _hashes(images: np.ndarray) -> set[bytes]:
+    import hashlib
+
+    return {hashlib.sha256(np.ascontiguousarray(im).tobytes()).digest() for im in images}
+
+
+def test_fresh_epochs_never_share_an_image_nor_meet_the_other_splits() -> None:
+    """FreshWorld: epoch e item i is image e*n + i of the train seed; the arrays themselves (hashed)
+    are all distinct across two epochs and from the validation, probe, test and CLIP images."""
+    import record
+    import world_clip
+
+    n, size = 300, 64
+    ds = train.FreshWorld("object", n, train.WORLD_TRAIN_SEED, size)
+    epochs = []
+    for e in (0, 1):
+        ds.set_epoch(e)
+        items = [ds[i] for i in range(n)]
+        assert [it[2] for it in items] == list(range(e * n, (e + 1) * n))
+        epochs.append(_hashes(np.stack([it[0].numpy() for it in items])))
+    assert len(epochs[0]) == len(epochs[1]) == n and not epochs[0] & epochs[1]
+    train_h = epochs[0] | epochs[1]
+    others = {name: _hashes(world.render_batch(seed, 0, n, size=size)[0])
+              for name, seed in [("val", train.WORLD_VAL_SEED), ("probe", record.WORLD_PROBE_SEED),
+                                 ("test", train.WORLD_TEST_SEED), ("clip", world_clip.TRAIN_SEED),
+                                 ("clip-eval", world_clip.EVAL_SEED)]}
+    seen = {"train": train_h}
+    for name, h in others.items():
+        assert len(h) == n, name
+        for other, h2 in seen.items():
+            assert not h & h2, f"{name} meets {other}"
+        seen[name] = h
+
+
+def test_resume_after_a_killed_epoch_is_bit_exact(tmp_path: Path) -> None:
+    """A run killed (SIGKILL) in its second epoch, then resumed, ends with the weights of an
+    uninterrupted run: the resume restarts that epoch from the last checkpoint."""
+    import signal
+    import time
+
+    common = [*TINY, "--U", "4", "--epochs", "3", "--train-size", "640", "--test-size", "0"]
+    a = _cli("train", *common, "--out", str(tmp_path / "a"))
+    assert a.returncode == 0, a.stderr
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "discover.py"), "train", *common, "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "epoch_0000.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = train.latest_checkpoint(out)
+    assert latest is not None
+    r = _cli("train", *common, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr
+    wa, wb = _weights(tmp_path / "a"), _weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_decisiveness_figures_by_hand() -> None:
+    """CertaintyMeter on a one-layer model with known responses against NumPy float64: mean over
+    blocks of max pi, entropy and sum pi^4 (4 independent draws agree), pi = softmax per block (Eq. 2)."""
+    torch.manual_seed(0)
+    U, K = 4, 8
+    fc = torch.nn.Linear(3, K)
+    model = torch.nn.Sequential(fc, lwta.LWTA(U)).eval()
+    x = torch.randn(5, 3)
+    with lwta.CertaintyMeter(model) as meter, torch.no_grad():
+        model(x[:2])
+        model(x[2:])
+    (got,) = meter.means().values()
+    w, b = fc.weight.detach().double().numpy(), fc.bias.detach().double().numpy()
+    h = (x.double().numpy() @ w.T + b).reshape(5, K // U, U)
+    pi = np.exp(h - h.max(-1, keepdims=True))
+    pi /= pi.sum(-1, keepdims=True)
+    assert got["max_pi"] == pytest.approx(pi.max(-1).mean(), abs=1e-6)
+    assert got["entropy"] == pytest.approx((-(pi * np.log(pi)).sum(-1)).mean(), abs=1e-6)
+    assert got["agree4"] == pytest.approx((pi ** 4).sum(-1).mean(), abs=1e-6)
+    # the 4-draw agreement is what 4 draws do: an empirical check on one block
+    g = torch.distributions.Categorical(torch.from_numpy(pi[0, 0])).sample((20000, 4))
+    assert (g == g[:, :1]).all(1).double().mean().item() == pytest.approx((pi[0, 0] ** 4).sum(), abs=0.01)
+
+
+def test_response_init_and_its_parameter_groups() -> None:
+    """--response-std: every fc1 feeding an LWTA is re-drawn N(0, s^2/fan_in) (so h has std ~s on
+    unit-variance inputs), and trained in groups whose lr is multiplied and weight decay divided by
+    its init scale; every parameter is in exactly one group."""
+    torch.manual_seed(0)
+    model = lwta.build("deit_world", U=8, num_classes=64)
+    old = {i: float(b.mlp.fc1.weight.std()) for i, b in enumerate(model.blocks)}
+    changed = train.init_responses(model, 6.0)
+    assert [fc for fc, _ in changed] == [b.mlp.fc1 for b in model.blocks]
+    for i, (fc, scale) in enumerate(changed):
+        assert float(fc.weight.std()) == pytest.approx(6.0 / 96 ** 0.5, rel=0.02) and not fc.bias.any()
+        assert scale == pytest.approx(float(fc.weight.std()) / old[i])
+    x = torch.nn.functional.layer_norm(torch.randn(4096, 96), (96,))
+    assert float(model.blocks[0].mlp.fc1(x).std()) == pytest.approx(6.0, rel=0.05)
+    groups = train.param_groups(model, 0.02, changed)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(ids) == len(set(ids))
+    for fc, scale in changed:
+        (gw,) = [g for g in groups if len(g["params"]) == 1 and g["params"][0] is fc.weight]
+        (gb,) = [g for g in groups if len(g["params"]) == 1 and g["params"][0] is fc.bias]
+        assert gw["lr_scale"] == gb["lr_scale"] == scale and gw["weight_decay"] == pytest.approx(0.02 / scale)
+        assert gb["weight_decay"] == 0.0
+    assert all(g["lr_scale"] == 1.0 for g in groups[:2])
+    twin = lwta.build("deit_world", act="gelu", num_classes=64)
+    assert train.init_responses(twin, 6.0) == []  # nothing competes in a twin
