@@ -51,11 +51,21 @@ MODES = ("sample", "argmax")
 # On CPU float32 the work runs in fused Numba kernels (one pass forward, one backward); elsewhere
 # (CUDA, other dtypes) in plain torch ops. The torch path draws its noise with torch.rand; the
 # kernels hash (key, element index) with numba_math, under one key per call drawn from torch's
-# generator. Either way a seeded run is reproducible, whatever the thread count.
+# generator. Either way a seeded run is reproducible, whatever the thread count. The torch path
+# draws the noise and runs the competition's softmax / logsumexp in at least float32 (compute_dtype):
+# a bfloat16 uniform has 8 bits of mantissa, never exceeds 0.996, and biases the winners.
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the competition runs in for inputs of ``dtype``: float32 for half types (bfloat16,
+    float16), the input's own for float32 / float64."""
+    return torch.promote_types(dtype, torch.float32)
+
 
 def gumbel_like(h: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise g = -log(-log V), V ~ U(0,1)."""
-    return -torch.rand_like(h).clamp_(min=1e-20).log_().neg_().log_()
+    """Standard Gumbel noise g = -log(-log V), V ~ U(0,1), shaped like ``h``, in
+    :func:`compute_dtype` of ``h``'s dtype (float32 for half inputs)."""
+    v = torch.rand(h.shape, dtype=compute_dtype(h.dtype), device=h.device)
+    return -v.clamp_(min=1e-20).log_().neg_().log_()
 
 
 _TILE = 512  # blocks per tile: U x 512 float32 stays in a core's L2 cache
@@ -457,7 +467,8 @@ class _StraightThroughLWTA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, g: torch.Tensor, tau: float, dim: int):
-        soft = ((h + g) / tau).softmax(dim)
+        ct = compute_dtype(h.dtype)  # a half-precision h competes in float32; y keeps h's dtype
+        soft = ((h.to(ct) + g.to(ct)) / tau).softmax(dim)
         idx = soft.argmax(dim, keepdim=True)
         ctx.save_for_backward(h, soft, idx)
         ctx.tau, ctx.dim = tau, dim
@@ -468,17 +479,19 @@ class _StraightThroughLWTA(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor, _gidx: torch.Tensor | None):
         h, soft, idx = ctx.saved_tensors
         dim, tau = ctx.dim, ctx.tau
+        gy32, h32 = gy.to(soft.dtype), h.to(soft.dtype)
         # direct path: y = xi * h with xi the (forward) hard one-hot
-        gh = torch.zeros_like(gy).scatter_(dim, idx, gy.gather(dim, idx))
+        gh = torch.zeros_like(gy32).scatter_(dim, idx, gy32.gather(dim, idx))
         # relaxed path: d(soft * h)/dh through soft = softmax((h + g) / tau)
-        gxi = gy * h
+        gxi = gy32 * h32
         gh += soft * (gxi - (gxi * soft).sum(dim, keepdim=True)) / tau
-        return gh, None, None, None
+        return gh.to(h.dtype), None, None, None
 
 
 def block_kl(h: torch.Tensor, dim: int, U: int) -> torch.Tensor:
-    """KL[q(xi_b) || Categorical(1/U)] = sum_u pi_u (log pi_u - log(1/U)), per block (Sec. 3.1)."""
-    logp = h.log_softmax(dim)
+    """KL[q(xi_b) || Categorical(1/U)] = sum_u pi_u (log pi_u - log(1/U)), per block (Sec. 3.1),
+    in :func:`compute_dtype` (float32 for half inputs)."""
+    logp = h.to(compute_dtype(h.dtype)).log_softmax(dim)
     return (logp.exp() * (logp + math.log(U))).sum(dim)
 
 
@@ -524,8 +537,8 @@ def compete(h: torch.Tensor, *, tau: float, training: bool, mode: str, want_kl: 
         return out, idx, None
     if mode == "argmax":
         idx = h.argmax(1, keepdim=True)
-    else:  # Gumbel-max trick: argmax(log pi + g) ~ Categorical(pi)
-        idx = (h + gumbel_like(h)).argmax(1, keepdim=True)
+    else:  # Gumbel-max trick: argmax(log pi + g) ~ Categorical(pi), in at least float32
+        idx = (h.to(compute_dtype(h.dtype)) + gumbel_like(h)).argmax(1, keepdim=True)
     return torch.zeros_like(h).scatter_(1, idx, h.gather(1, idx)), idx.squeeze(1), None
 
 
