@@ -245,3 +245,15 @@ def test_layer_page_search_sort_and_filter(demo_dir: Path, browser) -> None:
     browser.find_element(By.ID, "interpretable").click()
     assert sorted(visible()) == [n["unit"] for n in head if n["interpretable"]]
     assert 0 < len(visible()) < len(head) or all(n["interpretable"] for n in head)
+
+
+def test_report_renders_a_plain_dissect_output(demo_dir: Path, tmp_path: Path) -> None:
+    """A dissect output alone (no demo summary, evaluation or explanations) is reportable."""
+    src = tmp_path / "labels"
+    shutil.copytree(demo_dir / "labels" / "cvn", src)
+    res = report.build(src, progress=False)
+    lab = json.loads((src / "labels.json").read_text())
+    site = src / "report"
+    assert res["cached"] is False and (site / "index.html").is_file()
+    assert sorted(p.name for p in (site / "layers").glob("*.html")) == sorted(
+        f"{src.name}--{layer}.html" for layer in lab["layers"])

@@ -1,0 +1,55 @@
+"""The atomic-write helpers: a crash mid-write leaves the old file, and outputs honour the umask."""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from common import atomic_dir, atomic_path, write_text_atomic
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_atomic_path_keeps_the_old_file_on_a_crash_and_honours_the_umask(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    old = os.umask(0o027)
+    try:
+        with atomic_path(target) as tmp:  # a writer that replaces the temporary file with a 0600 one
+            tmp.unlink()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"new")
+            os.close(fd)
+        assert target.read_text() == "new" and _mode(target) == 0o640
+        os.umask(0o022)
+        write_text_atomic(tmp_path / "b.txt", "x")
+        assert _mode(tmp_path / "b.txt") == 0o644
+    finally:
+        os.umask(old)
+
+
+def test_atomic_dir_keeps_the_old_directory_on_a_crash_and_honours_the_umask(tmp_path: Path) -> None:
+    target = tmp_path / "labels"
+    target.mkdir()
+    (target / "a.json").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.json").write_text("new")
+            raise RuntimeError("killed")
+    assert (target / "a.json").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["labels"]
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(target) as tmp:
+            (tmp / "a.json").write_text("new")
+        assert (target / "a.json").read_text() == "new" and _mode(target) == 0o755
+    finally:
+        os.umask(old)
