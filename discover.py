@@ -16,6 +16,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from common import DiscoverError
 
@@ -27,7 +28,24 @@ for _c in (console, err_console):  # a pipe or CI log: full rows, not the 80 col
 
 
 class DiscoverGroup(click.Group):
-    """A Click group whose commands turn :class:`DiscoverError` into a one-line error."""
+    """A Click group whose commands turn :class:`DiscoverError` and Click's usage errors into a
+    one-line error (exit code 2)."""
+
+    def main(self, *args, **kwargs):
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            err_console.print("aborted", highlight=False)
+            sys.exit(130)
+        except click.ClickException as e:
+            if os.environ.get("DISCOVER_DEBUG"):
+                raise
+            hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", highlight=False,
+                              soft_wrap=True)
+            sys.exit(e.exit_code)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -37,8 +55,24 @@ class DiscoverGroup(click.Group):
                 raise
             if isinstance(e, OSError):  # the file system said no: name the file and the reason
                 e = DiscoverError(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(2)
+
+
+class Choice(click.Choice):
+    """click.Choice whose error names the closest choice ("did you mean 'soft_wpmi'?")."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            import difflib
+
+            norm = {c.replace("_", "").replace("-", ""): c for c in self.choices}
+            close = [norm[c] for c in difflib.get_close_matches(str(value).replace("_", "").replace("-", ""),
+                                                                list(norm), n=1, cutoff=0.6)]
+            self.fail(f"{value!r} is not one of {', '.join(map(repr, self.choices))}"
+                      + (f"; did you mean {close[0]!r}?" if close else ""), param, ctx)
 
 
 @click.group(cls=DiscoverGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,7 +85,7 @@ def cli() -> None:
 @cli.command("layers")
 @click.option("--arch", required=True, help="Architecture name (see lwta.ARCHS).")
 @click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block (a CVN).")
-@click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Plain twin.")
+@click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Plain twin.")
 @click.option("--num-classes", type=int, default=None, help="Output classes (arch default).")
 def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | None) -> None:
     """Build ARCH and print its parameter count and its LWTA layers."""
@@ -225,7 +259,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @cli.command("train")
 @click.option("--arch", required=True, help="deit_tiny, deit_small, resnet18, deit_world, resnet18_world.")
 @click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block: train a CVN.")
-@click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Train the plain twin.")
+@click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Train the plain twin.")
 @click.option("--data", required=True, help="world:TASK or an ImageFolder root with train/ and val/.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--epochs", type=int, default=None,
@@ -235,8 +269,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--min-lr", type=float, default=1e-5, show_default=True)
 @click.option("--warmup-epochs", type=int, default=None)
 @click.option("--weight-decay", type=float, default=None)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None)
-@click.option("--schedule", type=click.Choice(["cosine", "step"]), default=None)
+@click.option("--optimizer", type=Choice(["adamw", "sgd"]), default=None)
+@click.option("--schedule", type=Choice(["cosine", "step"]), default=None)
 @click.option("--kl-weight", type=float, default=None,
               help="Weight of the per-example KL term of the ELBO (1 = literal ELBO; recipe default: "
                    "DeiT 0.01, ResNet 1e-4, the world variants 0 (the paper's code); see train.KL_NOTE).")
@@ -250,7 +284,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--fresh/--no-fresh", default=None,
               help="World: new training images every epoch (recipe default) or one set rendered once.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
+@click.option("--amp", type=Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
               help="Mixed precision on CUDA (CPU runs fp32).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True,
@@ -286,19 +320,19 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
 @click.option("--layers", default=None, help="Comma-separated named_modules() paths; 'lwta' = every LWTA layer.")
 @click.option("--probe", default=None, help="world:N[:SEED] (seed 2 by default) or an image folder.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Directory of <layer>.safetensors files.")
-@click.option("--summary", type=click.Choice(["auto", "cls", "mean", "max", "identity"]), default="auto",
+@click.option("--summary", type=Choice(["auto", "cls", "mean", "max", "identity"]), default="auto",
               show_default=True, help="auto: class token of ViT tokens, spatial mean of conv maps, vectors as is.")
-@click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+@click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners: drawn from the posterior (seeded) or the argmax.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled LWTA winners.")
-@click.option("--signal", type=click.Choice(["pi", "expected", "sample", "argmax"]), default="pi", show_default=True,
+@click.option("--signal", type=Choice(["pi", "expected", "sample", "argmax"]), default="pi", show_default=True,
               help="LWTA layers: a unit's winning probability (pi), pi*h, one sampled output, or the argmax winner's output.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--list-layers", is_flag=True, help="Print every named module with its output shape and exit.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
 @click.option("--arch", default=None, help="Architecture of a weights file (see lwta.ARCHS).")
 @click.option("--U", "U", type=int, default=None, help="Weights file: competitors per LWTA block.")
-@click.option("--act", type=click.Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin.")
+@click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str | None, summary: str,
                mode: str, seed: int, signal: str, batch_size: int, list_layers: bool, skip_bad: bool, arch: str | None,
@@ -373,14 +407,14 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
               help="world, world_heldout, 20k, 10k, 3k, imagenet, places365, or a file (one concept per line).")
 @click.option("--clip", "clip_spec", default="world-clip", show_default=True,
               help="world-clip, NAME:PRETRAINED (open_clip tag) or NAME:/path/to/weights.")
-@click.option("--similarity", type=click.Choice(["auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
+@click.option("--similarity", type=Choice(["auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
               default="auto", show_default=True,
               help="auto: SoftWPMI on the output layer, WPMI on the others (docs/labels.md).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--signal", type=click.Choice(["pi", "expected", "sample", "argmax"]), default="pi", show_default=True,
+@click.option("--signal", type=Choice(["pi", "expected", "sample", "argmax"]), default="pi", show_default=True,
               help="LWTA layers: a unit's winning probability (pi), pi*h, one sampled output, or the argmax winner's output.")
-@click.option("--summary", type=click.Choice(["auto", "cls", "mean", "max", "identity"]), default="auto", show_default=True)
-@click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+@click.option("--summary", type=Choice(["auto", "cls", "mean", "max", "identity"]), default="auto", show_default=True)
+@click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners while recording.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -436,12 +470,12 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
 @click.option("--layer", default=None, help="Layer to explain (default: the last LWTA layer of the labels).")
 @click.option("--samples", type=int, default=1, show_default=True,
               help="Posterior draws of the LWTA winners; reports how often each neuron wins.")
-@click.option("--mode", type=click.Choice(["sample", "argmax"]), default="sample", show_default=True,
+@click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners: sampled from the posterior (seeded) or the argmax.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled winners.")
 @click.option("--top", type=int, default=7, show_default=True, help="Highest active neurons shown.")
 @click.option("--bottom", type=int, default=6, show_default=True, help="Lowest active neurons shown.")
-@click.option("--sort", type=click.Choice(["activation", "pi", "z"]), default="activation", show_default=True,
+@click.option("--sort", type=Choice(["activation", "pi", "z"]), default="activation", show_default=True,
               help="Order of the list: the winners' activations (Table 4), their winning probabilities, or z: "
                    "how far each unit's dissected signal on this image is above its probe mean (in std).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every active neuron) instead of tables.")

@@ -825,6 +825,9 @@ def build(arch: str, U: int | None = None, act: str | None = None, num_classes: 
         raise DiscoverError(f"--U must be an integer >= 2, got {U!r}")
     if act is not None and act not in ("gelu", "relu"):
         raise DiscoverError(f"--act must be gelu or relu, got {act!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise DiscoverError(f"--num-classes must be an integer >= 1, got {num_classes!r}")
     spec = ARCHS[arch]
     return spec.builder(U, act, tau, num_classes=num_classes or spec.num_classes,
                         img_size=img_size or spec.img_size, **spec.kwargs)

@@ -187,7 +187,8 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
                                          + ("(offline, and they are not in the Hugging Face cache)"
                                             if offline else ""), e) from None
     else:
-        model = timm.create_model(name, pretrained=False, **tkw)
+        with _seeded_init(spec, weights):
+            model = timm.create_model(name, pretrained=False, **tkw)
         if weights:
             state = lwta.read_state_dict(Path(weights).expanduser())
             widths = _classifier_width(model, state)
@@ -200,6 +201,19 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
             "mean": list(cfg.get("mean", IMAGENET_MEAN)), "std": list(cfg.get("std", IMAGENET_STD)),
             "interpolation": cfg.get("interpolation", "bicubic")}
     return model, meta
+
+
+@contextlib.contextmanager
+def _seeded_init(spec: str, weights: str | None) -> Iterator[None]:
+    """Build a hub model's random initialisation from seed 0 (torch's global generator untouched),
+    so that the same spec is the same network, with the same hash and cache entries, on every run;
+    without ``weights`` say on stderr that the network is random."""
+    if not weights:
+        print(f"note: --model {spec}: no weights given, a randomly initialised network (seed 0); "
+              f"pass {spec}:pretrained or {spec}:/path/to/weights for a trained one", file=sys.stderr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 @contextlib.contextmanager
@@ -268,7 +282,8 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
         meta.update(img_size=kwargs.get("img_size", t.crop_size[0]), mean=list(t.mean), std=list(t.std),
                     interpolation=t.interpolation.value, classes=w.meta.get("categories"))
     else:
-        model = tvm.get_model(name, weights=None, **tkw)
+        with _seeded_init(spec, weights):
+            model = tvm.get_model(name, weights=None, **tkw)
         if weights:
             state = lwta.read_state_dict(path)
             widths = _classifier_width(model, state)

@@ -458,3 +458,18 @@ def test_cli_bad_input_is_one_line_exit_2(args, message, deit_run, image_dir, tm
     res = _cli(*[s for kv in opts.items() for s in kv])
     assert res.exit_code == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and message in res.stderr
+
+
+def test_hub_models_without_weights_are_seeded_and_said_to_be_random(capsys) -> None:
+    """timm:NAME / torchvision:NAME without weights: the same network (and hash) on every load, a
+    note on stderr that it is random, and torch's global generator left as it was."""
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    hashes = []
+    for spec in ("timm:test_vit", "timm:test_vit", "torchvision:mobilenet_v3_small", "torchvision:mobilenet_v3_small"):
+        model, _ = record.load_model(spec)
+        hashes.append(record.model_hash(model))
+        assert "randomly initialised network (seed 0)" in capsys.readouterr().err
+    assert hashes[0] == hashes[1] and hashes[2] == hashes[3] and hashes[0] != hashes[2]
+    assert torch.equal(torch.rand(3), before)  # the loads drew nothing from the global generator
