@@ -136,7 +136,11 @@ def names_value(label: str, value: str) -> bool:
 
 
 def _same(a: str, b: str) -> bool:
-    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+    """Whether a label and a class name are the same words: case, runs of spaces, ``_`` and ``-``
+    do not count ("yellow hexagon" is the ImageFolder class ``yellow_hexagon``)."""
+    def norm(t: str) -> str:
+        return " ".join(t.lower().replace("_", " ").replace("-", " ").split())
+    return norm(a) == norm(b)
 
 
 # --- text encoders ----------------------------------------------------------------------------------

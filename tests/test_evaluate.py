@@ -220,3 +220,48 @@ def test_sentence_model_when_installed() -> None:
     assert name == "all-MiniLM-L6-v2"
     cos = evaluate.mean_pair_cosine(encode, ["red circle", "striped pattern"], ["red circle", "striped"])
     assert 0.5 < cos < 1.0  # identical pair 1, the other related but not equal
+
+
+# --- the top-image measure and explanation precision, on hand-made tables ------------------------------
+
+VALUES = [("color", "red"), ("color", "blue"), ("shape", "star"), ("shape", "circle"), ("size", "large")]
+
+
+def _Y(rows: list[set[str]]) -> np.ndarray:
+    return np.array([[v in r for _, v in VALUES] for r in rows], bool)
+
+
+def test_top_image_measure_by_hand() -> None:
+    """Five images; units with top images by hand: a red unit named "red" (right), a red unit named
+    "red star" whose top images are red but half stars (a compound half right: wrong), a red-star unit
+    named "red star" (right), a unit of mixed images (not selective), a red unit named "coffee"
+    (names nothing of the world: wrong)."""
+    Y = _Y([{"red", "star"}, {"red", "star"}, {"red", "circle"}, {"red", "circle", "large"}, {"blue", "circle"}])
+    top = [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1], [0, 4], [0, 2, 3]]
+    labels = ["red", "red star", "red star", "blue", "coffee"]
+    res = evaluate.top_image_metrics(top, labels, VALUES, Y, share=0.8)
+    # selective: units 0, 1, 2, 4 (all red on >= 80 %); unit 3: red 1/2, blue 1/2, star 1/2, circle 1/2
+    assert res["selective"] == 4 and res["right"] == 2 and res["right_percent"] == 50.0
+    assert [u["unit"] for u in res["units"]] == [0, 1, 2, 4]
+    assert [u["right"] for u in res["units"]] == [True, False, True, False]
+    assert res["units"][2]["shared"] == ["red", "star"]
+    assert res["labelled"] == 5 and res["naming_world"] == 4 and res["world_percent"] == 80.0
+
+
+def test_explanation_precision_by_hand() -> None:
+    """Two explained images; a listed concept fits when it names a value of the world and every
+    value it names is the image's; only the first `top` rows count."""
+    attrs = [{"color": "red", "shape": "star", "size": "small"}, {"color": "blue", "shape": "circle", "size": "large"}]
+    exs = [{"neurons": [{"concept": "red"}, {"concept": "red star"}, {"concept": "blue star"}, {"concept": "coffee"},
+                        {"concept": ""}, {"concept": "star"}]},
+           {"neurons": [{"concept": "large"}, {"concept": "blue circle"}, {"concept": "red"}]}]
+    res = evaluate.explanation_precision(exs, attrs, VALUES, top=5)
+    # image 0, first 5: red yes, red star yes, blue star no, coffee no, "" no; image 1: 2 of 3
+    assert (res["listed"], res["fit"]) == (8, 4) and res["precision_percent"] == 50.0
+    assert evaluate.explanation_precision([], [], VALUES)["precision_percent"] is None
+
+
+def test_output_layer_names_match_across_underscores_and_hyphens() -> None:
+    got = evaluate.final_layer_metrics(["yellow hexagon", "Red  circle", "blue star", ""],
+                                       ["yellow_hexagon", "red-circle", "blue square", "green star"])
+    assert got["correct"] == 2 and got["accuracy_percent"] == 50.0
