@@ -65,6 +65,36 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
+def output_lock(path: str | os.PathLike, flag: str) -> Iterator[None]:
+    """Hold an exclusive lock on output ``path`` (a file ``.NAME.lock`` beside it, flock'ed) for the
+    block; a second writer of the same path fails at once with a one-line error naming ``flag``.
+    The kernel releases the lock when its process ends, however it ends."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip()
+            raise DiscoverError(f"{flag} {path}: another process{' (pid ' + pid + ')' if pid else ''} is writing "
+                                "it now; wait for it or choose another directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; move it to ``path`` only if the block succeeds."""
     path = Path(path)

@@ -145,7 +145,15 @@ def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, 
 
 
 def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
-    """Run the whole pipeline; returns the summary (layers, neurons, dead units, seconds per stage)."""
+    """Run the whole pipeline; returns the summary (layers, neurons, dead units, seconds per stage).
+    ``cfg.out`` is locked for the run: a second dissect into it fails at once."""
+    from common import output_lock
+
+    with output_lock(cfg.out, "--out"):
+        return _dissect(cfg, log)
+
+
+def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     import clip_backend
     import concepts as concepts_mod
     import record

@@ -53,3 +53,27 @@ def test_atomic_dir_keeps_the_old_directory_on_a_crash_and_honours_the_umask(tmp
         assert (target / "a.json").read_text() == "new" and _mode(target) == 0o755
     finally:
         os.umask(old)
+
+
+def test_output_lock_lets_one_writer_in(tmp_path: Path) -> None:
+    """A second holder of the same output path fails at once (in another process too); the lock
+    is free again after the block, and the lock file never lies inside the output."""
+    import subprocess
+    import sys
+
+    from common import DiscoverError, output_lock
+
+    out = tmp_path / "labels"
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from common import output_lock\n"
+            "try:\n    with output_lock(sys.argv[1], '--out'): pass\nexcept Exception as e:\n"
+            "    print(e); sys.exit(3)")
+    root = str(Path(__file__).resolve().parent.parent)
+    with output_lock(out, "--out"):
+        with pytest.raises(DiscoverError, match=r"--out .*labels: another process \(pid \d+\) is writing it"):
+            with output_lock(out, "--out"):
+                pass
+        r = subprocess.run([sys.executable, "-c", code, str(out), root], capture_output=True, text=True)
+        assert r.returncode == 3 and "another process" in r.stdout
+    r = subprocess.run([sys.executable, "-c", code, str(out), root], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not out.exists() and (tmp_path / ".labels.lock").is_file()
