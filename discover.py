@@ -420,13 +420,14 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--interpretable-cutoff", type=float, default=0.16, show_default=True,
               help="SoftWPMI score above which a neuron counts as interpretable (CLIP-Dissect A.8).")
+@click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
 @click.option("--gallery-share", type=float, default=0.8, show_default=True,
               help="Hidden layers, with a CLIP that has a truth threshold (world-clip): a label must hold, by "
                    "the CLIP, on this share of the unit's 20 top images (0: off).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
                 signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float,
-                gallery_share: float, force: bool) -> None:
+                skip_bad: bool, gallery_share: float, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
 
     from rich.table import Table
@@ -451,7 +452,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
                                 batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal,
-                                gallery_share=gallery_share)
+                                gallery_share=gallery_share, skip_bad=skip_bad)
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
     for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (SoftWPMI > {interpretable_cutoff:g})"):

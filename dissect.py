@@ -55,6 +55,7 @@ class DissectConfig:
     batch_size: int = 64
     cutoff: float = 0.16  # CLIP-Dissect A.8: interpretable when the SoftWPMI score exceeds it
     gallery_share: float = GALLERY_SHARE  # 0: off; see gallery_mask
+    skip_bad: bool = False  # leave unreadable probe images out (else an error naming the first)
     build_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,7 +167,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     t = time.perf_counter()
     concept_list = concepts_mod.load_concepts(cfg.concepts)
     model, meta = record.load_model(cfg.model, **cfg.build_kwargs)
-    probe = record.load_probe(cfg.probe)
+    probe = record.load_probe(cfg.probe, skip_bad=cfg.skip_bad)
     record.resolve_layers(model, cfg.layers)  # unknown layer: one line with close names, before any work
     seconds["load"] = time.perf_counter() - t
 
@@ -219,7 +220,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
                   "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
                   "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,
                   "similarity": cfg.similarity, "cutoff": cfg.cutoff, "mode": cfg.mode, "signal": cfg.signal,
-                  "seed": cfg.seed, "summary": cfg.summary,
+                  "seed": cfg.seed, "summary": cfg.summary, "skip_bad": cfg.skip_bad,
                   "gallery_share": cfg.gallery_share if gallery_check else None,
                   "truth_threshold": clip.truth_threshold}
     out = Path(cfg.out)

@@ -448,7 +448,8 @@ class _Run:
             import record
 
             model, meta = self.model()
-            self._certainty = winner_certainty(model, meta, record.load_probe(self.prov["probe"]))
+            probe = record.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
+            self._certainty = winner_certainty(model, meta, probe)
         return self._certainty
 
     def explanation_precision(self, layer: str, n: int, values: list[tuple[str, str]],
@@ -470,7 +471,7 @@ class _Run:
     def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         import record
         model, meta = self.model()
-        probe = record.load_probe(self.prov["probe"])
+        probe = record.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
         if probe.fingerprint != self.prov.get("probe_fingerprint"):
             raise DiscoverError(f"--labels {self.dir}: the probe {self.prov['probe']} changed since the dissection")
         summary = self.labels["layers"][layer].get("summary") or self.prov.get("summary") or "auto"

@@ -207,3 +207,20 @@ def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatc
     assert hidden and all(n["gallery_checked"] for n in hidden)
     with pytest.raises(DiscoverError, match="--gallery-share must be in"):
         dissect.dissect(_cfg(setup, out=str(setup / "bad"), gallery_share=1.5))
+
+
+def test_skip_bad_leaves_unreadable_probe_images_out(setup: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    images, _ = world.render_batch(9, 0, 6)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DiscoverError, match="--skip-bad"):
+        dissect.dissect(_cfg(setup, probe=str(folder), out=str(tmp_path / "a"), layers=["head"]))
+    assert not (tmp_path / "a").exists()
+    dissect.dissect(_cfg(setup, probe=str(folder), out=str(tmp_path / "b"), layers=["head"], skip_bad=True))
+    prov = json.loads((tmp_path / "b" / "labels.json").read_text())["provenance"]
+    assert prov["probe_n"] == 6 and prov["skip_bad"] is True and "broken.png" not in prov["probe_names"]
