@@ -140,6 +140,7 @@ def world_export(out: str, n: int, seed: int, task: str, size: int, force: bool)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["file", *world.ATTRIBUTES, "caption", "class"])
+    seen: set[str] = set()
     with atomic_dir(out) as tmp:
         for i in track(range(n), description=f"world seed {seed}", console=err_console):
             s = world.render(seed, i, size)
@@ -148,8 +149,14 @@ def world_export(out: str, n: int, seed: int, task: str, size: int, force: bool)
             (tmp / rel).parent.mkdir(exist_ok=True)
             Image.fromarray(s.image).save(tmp / rel)
             writer.writerow([rel, *s.attrs.values(), s.caption, name])
+            seen.add(name)
         (tmp / "labels.csv").write_text(buf.getvalue())
-    console.print(f"wrote {n} images of world seed {seed} ({task} classes) to {out}")
+    classes = world.TASKS[task]
+    missing = [c for c in classes if c not in seen]
+    console.print(f"wrote {n} images of world seed {seed} ({task} classes) to {escape(out)}: "
+                  f"{len(classes) - len(missing)} of {len(classes)} classes"
+                  + (f"; none of {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (the world draws "
+                     "classes at random: a larger --n covers them all)" if missing else ""))
 
 
 def _zeroshot_table(title: str, acc: dict[str, float]):

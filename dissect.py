@@ -169,6 +169,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     model, meta = record.load_model(cfg.model, **cfg.build_kwargs)
     probe = record.load_probe(cfg.probe, skip_bad=cfg.skip_bad)
     record.resolve_layers(model, cfg.layers)  # unknown layer: one line with close names, before any work
+    clip = clip_backend.load_clip(cfg.clip)  # a bad --clip: before the recording, too
     seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -179,7 +180,6 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     seconds["record"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    clip = clip_backend.load_clip(cfg.clip)
     P = clip_backend.similarity_matrix(clip, probe, concept_list)
     seconds["clip"] = time.perf_counter() - t
 

@@ -74,6 +74,8 @@ def load_image(image: Any, size: int, interpolation: str = "bilinear") -> tuple[
         raise DiscoverError(f"IMG {name}: no such file (give an image file or world:SEED:INDEX)")
     if not path.is_file():
         raise DiscoverError(f"IMG {name}: not a file (give an image file or world:SEED:INDEX)")
+    if path.suffix.lower() not in record.IMAGE_EXTS:
+        raise DiscoverError(f"IMG {name}: not an image file name ({', '.join(e[1:] for e in record.IMAGE_EXTS)})")
     why = record._check_image(path)
     if why:
         raise DiscoverError(f"IMG {name}: not a readable image ({why})")

@@ -73,7 +73,7 @@ from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_j
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # probes and explain alike
 SUMMARIES = ("auto", "cls", "mean", "max", "identity")
 SIGNALS = ("pi", "expected", "sample", "argmax")  # what an LWTA layer's neuron vector is made of
 DEFAULT_SIGNAL = "pi"
@@ -413,7 +413,7 @@ def _check_image(path: Path) -> str | None:
 
 def load_probe(spec: str, skip_bad: bool = False) -> Probe:
     """``world:N[:SEED]`` (N synthetic images, seed 2 by default) or an image folder (recursive;
-    jpg, jpeg, png, bmp, webp; sorted relative paths; hidden files ignored).
+    the suffixes of :data:`IMAGE_EXTS`; sorted relative paths; hidden files ignored).
 
     Folder images are checked once per folder fingerprint (the check is cached): an unreadable one
     is a :class:`DiscoverError` naming it, or with ``skip_bad`` is left out (``probe.skipped``).

@@ -224,3 +224,14 @@ def test_skip_bad_leaves_unreadable_probe_images_out(setup: Path, tmp_path: Path
     dissect.dissect(_cfg(setup, probe=str(folder), out=str(tmp_path / "b"), layers=["head"], skip_bad=True))
     prov = json.loads((tmp_path / "b" / "labels.json").read_text())["provenance"]
     assert prov["probe_n"] == 6 and prov["skip_bad"] is True and "broken.png" not in prov["probe_names"]
+
+
+def test_a_bad_clip_fails_before_any_recording(setup: Path, tmp_path: Path, monkeypatch) -> None:
+    import record
+
+    calls = []
+    monkeypatch.setattr(record, "record_layers", lambda *a, **k: calls.append(1))
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights")
+    with pytest.raises(DiscoverError, match="bad.safetensors"):
+        dissect.dissect(_cfg(setup, out=str(tmp_path / "o"), clip=f"world-clip:{tmp_path / 'bad.safetensors'}"))
+    assert calls == [] and not (tmp_path / "o").exists()

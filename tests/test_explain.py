@@ -241,3 +241,18 @@ def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path)
     assert [n["unit"] for n in res["neurons"]] == sorted(zt, key=lambda k: -zt[k])
     with pytest.raises(DiscoverError, match="--sort must be one of"):
         explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0, sort="rank")
+
+
+def test_one_rule_for_image_files(tmp_path: Path) -> None:
+    """A probe folder and explain accept the same file names: a .gif is a probe image and an IMG;
+    a .txt is neither."""
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(folder / "a.gif")
+    Image.fromarray(np.full((4, 4, 3), 100, np.uint8)).save(folder / "b.png")
+    (folder / "notes.txt").write_text("x")
+    assert record.load_probe(str(folder)).names == ["a.gif", "b.png"]
+    pixels, _ = explain.load_image(folder / "a.gif", 2)
+    assert pixels.shape == (2, 2, 3)
+    with pytest.raises(DiscoverError, match="not an image file name"):
+        explain.load_image(folder / "notes.txt", 2)
