@@ -29,6 +29,22 @@ def cache_dir() -> Path:
     return root
 
 
+def resolve_device(spec: str, flag: str = "--device"):
+    """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:1`` ... as a
+    ``torch.device``; a bad or unavailable one is a one-line :class:`DiscoverError`."""
+    import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise DiscoverError(f"{flag} {spec}: not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiscoverError(f"{flag} {spec}: CUDA is not available")
+    return dev
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,6 +12,7 @@ Bad input raises :class:`common.DiscoverError`, printed as one line with a non-z
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 import click
@@ -310,7 +311,13 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
 
     if opts["U"] is None and opts["act"] is None:
         raise DiscoverError("give --U N (a CVN) or --act gelu|relu (its plain twin)")
-    meta = train.train(train.TrainConfig(**opts), resume=resume, force=force)
+    try:
+        meta = train.train(train.TrainConfig(**opts), resume=resume, force=force)
+    except KeyboardInterrupt:
+        args = [a for a in sys.argv[1:] if a not in ("--resume", "--force")]
+        err_console.print(f"interrupted; the last finished epoch is kept. Continue with:\n  python discover.py "
+                          f"{' '.join(shlex.quote(a) for a in args)} --resume", highlight=False, markup=False)
+        sys.exit(130)
     m = meta["metrics"]
     if m:
         console.print(f"[bold]{opts['out']}[/]: val top-1 {m['val_top1']:.2f}% "
@@ -353,14 +360,9 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
     import record
     from common import ensure_writable_dir
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DiscoverError(f"--device {device}: not a torch device") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiscoverError(f"--device {device}: CUDA is not available")
+    from common import resolve_device
+
+    dev = resolve_device(device)
     if not list_layers:
         missing = [f for f, v in (("--layers", layers), ("--probe", probe), ("--out", out)) if not v]
         if missing:
@@ -428,13 +430,14 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--interpretable-cutoff", type=float, default=0.16, show_default=True,
               help="SoftWPMI score above which a neuron counts as interpretable (CLIP-Dissect A.8).")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
+@click.option("--device", default="auto", show_default=True, help="Where the model and the CLIP run: auto, cpu, cuda ...")
 @click.option("--gallery-share", type=float, default=0.8, show_default=True,
               help="Hidden layers, with a CLIP that has a truth threshold (world-clip): a label must hold, by "
                    "the CLIP, on this share of the unit's 20 top images (0: off).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
                 signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float,
-                skip_bad: bool, gallery_share: float, force: bool) -> None:
+                skip_bad: bool, device: str, gallery_share: float, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
 
     from rich.table import Table
@@ -459,7 +462,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
                                 batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal,
-                                gallery_share=gallery_share, skip_bad=skip_bad)
+                                gallery_share=gallery_share, skip_bad=skip_bad, device=device)
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
     for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (SoftWPMI > {interpretable_cutoff:g})"):
@@ -486,9 +489,10 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
 @click.option("--sort", type=Choice(["activation", "pi", "z"]), default="activation", show_default=True,
               help="Order of the list: the winners' activations (Table 4), their winning probabilities, or z: "
                    "how far each unit's dissected signal on this image is above its probe mean (in std).")
+@click.option("--device", default="auto", show_default=True, help="Where the model runs: auto, cpu, cuda ...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every active neuron) instead of tables.")
 def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer: str | None, samples: int,
-                mode: str, seed: int, top: int, bottom: int, sort: str, as_json: bool) -> None:
+                mode: str, seed: int, top: int, bottom: int, sort: str, device: str, as_json: bool) -> None:
     """Explain images (files or world:SEED:INDEX) by their active neurons and those neurons' concepts."""
     import json
 
@@ -500,9 +504,13 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
         raise DiscoverError(f"--samples must be at least 1, got {samples}")
     if top < 0 or bottom < 0:
         raise DiscoverError("--top and --bottom must be >= 0")
+    from common import resolve_device
+
+    dev = resolve_device(device)
     labels = dissect.read_labels(labels_dir)
     model, meta = record.load_model(model_spec)
     explain.check_labels(model, labels)
+    model.to(dev)
     layer = layer or explain.default_layer(model, labels)
     explain.check_layer(labels, layer)
     for img in images:  # bad paths before any work

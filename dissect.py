@@ -56,6 +56,7 @@ class DissectConfig:
     cutoff: float = 0.16  # CLIP-Dissect A.8: interpretable when the SoftWPMI score exceeds it
     gallery_share: float = GALLERY_SHARE  # 0: off; see gallery_mask
     skip_bad: bool = False  # leave unreadable probe images out (else an error naming the first)
+    device: str = "cpu"  # where the model and the CLIP run ("auto": CUDA when present)
     build_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,10 +167,14 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     concept_list = concepts_mod.load_concepts(cfg.concepts)
+    from common import resolve_device
+
+    device = resolve_device(cfg.device)
     model, meta = record.load_model(cfg.model, **cfg.build_kwargs)
+    model.to(device)
     probe = record.load_probe(cfg.probe, skip_bad=cfg.skip_bad)
     record.resolve_layers(model, cfg.layers)  # unknown layer: one line with close names, before any work
-    clip = clip_backend.load_clip(cfg.clip)  # a bad --clip: before the recording, too
+    clip = clip_backend.load_clip(cfg.clip, str(device))  # a bad --clip: before the recording, too
     seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()

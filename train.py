@@ -258,6 +258,27 @@ class FreshWorld(torch.utils.data.Dataset):
         return torch.from_numpy(s.image), world.label(s.attrs, self.task), index
 
 
+class SeededAugment(torch.utils.data.Dataset):
+    """An image dataset whose random augmentation of item ``i`` in epoch ``e`` draws from torch's
+    generator seeded by (``seed``, e, i) inside a forked RNG: the same crops and flips whatever the
+    number of DataLoader workers, and on ``--resume`` the same as in the uninterrupted run."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.classes = getattr(dataset, "classes", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 100_003 + self.epoch) * 10_000_019 + int(i))
+            return self.dataset[i]
+
+
 def load_data(cfg: TrainConfig) -> Data:
     """``world:TASK`` (train seed 0, fresh images every epoch or one set rendered once; val seed 1,
     rendered once) or an ImageFolder root with ``train/`` and ``val/`` (ImageNet, Places365 layout)."""
@@ -292,7 +313,7 @@ def load_data(cfg: TrainConfig) -> Data:
         raise DiscoverError(f"--data {root}: {str(e).splitlines()[0]}") from None
     if train.classes != val.classes:
         raise DiscoverError(f"--data {root}: train/ and val/ have different class folders")
-    return Data(train, val, train.classes, False)
+    return Data(SeededAugment(train, cfg.seed), val, train.classes, False)
 
 
 def augment_uint8(x: torch.Tensor, size: int, crop_scale: float, keys: list[int] | None = None) -> torch.Tensor:
@@ -441,7 +462,10 @@ def _config_key(cfg: TrainConfig) -> str:
 # --- the loop ------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg.arch`` on ``cfg.data`` into ``cfg.out``; returns the final meta (with metrics)."""
+    """Train ``cfg.arch`` on ``cfg.data`` into ``cfg.out``; returns the final meta (with metrics).
+    ``resume``: continue from the last epoch checkpoint, with the run's own options; an explicit
+    larger ``epochs`` extends the run (its schedule then ends at the new last epoch)."""
+    given_epochs = cfg.epochs
     cfg = resolve(cfg)
     d = init_distributed()
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -452,12 +476,26 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         if last is None:
             raise DiscoverError(f"--resume: {out} has no checkpoint to resume from")
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        saved = TrainConfig(**{**ckpt["config"], **{k: getattr(cfg, k) for k in _NOT_KEYED}})
-        if _config_key(resolve(saved)) != _config_key(cfg):
-            diff = [k for k, v in dataclasses.asdict(cfg).items()
-                    if k not in _NOT_KEYED and dataclasses.asdict(saved).get(k) != v]
-            raise DiscoverError(f"--resume: options differ from the run in {out}: {', '.join(diff)}")
+        saved = resolve(TrainConfig(**{**ckpt["config"], **{k: getattr(cfg, k) for k in _NOT_KEYED}}))
+        if given_epochs is None:  # not given: the run's own
+            cfg = dataclasses.replace(cfg, epochs=saved.epochs)
+        elif cfg.epochs > saved.epochs:  # extending a run: the schedule is stretched from here on
+            saved = dataclasses.replace(saved, epochs=cfg.epochs)
+        if _config_key(saved) != _config_key(cfg):
+            old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+            diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                    if k not in _NOT_KEYED and old.get(k) != v]
+            raise DiscoverError(f"--resume: options differ from the run in {out}: {'; '.join(diff)} "
+                                "(give the run's own options; --epochs may grow)")
         start_epoch = ckpt["epoch"] + 1
+        if start_epoch >= cfg.epochs:
+            print(f"{out}: already trained all {cfg.epochs} epochs (pass a larger --epochs to train on)")
+            return json.loads((out / "meta.json").read_text())
+        if d.main:
+            print(f"resuming {out} from {last.name} (epoch {start_epoch} of {cfg.epochs} next)")
+        if ckpt["config"]["epochs"] != cfg.epochs:
+            print(f"--epochs {ckpt['config']['epochs']} -> {cfg.epochs}: the learning-rate schedule now ends "
+                  f"at epoch {cfg.epochs}")
     elif out.exists() and any(out.iterdir()) and not force:
         raise DiscoverError(f"--out {out} is not empty; pass --resume to continue or --force to overwrite")
     if d.main:
@@ -493,9 +531,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     per_rank = max(1, cfg.batch_size // d.world_size)
     fresh = isinstance(data.train, FreshWorld)  # rendered in the workers; in memory otherwise
     workers = cfg.workers if fresh or not data.on_gpu_augment else 0
+    per_epoch = hasattr(data.train, "set_epoch")  # its items depend on the epoch: workers must see it
     loader = DataLoader(data.train, batch_size=per_rank, sampler=sampler, num_workers=workers,
                         drop_last=True, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0 and not fresh)  # fresh: workers see each epoch
+                        persistent_workers=workers > 0 and not per_epoch)
     val_loader = DataLoader(data.val, batch_size=per_rank, sampler=val_sampler,
                             num_workers=0 if data.on_gpu_augment else workers)
     iters = len(loader)
@@ -523,7 +562,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         for epoch in range(start_epoch, end_epoch):
             model.train()
             sampler.set_epoch(epoch)
-            if fresh:
+            if per_epoch:
                 data.train.set_epoch(epoch)
             t0, seen, sums = time.perf_counter(), 0, torch.zeros(4, dtype=torch.float64)
             for i, batch in enumerate(loader):

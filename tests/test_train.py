@@ -296,3 +296,41 @@ def test_response_init_and_its_parameter_groups() -> None:
     assert all(g["lr_scale"] == 1.0 for g in groups[:2])
     twin = lwta.build("deit_world", act="gelu", num_classes=64)
     assert train.init_responses(twin, 6.0) == []  # nothing competes in a twin
+
+
+def _image_folder(root: Path, n_train: int, n_val: int) -> Path:
+    """A tiny ImageFolder root (train/ and val/) of world images by shape."""
+    from PIL import Image
+
+    for split, seed, n in (("train", 20, n_train), ("val", 21, n_val)):
+        images, attrs = world.render_batch(seed, 0, n)
+        for i, (im, a) in enumerate(zip(images, attrs)):
+            d = root / split / a["shape"]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(d / f"{i}.png")
+    return root
+
+
+def test_imagefolder_resume_is_bit_exact_with_workers(tmp_path: Path) -> None:
+    """A ResNet CVN on an ImageFolder root: 2 epochs straight (2 workers) == 1 epoch (2 workers),
+    stop, resume with 0 workers: the augmentation is seeded per (seed, epoch, image)."""
+    data = _image_folder(tmp_path / "data", 192, 48)
+    common = ["--arch", "resnet18_world", "--U", "4", "--data", str(data), "--epochs", "2", "--batch-size", "32",
+              "--img-size", "64", "--seed", "1"]
+    a = _cli("train", *common, "--workers", "2", "--out", str(tmp_path / "a"))
+    assert a.returncode == 0, a.stderr
+    b1 = _cli("train", *common, "--workers", "2", "--stop-after", "1", "--out", str(tmp_path / "b"))
+    assert b1.returncode == 0, b1.stderr
+    b2 = _cli("train", *common, "--workers", "0", "--resume", "--out", str(tmp_path / "b"))
+    assert b2.returncode == 0, b2.stderr
+    assert "resuming" in b2.stdout and "epoch_0000.pt" in b2.stdout
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    again = _cli("train", *common, "--resume", "--out", str(tmp_path / "b"))
+    assert again.returncode == 0 and "already trained all 2 epochs" in again.stdout
+    bad = _cli("train", *common[:-2], "--seed", "2", "--resume", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "--seed 1 -> 2" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    more = _cli("train", *[c if c != "2" or common[i - 1] != "--epochs" else "3" for i, c in enumerate(common)],
+                "--resume", "--out", str(tmp_path / "b"))
+    assert more.returncode == 0, more.stderr
+    assert "--epochs 2 -> 3" in more.stdout and json.loads((tmp_path / "b" / "meta.json").read_text())["epoch"] == 2
