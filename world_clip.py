@@ -242,9 +242,9 @@ def null_uniformity(img: torch.Tensor, null: torch.Tensor, scale: float = TRUTH_
 def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                pool: int = 20_000, aux_weight: float = 1.0, negatives: int = 0, init: Path | str | None = None,
                truth_weight: float = 0.0, null_weight: float = 0.0, resume: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, save_every: int = 200) -> dict:
     """Train world-clip into ``out``, from scratch or from the weights ``init``; resumable from
-    ``out/train_state.pt``.
+    ``out/train_state.pt`` (written every ``save_every`` steps and at the end).
 
     Images come from a pool of ``pool`` fresh world images of seed TRAIN_SEED (rendered once,
     flipped at random); each step draws a batch and a new caption template per image, and
@@ -333,7 +333,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
             bar.update(task, advance=1, description=f"train world-clip loss {loss.item():.3f} aux {aux.item() / len(PROMPTS):.3f}")
-            if step % 200 == 0 or step == steps:
+            if step % save_every == 0 or step == steps:
                 st = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                       "elapsed": elapsed + time.perf_counter() - t0, "rng": torch.get_rng_state(),
                       "np_rng": rng.bit_generator.state, "bias": bias.detach().clone()}

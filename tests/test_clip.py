@@ -262,3 +262,28 @@ def test_shipped_world_clip_zero_shot_quality() -> None:
     floors = {"color": 90, "size": 90, "background": 90, "shape": 85, "texture": 85, "object": 75}
     low = {a: f"{acc[a]:.1f} < {f}" for a, f in floors.items() if acc[a] < f}
     assert not low, f"zero-shot accuracy (%) below its floor: {low}"
+
+
+def test_train_clip_resume_continues_the_same_run(tmp_path, monkeypatch) -> None:
+    """Interrupted after its step-2 state, then resumed: the weights of an uninterrupted 4-step run
+    (the same batches, captions, negatives and RNG streams)."""
+    from safetensors.torch import load_file
+
+    kw = dict(steps=4, batch_size=4, lr=1e-3, pool=16, negatives=3, progress=False, save_every=2)
+    world_clip.train_clip(tmp_path / "a", **kw)
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the state of step 2 is on disk
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        world_clip.train_clip(tmp_path / "b", **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert torch.load(tmp_path / "b" / "train_state.pt", weights_only=False)["step"] == 2
+    world_clip.train_clip(tmp_path / "b", resume=True, **kw)
+    wa, wb = (load_file(str(tmp_path / d / world_clip.WEIGHTS.name)) for d in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -473,3 +473,26 @@ def test_hub_models_without_weights_are_seeded_and_said_to_be_random(capsys) -> 
         assert "randomly initialised network (seed 0)" in capsys.readouterr().err
     assert hashes[0] == hashes[1] and hashes[2] == hashes[3] and hashes[0] != hashes[2]
     assert torch.equal(torch.rand(3), before)  # the loads drew nothing from the global generator
+
+
+def test_timm_weights_in_a_foreign_layout_go_through_timms_filter(tmp_path) -> None:
+    """A ViT state dict whose position embedding has another grid (224 px) loads into timm:test_vit
+    (160 px) through the family's checkpoint_filter_fn, which resamples it; a file that no filter
+    fixes is a one-line error naming it."""
+    import timm
+    from timm.layers import resample_abs_pos_embed
+
+    big = timm.create_model("test_vit", img_size=224)
+    state = big.state_dict()
+    torch.save(state, tmp_path / "vit224.pth")
+    model, _ = record.load_model(f"timm:test_vit:{tmp_path / 'vit224.pth'}")
+    small = timm.create_model("test_vit")
+    assert model.pos_embed.shape == small.pos_embed.shape != big.pos_embed.shape
+    npt = getattr(small, "num_prefix_tokens", 1)
+    ref = resample_abs_pos_embed(state["pos_embed"], new_size=small.patch_embed.grid_size, num_prefix_tokens=npt)
+    torch.testing.assert_close(model.pos_embed.detach(), ref)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items() if k != "pos_embed")
+    torch.save({"nothing": torch.zeros(3)}, tmp_path / "junk.pth")
+    with pytest.raises(DiscoverError, match="junk.pth"):
+        record.load_model(f"timm:test_vit:{tmp_path / 'junk.pth'}")
