@@ -84,7 +84,8 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def output_lock(path: str | os.PathLike, flag: str) -> Iterator[None]:
     """Hold an exclusive lock on output ``path`` (a file ``.NAME.lock`` beside it, flock'ed) for the
     block; a second writer of the same path fails at once with a one-line error naming ``flag``.
-    The kernel releases the lock when its process ends, however it ends."""
+    The kernel releases the lock when its process ends, however it ends (a killed run may leave
+    the lock file, which the next run reuses)."""
     import fcntl
 
     path = Path(path)
@@ -105,8 +106,7 @@ def output_lock(path: str | os.PathLike, flag: str) -> Iterator[None]:
         try:
             yield
         finally:
-            f.seek(0)
-            f.truncate()
+            lock.unlink(missing_ok=True)  # while still holding it: no lock file is left behind
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

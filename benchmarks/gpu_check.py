@@ -149,10 +149,10 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kw)
 
 
-def end_to_end(device: torch.device, tmp: Path) -> None:
+def end_to_end(device: torch.device, tmp: Path, quick: bool) -> None:
     """world export -> record --device -> dissect, and torchrun training stopped and resumed."""
-    r = run(["discover.py", "world", "export", str(tmp / "probe"), "--n", "64", "--seed", "4"])
-    report("world export", r.returncode == 0, r.stderr.strip()[-200:] if r.returncode else "64 images")
+    r = run(["discover.py", "world", "export", str(tmp / "probe"), "--n", "32" if quick else "64", "--seed", "4"])
+    report("world export", r.returncode == 0, r.stderr.strip()[-200:] if r.returncode else "probe images written")
     ckpt = str(ROOT / "checkpoints" / "deit_world_u8")
     r = run(["discover.py", "record", "--model", ckpt, "--layers", "blocks.3.mlp.act", "--probe", str(tmp / "probe"),
              "--out", str(tmp / "acts"), "--device", device.type])
@@ -161,8 +161,9 @@ def end_to_end(device: torch.device, tmp: Path) -> None:
              str(tmp / "probe"), "--out", str(tmp / "labels")])
     report("dissect", r.returncode == 0 and (tmp / "labels" / "labels.json").is_file(),
            r.stderr.strip()[-200:] if r.returncode else "labels.json written")
-    common = ["train.py", "--arch", "deit_world", "--U", "8", "--data", "world:object", "--train-size", "256",
-              "--val-size", "64", "--test-size", "64", "--epochs", "2", "--batch-size", "64", "--workers", "0",
+    n = "64" if quick else "256"
+    common = ["train.py", "--arch", "deit_world", "--U", "8", "--data", "world:object", "--train-size", n,
+              "--val-size", "32", "--test-size", "32", "--epochs", "2", "--batch-size", "32", "--workers", "0",
               "--out", str(tmp / "run")]
     if device.type == "cuda":
         common += ["--amp", "bf16"]
@@ -195,7 +196,7 @@ def main(quick: bool) -> None:
         print("skipped: deit_tiny/16 at 224 px, batch 128, bf16 (needs CUDA); a small CPU timing instead")
         timing(device, "deit_world", 8, 32, 64, 3 if quick else 9, amp=False)
     with tempfile.TemporaryDirectory() as tmp:
-        end_to_end(device, Path(tmp))
+        end_to_end(device, Path(tmp), quick)
     if FAILED:
         print(f"{len(FAILED)} check(s) failed: {', '.join(FAILED)}")
         sys.exit(1)

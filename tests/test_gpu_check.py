@@ -17,5 +17,5 @@ def test_gpu_check_runs_on_cpu() -> None:
     assert "all checks passed" in out and "FAIL" not in out
     for check in ("winners cpu bfloat16 train", "winners cpu bfloat16 sample", "straight-through gradient cpu bfloat16",
                   "record --device cpu", "dissect", "--stop-after 1 then --resume"):
-        assert f"PASS  {check}" in out, check
+        assert any(ln.startswith("PASS  ") and check in ln for ln in out.splitlines()), check
     assert "skipped: deit_tiny/16" in out  # this machine has no CUDA

@@ -314,7 +314,7 @@ def _image_folder(root: Path, n_train: int, n_val: int) -> Path:
 def test_imagefolder_resume_is_bit_exact_with_workers(tmp_path: Path) -> None:
     """A ResNet CVN on an ImageFolder root: 2 epochs straight (2 workers) == 1 epoch (2 workers),
     stop, resume with 0 workers: the augmentation is seeded per (seed, epoch, image)."""
-    data = _image_folder(tmp_path / "data", 192, 48)
+    data = _image_folder(tmp_path / "data", 128, 32)
     common = ["--arch", "resnet18_world", "--U", "4", "--data", str(data), "--epochs", "2", "--batch-size", "32",
               "--img-size", "64", "--seed", "1"]
     a = _cli("train", *common, "--workers", "2", "--out", str(tmp_path / "a"))
