@@ -312,7 +312,14 @@ def load_data(cfg: TrainConfig) -> Data:
     except (FileNotFoundError, RuntimeError) as e:
         raise DiscoverError(f"--data {root}: {str(e).splitlines()[0]}") from None
     if train.classes != val.classes:
-        raise DiscoverError(f"--data {root}: train/ and val/ have different class folders")
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DiscoverError(f"--data {root}: train/ and val/ have different class folders: "
+                            + "; ".join([*([f"only in train/: {few(only_train)}"] if only_train else []),
+                                         *([f"only in val/: {few(only_val)}"] if only_val else [])]))
     return Data(SeededAugment(train, cfg.seed), val, train.classes, False)
 
 

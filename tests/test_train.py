@@ -334,3 +334,17 @@ def test_imagefolder_resume_is_bit_exact_with_workers(tmp_path: Path) -> None:
                 "--resume", "--out", str(tmp_path / "b"))
     assert more.returncode == 0, more.stderr
     assert "--epochs 2 -> 3" in more.stdout and json.loads((tmp_path / "b" / "meta.json").read_text())["epoch"] == 2
+
+
+def test_a_class_mismatch_names_the_folders(tmp_path: Path) -> None:
+    import shutil
+
+    data = _image_folder(tmp_path / "data", 24, 24)
+    shared = sorted({p.name for p in (data / "train").iterdir()} & {p.name for p in (data / "val").iterdir()})
+    shutil.rmtree(data / "val" / shared[0])  # now only in train/
+    extra = data / "val" / "zzz_extra"  # only in val/
+    extra.mkdir()
+    shutil.copy(next((data / "val" / shared[1]).iterdir()), extra / "x.png")
+    r = _cli("train", "--arch", "resnet18_world", "--U", "2", "--data", str(data), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"only in train/: {shared[0]}" in r.stderr and "only in val/: zzz_extra" in r.stderr
