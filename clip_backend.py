@@ -269,31 +269,43 @@ def embed_images(clip: ClipModel, images: Probe | Sequence[Any], *, key: str | N
     return out
 
 
-def embed_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 1024, progress: bool = True) -> np.ndarray:
-    """L2-normalised CLIP text embeddings of ``texts``, ``M x d`` float32 (cached by the texts)."""
+TEXT_CHUNK = 1024  # texts per cache file: an interrupted encoding keeps every finished chunk
+
+
+def embed_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 64, progress: bool = True,
+                chunk: int = TEXT_CHUNK) -> np.ndarray:
+    """L2-normalised CLIP text embeddings of ``texts``, ``M x d`` float32. Cached in chunks of
+    ``chunk`` texts, each keyed by the CLIP and its own texts, so a run cut short (Ctrl-C, a crash)
+    resumes from the chunks it finished; ``batch_size`` texts per forward."""
     texts = list(texts)
     if not texts:
         raise DiscoverError("embed_texts: no texts")
     if not all(isinstance(t, str) for t in texts):
         raise DiscoverError("embed_texts: every text must be a string")
-    if batch_size < 1:
-        raise DiscoverError(f"--batch-size must be at least 1, got {batch_size}")
-    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
-    path = _cache_file(clip, ["texts", len(texts), digest])
-    cached = _read_cache(path, len(texts))
-    if cached is not None:
-        return cached
-    device, chunks = clip.device, []
-    with progress_bar(progress, note="texts", transient=True, stderr=True) as bar, torch.inference_mode():
-        task = bar.add_task(f"CLIP {clip.name}: embed texts", total=len(texts))
-        for start in range(0, len(texts), batch_size):
-            batch = texts[start:start + batch_size]
-            tokens = clip.tokenizer(batch).to(device)
-            chunks.append(F.normalize(clip.model.encode_text(tokens).float(), dim=-1).cpu().numpy())
-            bar.advance(task, len(batch))
-    out = np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32)
-    _write_cache(path, out)
-    return out
+    if batch_size < 1 or chunk < 1:
+        raise DiscoverError(f"--batch-size must be at least 1, got {min(batch_size, chunk)}")
+    parts: list[np.ndarray | None] = []
+    paths = []
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        digest = hashlib.sha256(json.dumps(part, ensure_ascii=False).encode()).hexdigest()
+        paths.append(_cache_file(clip, ["texts", len(part), digest]))
+        parts.append(_read_cache(paths[-1], len(part)))
+    todo = sum(min(chunk, len(texts) - j * chunk) for j, p in enumerate(parts) if p is None)
+    if todo:
+        with progress_bar(progress, note="texts", stderr=True) as bar, torch.inference_mode():
+            task = bar.add_task(f"CLIP {clip.name}: embed {todo} texts", total=todo)
+            for j, p in enumerate(parts):
+                if p is not None:
+                    continue
+                part, out = texts[j * chunk:(j + 1) * chunk], []
+                for start in range(0, len(part), batch_size):
+                    tokens = clip.tokenizer(part[start:start + batch_size]).to(clip.device)
+                    out.append(F.normalize(clip.model.encode_text(tokens).float(), dim=-1).cpu().numpy())
+                    bar.advance(task, min(batch_size, len(part) - start))
+                parts[j] = np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+                _write_cache(paths[j], parts[j])
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
 def similarity_matrix(clip: ClipModel, probe: Probe | Sequence[Any], concepts: Sequence[str], *,

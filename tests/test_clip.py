@@ -288,3 +288,28 @@ def test_train_clip_resume_continues_the_same_run(tmp_path, monkeypatch) -> None
     world_clip.train_clip(tmp_path / "b", resume=True, **kw)
     wa, wb = (load_file(str(tmp_path / d / world_clip.WEIGHTS.name)) for d in ("a", "b"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_text_embeddings_resume_from_their_finished_chunks(clip, monkeypatch) -> None:
+    """Encoding cut short after its first chunk keeps that chunk: the rerun encodes only the rest,
+    and the result equals an uninterrupted encoding (and each text's own embedding)."""
+    texts = [f"word{i} red" for i in range(10)]
+    inner = clip.model.encode_text
+    calls = {"n": 0}
+
+    def flaky(tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the batches of chunk 1 (texts 0-3) went through: die in chunk 2
+            raise KeyboardInterrupt
+        return inner(tokens)
+
+    monkeypatch.setattr(clip.model, "encode_text", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        clip_backend.embed_texts(clip, texts, batch_size=2, chunk=4, progress=False)
+    calls["n"] = -100  # no more interruptions; count the batches the rerun encodes
+    got = clip_backend.embed_texts(clip, texts, batch_size=2, chunk=4, progress=False)
+    assert calls["n"] == -100 + 3  # chunks 2 (4 texts) and 3 (2 texts) only: 2 + 1 batches
+    monkeypatch.setattr(clip.model, "encode_text", inner)
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(inner(clip.tokenizer(texts)).float(), dim=-1).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
