@@ -443,9 +443,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, epoch: int,
-                    cfg: TrainConfig, meta: dict[str, Any], keep: int = 2) -> None:
-    """One atomic file per epoch (model, optimizer, scaler, RNG, epoch, config); the newest
-    ``keep`` are kept. Then ``model.safetensors`` and ``meta.json``, also atomically."""
+                    cfg: TrainConfig, meta: dict[str, Any], best: int | None = None) -> None:
+    """One atomic file per epoch (model, optimizer, scaler, RNG, epoch, config); kept are the
+    newest (the one ``--resume`` continues from) and that of epoch ``best`` (the best validation
+    score so far), nothing older. Then ``model.safetensors`` and ``meta.json``, also atomically."""
     state = {"model": lwta.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "config": dataclasses.asdict(cfg), "rng_cpu": torch.get_rng_state(),
@@ -453,8 +454,10 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sca
     path = _ckpt_dir(out) / f"epoch_{epoch:04d}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-    for old in sorted(_ckpt_dir(out).glob("epoch_*.pt"))[:-keep]:
-        old.unlink()
+    keep = {path.name, f"epoch_{best:04d}.pt" if best is not None else path.name}
+    for old in _ckpt_dir(out).glob("epoch_*.pt"):
+        if old.name not in keep:
+            old.unlink()
     lwta.save(model, out, meta)
 
 
@@ -602,7 +605,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                       "images_per_s": seen / train_time, "epoch_seconds": time.perf_counter() - t0}
             if d.main:
                 meta.update(epoch=epoch, metrics=record, train_seconds=round(meta["train_seconds"] + record["epoch_seconds"], 1))
-                save_checkpoint(out, model, opt, scaler, epoch, cfg, meta)
+                history = [json.loads(ln) for ln in metrics_path.read_text().splitlines()] \
+                    if metrics_path.is_file() else []
+                best = max([*history, record], key=lambda r: r["val_top1"])["epoch"]  # the first of equals
+                save_checkpoint(out, model, opt, scaler, epoch, cfg, meta, best=best)
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 sure = ""

@@ -100,6 +100,10 @@ def test_resume_is_bit_exact(tmp_path: Path) -> None:
     common = [*TINY, "--U", "8", "--epochs", "3"]
     a = _cli("train", *common, "--out", str(tmp_path / "a"))
     assert a.returncode == 0, a.stderr
+    vals = [json.loads(ln)["val_top1"] for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    best = vals.index(max(vals))  # kept: the newest epoch (to resume) and the best one
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == sorted(
+        {"epoch_0002.pt", f"epoch_{best:04d}.pt"})
     b1 = _cli("train", *common, "--out", str(tmp_path / "b"), "--stop-after", "2")
     assert b1.returncode == 0, b1.stderr
     assert train.latest_checkpoint(tmp_path / "b").name == "epoch_0001.pt"
