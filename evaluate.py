@@ -364,7 +364,7 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
 class _Run:
     """One labels directory with its model, loaded only when needed (and then checked)."""
 
-    def __init__(self, labels_dir: str, model_spec: str | None) -> None:
+    def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu") -> None:
         import dissect
 
         self.dir = str(labels_dir)
@@ -378,6 +378,7 @@ class _Run:
         self._certainty: dict[str, dict[str, float]] | None = None
         self.paths: dict[str, Path] = {}  # the activation file each layer was read from
         self.explicit = bool(model_spec)
+        self.device = device
         self.missing_model: str | None = None
         if model_spec:  # given explicitly: check now that the labels belong to it
             self.model()
@@ -391,7 +392,7 @@ class _Run:
                 raise DiscoverError(f"--labels {self.dir}: no model in the provenance; pass --model")
             model, meta = record.load_model(self.model_spec)
             explain.check_labels(model, self.labels, where=f"--labels {self.dir}")
-            self._model = (model, meta)
+            self._model = (model.to(self.device), meta)
         return self._model
 
     def model_or_none(self) -> tuple[Any, dict[str, Any]] | None:
@@ -568,7 +569,8 @@ def lwta_layer(run: "_Run", layer: str) -> bool:
 
 
 def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_model: str | None = None,
-             log: Callable[[str], None] | None = None, explain_images: int = EXPLAIN_IMAGES) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None, explain_images: int = EXPLAIN_IMAGES,
+             device: str = "cpu") -> dict[str, Any]:
     """Evaluate every labelled layer of every labels directory.
 
     ``models``: none (each dir's provenance model), one (for every dir) or one per dir; a model that
@@ -582,7 +584,10 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
         raise DiscoverError(f"--model given {len(models)} times for {len(labels_dirs)} labels directories: "
                             "give it once, once per directory, or not at all (the labels' own model)")
     specs = models * len(labels_dirs) if len(models) == 1 else models or [None] * len(labels_dirs)
-    runs = [_Run(d, m) for d, m in zip(labels_dirs, specs)]
+    from common import resolve_device
+
+    dev = str(resolve_device(device))
+    runs = [_Run(d, m, dev) for d, m in zip(labels_dirs, specs)]
     sentence, sentence_name = (None, SENTENCE_NA)
     needs_output = any(_is_output_layer(layer, info.get("K", -1), r.classes)
                        for r in runs for layer, info in r.labels["layers"].items())

@@ -31,6 +31,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (["explain", "world:2:0", "--model", "checkpoints/deit_world_u8", "--labels", "nowhere", "--device", "gpu"],
      "--device gpu: not a torch device"),
+    (["evaluate", "nowhere", "--device", "tpu0"], "--device tpu0: not a torch device"),
 ])
 def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
