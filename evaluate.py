@@ -550,7 +550,8 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
                                                       values, Y)
                 if explain_n and not row["output_layer"] and run.model_or_none() is not None:
                     row["explanations"] = run.explanation_precision(layer, explain_n, values)
-                    row["explanations_z"] = run.explanation_precision(layer, explain_n, values, sort="z")
+                    if any("signal_std" in n for n in neurons):  # labels.json format 2
+                        row["explanations_z"] = run.explanation_precision(layer, explain_n, values, sort="z")
             if fingerprint != prov.get("probe_fingerprint"):
                 row["notes"].append("world.py changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")

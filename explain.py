@@ -274,6 +274,9 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
         shown = np.flatnonzero(wins > 0)
         act = np.where(mask, values, 0.0).mean(0)  # the mean output over the draws
     when_active = np.where(wins > 0, np.where(mask, values, 0.0).sum(0) / np.maximum(wins, 1), 0.0)
+    if sort == "z" and not any("signal_std" in n for n in by_unit.values()):
+        raise DiscoverError(f"--sort z: the labels of {layer} have no per-neuron signal statistics "
+                            "(made before labels.json format 2); run dissect again")
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
     mu = np.array([_num(by_unit.get(k, {}).get("signal_mean")) or 0.0 for k in range(K)])
     sd = np.array([_num(by_unit.get(k, {}).get("signal_std")) or 0.0 for k in range(K)])

@@ -241,6 +241,8 @@ def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path)
     assert [n["unit"] for n in res["neurons"]] == sorted(zt, key=lambda k: -zt[k])
     with pytest.raises(DiscoverError, match="--sort must be one of"):
         explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0, sort="rank")
+    with pytest.raises(DiscoverError, match="no per-neuron signal statistics"):
+        explain.explain_image(model, META, labels_for(model), "act", img, 1, "argmax", 0, sort="z")
 
 
 def test_one_rule_for_image_files(tmp_path: Path) -> None:
