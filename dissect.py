@@ -97,18 +97,19 @@ def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float)
 
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
                 cutoff: float | None, wins: np.ndarray | None = None,
-                allowed: np.ndarray | None = None) -> list[dict[str, Any]]:
+                allowed: np.ndarray | None = None, top: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M).
     A neuron is active on an image where it won its block (``wins`` > 0, LWTA layers) or where
     its activation is non-zero; a neuron active on no image is dead. ``cutoff`` None (a similarity
     other than SoftWPMI, whose scale CLIP-Dissect's cutoff was set on): ``interpretable`` None.
     ``allowed`` (K x M, :func:`gallery_mask`): neuron k's label is its best-scoring allowed concept
-    (its best concept overall when none is allowed); ``top_concepts`` lists allowed ones first."""
+    (its best concept overall when none is allowed); ``top_concepts`` lists allowed ones first.
+    ``top``: the neurons' top images (``dissect_kernels.top_images(A, TOP_IMAGES)``) when already at hand."""
     import dissect_kernels
 
     N, K = A.shape
     active = dissect_kernels.active_counts(A if wins is None else wins)
-    top = dissect_kernels.top_images(A, min(TOP_IMAGES, N))
+    top = dissect_kernels.top_images(A, min(TOP_IMAGES, N)) if top is None else top
     mean, std = A.mean(0, dtype=np.float64), A.std(0, dtype=np.float64)
     rows = []
     for k in range(K):
@@ -200,20 +201,19 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
             raise DiscoverError(f"layer {layer}: activations ({A.shape[0]} images) and CLIP similarities "
                                 f"({P.shape[0]} images) come from different probes; delete {path} to recompute")
         U = None if info.get("U", "none") in ("none", "", None) else int(info["U"])
+        sim = layer_similarity(cfg.similarity, layer, out_layer)
         try:
-            S = scores(layer_similarity(cfg.similarity, layer, out_layer), A, P, name=layer)
+            S = scores(sim, A, P, name=layer)
         except ValueError as e:  # NaN/inf in the activations or similarities: names the layer
             raise DiscoverError(str(e)) from None
-        sim = layer_similarity(cfg.similarity, layer, out_layer)
         checked = gallery_check and layer != out_layer  # an output layer: one class per neuron
-        allowed = gallery_mask(P, dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0])), clip.truth_threshold,
-                               cfg.gallery_share) if checked else None
+        top = dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0]))
+        allowed = gallery_mask(P, top, clip.truth_threshold, cfg.gallery_share) if checked else None
         layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff if sim == "soft_wpmi" else None,
-                                 record.read_wins(path), allowed)
+                                 record.read_wins(path), allowed, top)
         rows += layer_rows
         layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
-                              "signal": info.get("signal", "output"),
-                              "similarity": layer_similarity(cfg.similarity, layer, out_layer),
+                              "signal": info.get("signal", "output"), "similarity": sim,
                               "dead": sum(r["dead"] for r in layer_rows),
                               "gallery_share": cfg.gallery_share if checked else None,
                               "interpretable": None if sim != "soft_wpmi" else sum(r["interpretable"] for r in layer_rows),
