@@ -183,10 +183,11 @@ def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary
             v, applied, _ = record.summarise(out, summary, has_cls)
             if competitive:
                 h = captured["in"]
-                rows["pi"].append(record.summarise(record.neuron_signal(module, h, out, "pi"), summary, has_cls)[0].cpu())
+                pi = record.summarise(record.neuron_signal(module, h, out, "pi"), summary, has_cls)[0].cpu()
+                rows["pi"].append(pi)
                 rows["h"].append(record.summarise(h, summary, has_cls)[0].cpu())
-                rows["signal"].append(record.summarise(record.neuron_signal(module, h, out, signal), summary,
-                                                       has_cls)[0].cpu())
+                rows["signal"].append(pi if signal == "pi" else record.summarise(
+                    record.neuron_signal(module, h, out, signal), summary, has_cls)[0].cpu())
                 # exactly the block winners (a winner whose response is exactly 0 still counts)
                 m = record.summarise(record.winner_mask(module, h, "sample"), summary, has_cls)[0] > 0
             else:
@@ -199,6 +200,14 @@ def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary
 
 
 SORTS = ("activation", "pi", "z")
+
+
+def sort_neurons(neurons: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
+    """An explanation's neuron rows in ``sort`` order (:data:`SORTS`): descending by ``activation``,
+    by ``pi`` (by activation where a layer has none) or by ``z``; ties by unit."""
+    def key(n: dict[str, Any]) -> float:
+        return n["activation"] if sort == "activation" or (sort == "pi" and n["pi"] is None) else n[sort]
+    return sorted(neurons, key=lambda n: (-key(n), n["unit"]))
 
 
 def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any], layer: str | None,
@@ -281,10 +290,8 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     mu = np.array([_num(by_unit.get(k, {}).get("signal_mean")) or 0.0 for k in range(K)])
     sd = np.array([_num(by_unit.get(k, {}).get("signal_std")) or 0.0 for k in range(K)])
     z = np.where(sd > 0, (sig - mu) / np.where(sd > 0, sd, 1.0), 0.0)
-    key = {"activation": act, "pi": act if pi is None else pi, "z": z}[sort][shown]
-    order = shown[np.lexsort((shown, -key))]  # descending; ties: unit
     neurons = []
-    for k in order:
+    for k in shown:
         rec = by_unit.get(int(k), {})
         top = rec.get("top_concepts") or []
         neurons.append({
@@ -294,6 +301,7 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
             "activation": float(act[k]), "activation_when_active": float(when_active[k]),
             "pi": None if pi is None else float(pi[k]), "z": float(z[k]),
             "win_rate": float(wins[k]) / n_draws, "top_concepts": top[:3]})
+    neurons = sort_neurons(neurons, sort)
 
     mean_logits = logits.mean(0)
     probs = torch.softmax(torch.from_numpy(mean_logits), 0).numpy()
@@ -346,10 +354,10 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     else:
         active = f"{n}/{K} active ({100 * n / K:.2f}%)"
     title = f"{res['image']}: [bold]{p['class']}[/] ({100 * p['probability']:.1f}%)\n{res['layer']}: {active}"
-    t = Table(title=title, caption=how)
-    sampled, blocks = res["draws"] > 1, res["U"] is not None
     if res.get("per_block"):
         how += f"; one row per block, its winner, sorted by {res.get('sort', 'activation')}"
+    t = Table(title=title, caption=how)
+    sampled, blocks = res["draws"] > 1, res["U"] is not None
     for col in ("#", "neuron", *(["block/comp", "pi"] if blocks else []), "concept", "score", "activation",
                 *(["wins"] if sampled else [])):
         t.add_column(col, justify="left" if col == "concept" else "right")
