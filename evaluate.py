@@ -454,9 +454,10 @@ class _Run:
         return self._certainty
 
     def explanation_precision(self, layer: str, n: int, values: list[tuple[str, str]],
-                              samples: int = EXPLAIN_SAMPLES, sort: str = "activation") -> dict[str, Any]:
+                              samples: int = EXPLAIN_SAMPLES) -> dict[str, dict[str, Any] | None]:
         """:func:`explanation_precision` of ``layer`` on the first ``n`` probe images (world probes),
-        each explained with ``samples`` posterior draws, listed in ``sort`` order."""
+        each explained once with ``samples`` posterior draws and scored with its list in activation
+        order and in z order (``"z"`` None for labels without signal statistics, before format 2)."""
         import explain
         import world
 
@@ -464,10 +465,13 @@ class _Run:
         seed = record_probe_seed(self.prov["probe"])
         n = min(n, int(self.prov.get("probe_n", n)))
         exs = [explain.explain_image(model, meta, self.labels, layer, f"world:{seed}:{i}", samples=samples,
-                                     mode=self.prov.get("mode", "sample"), seed=int(self.prov.get("seed", 0)),
-                                     sort=sort) for i in range(n)]
+                                     mode=self.prov.get("mode", "sample"), seed=int(self.prov.get("seed", 0)))
+               for i in range(n)]
         _, attrs = world.render_batch(seed, 0, n, size=16)
-        return explanation_precision(exs, attrs, values)
+        has_z = any("signal_std" in r for r in self.labels["neurons"] if r.get("layer") == layer)
+        by_z = [dict(e, neurons=explain.sort_neurons(e["neurons"], "z")) for e in exs] if has_z else None
+        return {"activation": explanation_precision(exs, attrs, values),
+                "z": explanation_precision(by_z, attrs, values) if by_z is not None else None}
 
     def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         import record
@@ -515,12 +519,14 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
         dead = int(sum(bool(n.get("dead")) for n in neurons))
         soft = info.get("similarity", prov.get("similarity")) == "soft_wpmi"  # the cutoff's scale
         interpretable = int(np.sum(np.isfinite(scores) & (scores > cutoff))) if soft else None
+        wins = run.wins(layer)  # LWTA layers: who won, beside the recorded signal
         row: dict[str, Any] = {
             "labels": run.dir, "model": run.model_spec, "similarity": info.get("similarity", prov.get("similarity")),
             "signal": info.get("signal", prov.get("signal", "sample") if U else "output"),
             "probe": probe, "layer": layer, "K": K, "U": U, "lwta": bool(competitive),
             "dead": dead, "cutoff": cutoff, "interpretable": interpretable,
-            "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K, **activity(A if (W := run.wins(layer)) is None else W, competitive),
+            "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K,
+            **activity(A if wins is None else wins, competitive),
             "output_layer": None, "world": None, "top_images": None, "explanations": None, "explanations_z": None,
             "certainty": None,
             "notes": [],
@@ -549,9 +555,8 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
                 row["top_images"] = top_image_metrics([n.get("top_images") or [] for n in neurons], labels,
                                                       values, Y)
                 if explain_n and not row["output_layer"] and run.model_or_none() is not None:
-                    row["explanations"] = run.explanation_precision(layer, explain_n, values)
-                    if any("signal_std" in n for n in neurons):  # labels.json format 2
-                        row["explanations_z"] = run.explanation_precision(layer, explain_n, values, sort="z")
+                    precision = run.explanation_precision(layer, explain_n, values)
+                    row["explanations"], row["explanations_z"] = precision["activation"], precision["z"]
             if fingerprint != prov.get("probe_fingerprint"):
                 row["notes"].append("world.py changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
