@@ -14,6 +14,7 @@ Stages (each reuses the output of an earlier run; an interrupted one resumes whe
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,9 @@ def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     return results
 
 
+@functools.cache
 def _clip_fingerprint() -> str:
+    """The default CLIP's fingerprint (loaded once per process, not once per model)."""
     import clip_backend
 
     return clip_backend.load_clip().fingerprint

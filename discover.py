@@ -24,7 +24,7 @@ from common import DiscoverError
 console = Console()
 err_console = Console(stderr=True)
 for _c in (console, err_console):  # a pipe or CI log: full rows, not the 80 columns rich assumes there
-    if not _c.is_terminal and "COLUMNS" not in __import__("os").environ:
+    if not _c.is_terminal and "COLUMNS" not in os.environ:
         _c.width = 200
 
 

@@ -258,6 +258,12 @@ class FreshWorld(torch.utils.data.Dataset):
         return torch.from_numpy(s.image), world.label(s.attrs, self.task), index
 
 
+def augment_key(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's training augmentation: a function of (run seed, epoch, image) alone,
+    so that worker count, batch split and ``--resume`` never change an image's crop and flip."""
+    return (seed * 100_003 + epoch) * 10_000_019 + int(index)
+
+
 class SeededAugment(torch.utils.data.Dataset):
     """An image dataset whose random augmentation of item ``i`` in epoch ``e`` draws from torch's
     generator seeded by (``seed``, e, i) inside a forked RNG: the same crops and flips whatever the
@@ -275,7 +281,7 @@ class SeededAugment(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 100_003 + self.epoch) * 10_000_019 + int(i))
+            torch.manual_seed(augment_key(self.seed, self.epoch, i))
             return self.dataset[i]
 
 
@@ -411,7 +417,7 @@ def _to_device(batch: list[Any], cfg: TrainConfig, data: Data, device: torch.dev
     """Move a batch to ``device``; world batches are augmented here (``epoch`` given: training)."""
     x, y = batch[0], batch[1]
     if data.on_gpu_augment:
-        keys = None if epoch is None else [(cfg.seed * 100_003 + epoch) * 10_000_019 + int(i) for i in batch[2]]
+        keys = None if epoch is None else [augment_key(cfg.seed, epoch, i) for i in batch[2]]
         x = augment_uint8(x, cfg.img_size, cfg.crop_scale, keys)
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
