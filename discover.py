@@ -354,7 +354,6 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
     """Record layer activations on a probe set: one N x K safetensors file per layer (cached)."""
     import time
 
-    import torch
     from rich.table import Table
 
     import record

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from common import DiscoverError, atomic_dir
+from common import DiscoverError, atomic_dir, output_lock, resolve_device
 
 SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 # "auto": SoftWPMI on the output layer, WPMI on every other layer. SoftWPMI (lam = 1) scores a
@@ -150,8 +150,6 @@ def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, 
 def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (layers, neurons, dead units, seconds per stage).
     ``cfg.out`` is locked for the run: a second dissect into it fails at once."""
-    from common import output_lock
-
     with output_lock(cfg.out, "--out"):
         return _dissect(cfg, log)
 
@@ -159,6 +157,7 @@ def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
 def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     import clip_backend
     import concepts as concepts_mod
+    import dissect_kernels
     import record
 
     if not 0 <= cfg.gallery_share <= 1:
@@ -168,8 +167,6 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     concept_list = concepts_mod.load_concepts(cfg.concepts)
-    from common import resolve_device
-
     device = resolve_device(cfg.device)
     model, meta = record.load_model(cfg.model, **cfg.build_kwargs)
     model.to(device)
@@ -190,8 +187,6 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     seconds["clip"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    import dissect_kernels
-
     gallery_check = cfg.gallery_share > 0 and clip.truth_threshold is not None
     rows, layers_info = [], {}
     out_layer = output_layer(model)
