@@ -21,8 +21,9 @@ one-line DiscoverError naming the spec or file.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 from common import REPO_DIR, DiscoverError
 
@@ -60,7 +61,8 @@ def _read(path: Path, source: str) -> list[str]:
     return clean_concepts(text.splitlines(), source)
 
 
-def _imagenet() -> list[str]:
+def imagenet_categories() -> list[str]:
+    """torchvision's 1000 ImageNet class names, in the order of its classifiers' outputs."""
     from torchvision.models import ResNet18_Weights  # the class names ship inside torchvision
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
@@ -73,7 +75,7 @@ def load_concepts(spec: str) -> list[str]:
             raise DiscoverError(f"concept set '{spec}': {path} is missing from this checkout")
         return _read(path, f"'{spec}' ({path})")
     if spec == "imagenet":
-        return clean_concepts(_imagenet(), "'imagenet'")
+        return clean_concepts(imagenet_categories(), "'imagenet'")
     if spec == "places365":
         raise DiscoverError("concept set 'places365': its 365 category names ship with no installed "
                             "package and cannot be downloaded here; save them one per line in a file "
@@ -83,3 +85,64 @@ def load_concepts(spec: str) -> list[str]:
         raise DiscoverError(f"concept set '{spec}': not a built-in set ({', '.join(SPECS)}) "
                             "and no such file")
     return _read(path, f"file {str(path)!r}")
+
+
+# --- class names of a classifier's outputs ---------------------------------------------------------
+
+SYNSET = re.compile(r"n\d{8}")  # a WordNet synset id, as ImageNet folders are named (n01440764)
+
+
+def _first_lemma(description: str) -> str:
+    return description.split(",")[0].strip()
+
+
+def readable_class_names(classes: Sequence[str] | None) -> list[str] | None:
+    """Class names as words: a WordNet synset id (``n01440764``, an ImageNet folder name) becomes
+    its first lemma ("tench") from the ImageNet tables timm ships; other names are kept as they are."""
+    if not classes:
+        return None
+    if not any(SYNSET.fullmatch(c) for c in classes):
+        return list(classes)
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()  # its lemma table covers every ImageNet-21k synset
+    out = []
+    for c in classes:
+        try:
+            out.append(_first_lemma(info.label_name_to_description(c)) if SYNSET.fullmatch(c) else c)
+        except KeyError:
+            out.append(c)
+    return out
+
+
+def imagenet_class_names(model: Any) -> list[str] | None:
+    """The class names of a timm model whose head is an ImageNet subset's (1k, 12k, 21k, ...), as
+    first lemmas in output order; None for any other head."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    try:
+        subset = infer_imagenet_subset(model)
+    except Exception:  # a model without a pretrained_cfg
+        subset = None
+    return [_first_lemma(d) for d in ImageNetInfo(subset).label_descriptions()] if subset else None
+
+
+def read_class_names(path: str | Path, n: int | None, flag: str = "--class-names") -> list[str]:
+    """Class names from a file, one per line in the order of the model's outputs (blank lines
+    dropped); there must be exactly ``n`` of them when the output width ``n`` is known."""
+    try:
+        names = [line.strip() for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        raise DiscoverError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise DiscoverError(f"{flag} {path}: is a directory, not a file") from None
+    except UnicodeDecodeError:
+        raise DiscoverError(f"{flag} {path}: not UTF-8 text") from None
+    except OSError as e:
+        raise DiscoverError(f"{flag} {path}: cannot read ({e.strerror})") from None
+    names = [name for name in names if name]
+    if not names:
+        raise DiscoverError(f"{flag} {path}: no class names (empty or blank lines only)")
+    if n is not None and len(names) != n:
+        raise DiscoverError(f"{flag} {path}: {len(names)} class names for a model with {n} outputs")
+    return names

@@ -76,6 +76,23 @@ class Choice(click.Choice):
                       + (f"; did you mean {close[0]!r}?" if close else ""), param, ctx)
 
 
+def model_options(f):
+    """The options that complete a model spec: a weights file's architecture, its class names."""
+    opts = [click.option("--arch", default=None, help="Architecture of a weights file (see lwta.ARCHS)."),
+            click.option("--U", "U", type=int, default=None, help="Weights file: competitors per LWTA block."),
+            click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin."),
+            click.option("--class-names", type=click.Path(), default=None,
+                         help="A file of the model's class names, one per output in order (for weights that carry "
+                              "none; ImageNet synset ids are read as their names).")]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_kwargs(arch: str | None, U: int | None, act: str | None) -> dict:
+    return {k: v for k, v in (("arch", arch), ("U", U), ("act", act)) if v is not None}
+
+
 @click.group(cls=DiscoverGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """DISCOVER: Competitive Vision Networks (stochastic LWTA), dissected with CLIP."""
@@ -344,13 +361,11 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--list-layers", is_flag=True, help="Print every named module with its output shape and exit.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
-@click.option("--arch", default=None, help="Architecture of a weights file (see lwta.ARCHS).")
-@click.option("--U", "U", type=int, default=None, help="Weights file: competitors per LWTA block.")
-@click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin.")
+@model_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str | None, summary: str,
                mode: str, seed: int, signal: str, batch_size: int, list_layers: bool, skip_bad: bool, arch: str | None,
-               U: int | None, act: str | None, device: str) -> None:
+               U: int | None, act: str | None, class_names: str | None, device: str) -> None:
     """Record layer activations on a probe set: one N x K safetensors file per layer (cached)."""
     import time
 
@@ -367,7 +382,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
         if missing:
             raise DiscoverError(f"record: missing {', '.join(missing)} (or pass --list-layers)")
         ensure_writable_dir(out, "--out", force=True)
-    model, meta = record.load_model(model_spec, arch=arch, U=U, act=act)
+    model, meta = record.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
     model.to(dev)
     pr = record.load_probe(probe, skip_bad=skip_bad) if probe else None
     if pr is not None and pr.skipped:
@@ -433,10 +448,12 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--gallery-share", type=float, default=0.8, show_default=True,
               help="Hidden layers, with a CLIP that has a truth threshold (world-clip): a label must hold, by "
                    "the CLIP, on this share of the unit's 20 top images (0: off).")
+@model_options
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
                 signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float,
-                skip_bad: bool, device: str, gallery_share: float, force: bool) -> None:
+                skip_bad: bool, device: str, gallery_share: float, arch: str | None, U: int | None, act: str | None,
+                class_names: str | None, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
 
     from rich.table import Table
@@ -455,13 +472,14 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
     if layer_list == ["lwta"]:
         import lwta
         import record
-        layer_list = list(lwta.lwta_modules(record.load_model(model)[0]))
+        layer_list = list(lwta.lwta_modules(record.load_model(model, **build_kwargs(arch, U, act))[0]))
         if not layer_list:
             raise DiscoverError(f"--layers lwta: {model} has no LWTA layer")
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
                                 batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal,
-                                gallery_share=gallery_share, skip_bad=skip_bad, device=device)
+                                gallery_share=gallery_share, skip_bad=skip_bad, device=device,
+                                build_kwargs=build_kwargs(arch, U, act), class_names=class_names)
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
     for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (SoftWPMI > {interpretable_cutoff:g})"):
@@ -489,9 +507,11 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
               help="Order of the list: the winners' activations (Table 4), their winning probabilities, or z: "
                    "how far each unit's dissected signal on this image is above its probe mean (in std).")
 @click.option("--device", default="auto", show_default=True, help="Where the model runs: auto, cpu, cuda ...")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every active neuron) instead of tables.")
 def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer: str | None, samples: int,
-                mode: str, seed: int, top: int, bottom: int, sort: str, device: str, as_json: bool) -> None:
+                mode: str, seed: int, top: int, bottom: int, sort: str, device: str, arch: str | None,
+                U: int | None, act: str | None, class_names: str | None, as_json: bool) -> None:
     """Explain images (files or world:SEED:INDEX) by their active neurons and those neurons' concepts."""
     import json
 
@@ -507,7 +527,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
 
     dev = resolve_device(device)
     labels = dissect.read_labels(labels_dir)
-    model, meta = record.load_model(model_spec)
+    model, meta = record.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
     explain.check_labels(model, labels)
     model.to(dev)
     layer = layer or explain.default_layer(model, labels)
@@ -535,9 +555,11 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
 @click.option("--explain-images", type=int, default=100, show_default=True,
               help="World probes: probe images explained for the explanation precision (0: skip).")
 @click.option("--device", default="auto", show_default=True, help="Where the models run: auto, cpu, cuda ...")
+@model_options
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
 def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], models: tuple[str, ...],
-                 sentence_model: str | None, explain_images: int, device: str, as_json: bool) -> None:
+                 sentence_model: str | None, explain_images: int, device: str, arch: str | None, U: int | None,
+                 act: str | None, class_names: str | None, as_json: bool) -> None:
     """Measure labels: output-layer accuracy and cosines, attribute-selective neurons on the world."""
     import json
 
@@ -548,7 +570,7 @@ def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], mod
     if explain_images < 0:
         raise DiscoverError(f"--explain-images must be 0 or more, got {explain_images}")
     res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model, explain_images=explain_images,
-                            device=device)
+                            device=device, model_args={**build_kwargs(arch, U, act), "class_names": class_names})
     if as_json:
         click.echo(json.dumps(evaluate.jsonable(res), indent=2))
     else:

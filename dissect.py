@@ -57,7 +57,8 @@ class DissectConfig:
     gallery_share: float = GALLERY_SHARE  # 0: off; see gallery_mask
     skip_bad: bool = False  # leave unreadable probe images out (else an error naming the first)
     device: str = "cpu"  # where the model and the CLIP run ("auto": CUDA when present)
-    build_kwargs: dict[str, Any] = field(default_factory=dict)
+    build_kwargs: dict[str, Any] = field(default_factory=dict)  # a weights file's arch, U, act
+    class_names: str | None = None  # a file of the model's class names (record.load_model)
 
 
 def output_layer(model: Any) -> str | None:
@@ -168,7 +169,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     t = time.perf_counter()
     concept_list = concepts_mod.load_concepts(cfg.concepts)
     device = resolve_device(cfg.device)
-    model, meta = record.load_model(cfg.model, **cfg.build_kwargs)
+    model, meta = record.load_model(cfg.model, class_names=cfg.class_names, **cfg.build_kwargs)
     model.to(device)
     probe = record.load_probe(cfg.probe, skip_bad=cfg.skip_bad)
     record.resolve_layers(model, cfg.layers)  # unknown layer: one line with close names, before any work
@@ -215,7 +216,11 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
                               "activations": str(path)}
     seconds["similarity"] = time.perf_counter() - t
 
-    provenance = {"format": LABELS_FORMAT, "model": cfg.model, "model_hash": record.model_hash(model),
+    model_args = {k: v for k, v in cfg.build_kwargs.items() if v is not None}
+    if cfg.class_names is not None:
+        model_args["class_names"] = str(Path(cfg.class_names).expanduser().resolve())
+    provenance = {"format": LABELS_FORMAT, "model": cfg.model, "model_args": model_args,
+                  "model_hash": record.model_hash(model),
                   "arch": meta.get("arch"), "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
                   "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
                   "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,

@@ -364,7 +364,8 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
 class _Run:
     """One labels directory with its model, loaded only when needed (and then checked)."""
 
-    def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu") -> None:
+    def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu",
+                 model_args: dict[str, Any] | None = None) -> None:
         import dissect
 
         self.dir = str(labels_dir)
@@ -373,6 +374,9 @@ class _Run:
         if "layers" not in self.labels or "neurons" not in self.labels:
             raise DiscoverError(f"--labels {labels_dir}: labels.json lacks layers/neurons (not a dissection)")
         self.model_spec = model_spec or self.prov.get("model")
+        # what completes the spec (a weights file's arch/U/act, a class-names file): the dissection's, then the flags'
+        self.model_args = {**(self.prov.get("model_args") or {}),
+                           **{k: v for k, v in (model_args or {}).items() if v is not None}}
         self.signal = self.prov.get("signal", "sample")  # labels older than the signal option: sampled
         self._model: tuple[Any, dict[str, Any]] | None = None
         self._certainty: dict[str, dict[str, float]] | None = None
@@ -390,7 +394,7 @@ class _Run:
 
             if not self.model_spec:
                 raise DiscoverError(f"--labels {self.dir}: no model in the provenance; pass --model")
-            model, meta = record.load_model(self.model_spec)
+            model, meta = record.load_model(self.model_spec, **self.model_args)
             explain.check_labels(model, self.labels, where=f"--labels {self.dir}")
             self._model = (model.to(self.device), meta)
         return self._model
@@ -408,9 +412,14 @@ class _Run:
 
     @property
     def classes(self) -> list[str] | None:
+        """The model's class names: the loaded model's, else a --class-names file's, else the dissection's."""
+        import concepts
+
         if self._model is not None and self._model[1].get("classes"):
             return list(self._model[1]["classes"])
-        return self.prov.get("classes")
+        if self.model_args.get("class_names"):
+            return concepts.readable_class_names(concepts.read_class_names(self.model_args["class_names"], None))
+        return concepts.readable_class_names(self.prov.get("classes"))
 
     def activations(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         """The layer's recorded N x K activations; recorded again when the file is gone or stale."""
@@ -576,11 +585,12 @@ def lwta_layer(run: "_Run", layer: str) -> bool:
 
 def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_model: str | None = None,
              log: Callable[[str], None] | None = None, explain_images: int = EXPLAIN_IMAGES,
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate every labelled layer of every labels directory.
 
     ``models``: none (each dir's provenance model), one (for every dir) or one per dir; a model that
-    is not the one the labels were computed for is a one-line error. Returns ``{"sentence_model":
+    is not the one the labels were computed for is a one-line error. ``model_args`` complete a model
+    spec (``arch``/``U``/``act`` of a weights file, ``class_names`` a file) over the dissection's own. Returns ``{"sentence_model":
     name or "n/a (...)", "runs": [row per dir x layer]}`` (see the module docstring for the figures).
     """
     if not labels_dirs:
@@ -593,7 +603,7 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     from common import resolve_device
 
     dev = str(resolve_device(device))
-    runs = [_Run(d, m, dev) for d, m in zip(labels_dirs, specs)]
+    runs = [_Run(d, m, dev, model_args) for d, m in zip(labels_dirs, specs)]
     sentence, sentence_name = (None, SENTENCE_NA)
     needs_output = any(_is_output_layer(layer, info.get("K", -1), r.classes)
                        for r in runs for layer, info in r.labels["layers"].items())

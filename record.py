@@ -68,6 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import concepts
 import lwta
 from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_json, write_json_atomic
 
@@ -83,7 +84,8 @@ FORMAT_VERSION = "2"  # of the activation files; bump to invalidate every cached
 
 # --- models ---------------------------------------------------------------------------------------
 
-def load_model(spec: str, **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(spec: str, class_names: str | Path | None = None,
+               **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Resolve a model spec to ``(model in eval mode, meta)``.
 
     ``spec`` is a run directory (``model.safetensors`` + ``meta.json``), a ``.safetensors``/``.pth``
@@ -91,7 +93,8 @@ def load_model(spec: str, **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any
     or ``torchvision:NAME``, each optionally followed by ``:WEIGHTS`` (a local file; ``pretrained``
     for the library's own weights, which need a download or a filled cache; torchvision also takes
     enum names like ``IMAGENET1K_V1``). ``meta`` holds the preprocessing (``img_size``, ``mean``,
-    ``std``, ``interpolation``), ``U`` (None for a plain network), ``classes`` when known, ``spec``.
+    ``std``, ``interpolation``), ``U`` (None for a plain network), ``classes`` when known (from
+    ``class_names``, a file of one name per output, when given; synset ids read as words), ``spec``.
     """
     kwargs = {k: v for k, v in build_kwargs.items() if v is not None}
     if spec.startswith("timm:"):
@@ -113,6 +116,10 @@ def load_model(spec: str, **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any
     meta.setdefault("std", list(IMAGENET_STD))
     meta.setdefault("interpolation", "bilinear")
     meta.setdefault("classes", None)
+    if class_names is not None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        meta["classes"] = concepts.read_class_names(class_names, linears[-1].out_features if linears else None)
+    meta["classes"] = concepts.readable_class_names(meta["classes"])
     units = {m.U for m in lwta.lwta_modules(model).values()}
     meta["U"] = meta.get("U") or (units.pop() if len(units) == 1 else None)
     meta["spec"] = spec
@@ -199,7 +206,7 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
     meta = {"arch": f"timm:{name}", "num_classes": getattr(model, "num_classes", None),
             "img_size": kwargs.get("img_size", (cfg.get("input_size") or (3, 224, 224))[-1]),
             "mean": list(cfg.get("mean", IMAGENET_MEAN)), "std": list(cfg.get("std", IMAGENET_STD)),
-            "interpolation": cfg.get("interpolation", "bicubic")}
+            "interpolation": cfg.get("interpolation", "bicubic"), "classes": concepts.imagenet_class_names(model)}
     return model, meta
 
 
@@ -292,6 +299,8 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
             lwta.load_state(model, state, str(path))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     meta["num_classes"] = getattr(model, "num_classes", None) or (linears[-1].out_features if linears else None)
+    if meta.get("classes") is None and meta["num_classes"] == 1000:  # torchvision's classifiers are ImageNet-1k's
+        meta["classes"] = concepts.imagenet_categories()
     return model, meta
 
 

@@ -149,39 +149,45 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return c
 
 
-def init_responses(model: nn.Module, std: float) -> list[tuple[nn.Linear, float]]:
+def init_responses(model: nn.Module, std: float) -> list[tuple[nn.Parameter, float]]:
     """Re-draw the weights of every ``nn.Linear`` whose output competes in an LWTA (a ViT block's
     ``fc1``) from N(0, std^2 / fan_in), bias 0, so that on unit-variance inputs (the block's
     LayerNorm output) each unit response h of Eq. 1 starts with standard deviation ~``std``:
-    pi = softmax(h) (Eq. 2) is unchanged in form, only its starting spread. Returns each layer
-    changed with its scale, the new weight std over the old one."""
-    changed = []
+    pi = softmax(h) (Eq. 2) is unchanged in form, only its starting spread. The layer that reads the
+    winners' outputs xi * h (the block's ``fc2``) has its weight divided by the same scale, so the
+    block's output starts as large as with the default initialisation. Returns each parameter
+    changed with its scale, the new weight std over the old one (fc1) or its inverse (fc2)."""
+    changed: list[tuple[nn.Parameter, float]] = []
     for mod in model.modules():
-        fc1, act = getattr(mod, "fc1", None), getattr(mod, "act", None)
+        fc1, act, fc2 = getattr(mod, "fc1", None), getattr(mod, "act", None), getattr(mod, "fc2", None)
         if isinstance(fc1, nn.Linear) and isinstance(act, lwta.LWTABase):
             with torch.no_grad():
                 old = float(fc1.weight.std())
                 fc1.weight.normal_(0.0, std / math.sqrt(fc1.in_features))
+                scale = float(fc1.weight.std()) / old
+                changed.append((fc1.weight, scale))
                 if fc1.bias is not None:
                     fc1.bias.zero_()
-            changed.append((fc1, float(fc1.weight.std()) / old))
+                    changed.append((fc1.bias, scale))
+                if isinstance(fc2, nn.Linear):
+                    fc2.weight.div_(scale)
+                    changed.append((fc2.weight, 1.0 / scale))
     return changed
 
 
 def param_groups(model: nn.Module, weight_decay: float,
-                 scaled: list[tuple[nn.Linear, float]] = ()) -> list[dict[str, Any]]:
-    """Optimizer groups: weight matrices with ``weight_decay``, vectors without; the layers of
+                 scaled: list[tuple[nn.Parameter, float]] = ()) -> list[dict[str, Any]]:
+    """Optimizer groups: weight matrices with ``weight_decay``, vectors without; the parameters of
     :func:`init_responses` in groups of their own whose learning rate is multiplied (``lr_scale``)
     and weight decay divided by their init scale, so that their relative updates match the default
     initialisation's."""
-    own = {id(p) for fc, _ in scaled for p in fc.parameters()}
+    own = {id(p) for p, _ in scaled}
     rest = [p for p in model.parameters() if id(p) not in own]
     groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
               {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-    for fc, scale in scaled:
-        groups.append({"params": [fc.weight], "weight_decay": weight_decay / scale, "lr_scale": scale})
-        if fc.bias is not None:
-            groups.append({"params": [fc.bias], "weight_decay": 0.0, "lr_scale": scale})
+    for p, scale in scaled:
+        groups.append({"params": [p], "weight_decay": weight_decay / scale if p.ndim >= 2 else 0.0,
+                       "lr_scale": scale})
     return groups
 
 

@@ -41,3 +41,57 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], expected: st
     usage = "must be" not in expected and "--device" not in expected  # Click's own errors point to --help
     assert expected in lines[0] and ("--help" in lines[0]) == usage
     assert not (tmp_path / "out").exists() and r.stdout == ""
+
+
+def test_a_weights_file_takes_arch_and_class_names_in_dissect_explain_and_evaluate(tmp_path: Path) -> None:
+    """A bare weights file works in every command that runs a model, given --arch/--U, and a
+    --class-names file (ImageFolder spelling, underscores) names the outputs for the output-layer
+    accuracy; evaluate reloads the file with the dissection's own arguments."""
+    import csv
+    import json
+
+    import world
+
+    weights = ROOT / "checkpoints" / "deit_world_u8" / "model.safetensors"
+    names = tmp_path / "classes.txt"
+    classes = [c.replace(" ", "_") for c in world.TASKS["object"]]
+    names.write_text("\n".join(classes) + "\n")
+    out = tmp_path / "labels"
+    common = ["--arch", "deit_world", "--U", "8"]
+    r = _cli("dissect", "--model", str(weights), *common, "--class-names", str(names), "--layers",
+             "head,blocks.3.mlp.act", "--probe", "world:300:4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    prov = json.loads((out / "labels.json").read_text())["provenance"]
+    assert prov["model_args"] == {"arch": "deit_world", "U": 8, "class_names": str(names.resolve())}
+    assert prov["classes"] == classes
+    r = _cli("explain", "world:4:0", "--model", str(weights), *common, "--labels", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["layer"] == "blocks.3.mlp.act"
+    r = _cli("evaluate", str(out), "--explain-images", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    (head,) = [row for row in json.loads(r.stdout)["runs"] if row["layer"] == "head"]
+    acc = head["output_layer"]["accuracy_percent"]
+    # the labels of head against the class names, compared by hand: "red circle" is class red_circle
+    with open(out / "descriptions.csv", newline="") as f:
+        labels = {int(row["unit"]): row["description"] for row in csv.DictReader(f) if row["layer"] == "head"}
+    want = 100 * sum(labels[i].replace(" ", "_") == c for i, c in enumerate(classes)) / len(classes)
+    assert acc == pytest.approx(want) and acc > 50
+    # a file with the wrong number of names: one line naming the flag
+    names.write_text("red_circle\nblue_square\n")
+    r = _cli("explain", "world:4:0", "--model", str(weights), *common, "--labels", str(out), "--class-names", str(names))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --class-names {names}: 2 class names for a model with 64 outputs"]
+
+
+def test_synset_class_names_read_as_their_first_lemma() -> None:
+    """ImageNet folder names (WordNet synset ids) become words by timm's own lemma table, read here
+    directly; other names are kept."""
+    import timm.data
+    import concepts
+
+    table = Path(timm.data.__file__).parent / "_info" / "imagenet_synset_to_lemma.txt"
+    lemma = dict(line.split("\t") for line in table.read_text().splitlines())
+    ids = ["n01440764", "n02102040", "n04592741"]
+    got = concepts.readable_class_names(ids + ["my_class", "n123"])
+    assert got == [lemma[i].split(",")[0].strip() for i in ids] + ["my_class", "n123"]
+    assert got[0] == "tench" and concepts.readable_class_names(["a", "b"]) == ["a", "b"]

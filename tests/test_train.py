@@ -277,26 +277,30 @@ def test_decisiveness_figures_by_hand() -> None:
 
 def test_response_init_and_its_parameter_groups() -> None:
     """--response-std: every fc1 feeding an LWTA is re-drawn N(0, s^2/fan_in) (so h has std ~s on
-    unit-variance inputs), and trained in groups whose lr is multiplied and weight decay divided by
-    its init scale; every parameter is in exactly one group."""
+    unit-variance inputs) and its fc2 divided by the same scale (so fc2 reads winners of the default
+    size); each changed parameter trains in a group whose lr is multiplied and weight decay divided
+    by its scale; every parameter is in exactly one group."""
     torch.manual_seed(0)
     model = lwta.build("deit_world", U=8, num_classes=64)
-    old = {i: float(b.mlp.fc1.weight.std()) for i, b in enumerate(model.blocks)}
+    old = {i: (float(b.mlp.fc1.weight.std()), b.mlp.fc2.weight.detach().clone()) for i, b in enumerate(model.blocks)}
     changed = train.init_responses(model, 6.0)
-    assert [fc for fc, _ in changed] == [b.mlp.fc1 for b in model.blocks]
-    for i, (fc, scale) in enumerate(changed):
-        assert float(fc.weight.std()) == pytest.approx(6.0 / 96 ** 0.5, rel=0.02) and not fc.bias.any()
-        assert scale == pytest.approx(float(fc.weight.std()) / old[i])
+    want = [p for b in model.blocks for p in (b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight)]
+    assert [p for p, _ in changed] == want
+    for i, b in enumerate(model.blocks):
+        w1, s1 = changed[3 * i]
+        assert float(w1.std()) == pytest.approx(6.0 / 96 ** 0.5, rel=0.02) and not b.mlp.fc1.bias.any()
+        assert s1 == pytest.approx(float(w1.std()) / old[i][0]) and changed[3 * i + 1][1] == s1
+        assert changed[3 * i + 2][1] == pytest.approx(1 / s1)
+        np.testing.assert_allclose(b.mlp.fc2.weight.detach().numpy(), old[i][1].numpy() / s1, rtol=1e-6)
     x = torch.nn.functional.layer_norm(torch.randn(4096, 96), (96,))
     assert float(model.blocks[0].mlp.fc1(x).std()) == pytest.approx(6.0, rel=0.05)
     groups = train.param_groups(model, 0.02, changed)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(ids) == len(set(ids))
-    for fc, scale in changed:
-        (gw,) = [g for g in groups if len(g["params"]) == 1 and g["params"][0] is fc.weight]
-        (gb,) = [g for g in groups if len(g["params"]) == 1 and g["params"][0] is fc.bias]
-        assert gw["lr_scale"] == gb["lr_scale"] == scale and gw["weight_decay"] == pytest.approx(0.02 / scale)
-        assert gb["weight_decay"] == 0.0
+    for p, scale in changed:
+        (g,) = [g for g in groups if len(g["params"]) == 1 and g["params"][0] is p]
+        assert g["lr_scale"] == scale
+        assert g["weight_decay"] == (pytest.approx(0.02 / scale) if p.ndim >= 2 else 0.0)
     assert all(g["lr_scale"] == 1.0 for g in groups[:2])
     twin = lwta.build("deit_world", act="gelu", num_classes=64)
     assert train.init_responses(twin, 6.0) == []  # nothing competes in a twin
