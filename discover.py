@@ -441,8 +441,10 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
               help="LWTA winners while recording.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--interpretable-cutoff", type=float, default=0.16, show_default=True,
-              help="SoftWPMI score above which a neuron counts as interpretable (CLIP-Dissect A.8).")
+@click.option("--interpretable-cutoff", default="random", show_default=True,
+              help="A neuron is interpretable when its label scores above it. random: per layer, the 95th percentile "
+                   "of the best scores of an untrained copy of the model (recorded too); or a number on the "
+                   "similarity's scale (CLIP-Dissect A.8 used 0.16 with SoftWPMI).")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
 @click.option("--device", default="auto", show_default=True, help="Where the model and the CLIP run: auto, cpu, cuda ...")
 @click.option("--gallery-share", type=float, default=0.8, show_default=True,
@@ -451,7 +453,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @model_options
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
-                signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: float,
+                signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: str,
                 skip_bad: bool, device: str, gallery_share: float, arch: str | None, U: int | None, act: str | None,
                 class_names: str | None, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
@@ -465,6 +467,10 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
         raise DiscoverError(f"--batch-size must be >= 1, got {batch_size}")
     if not 0 <= gallery_share <= 1:
         raise DiscoverError(f"--gallery-share must be in [0, 1], got {gallery_share}")
+    try:
+        cutoff = None if interpretable_cutoff == "random" else float(interpretable_cutoff)
+    except ValueError:
+        raise DiscoverError(f"--interpretable-cutoff: 'random' or a number, got {interpretable_cutoff!r}") from None
     ensure_writable_dir(out, "--out", force=force, allowed=("descriptions.csv", "labels.json"))
     layer_list = [s.strip() for s in layers.split(",") if s.strip()]
     if not layer_list:
@@ -477,16 +483,20 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
             raise DiscoverError(f"--layers lwta: {model} has no LWTA layer")
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
-                                batch_size=batch_size, cutoff=interpretable_cutoff, signal=signal,
+                                batch_size=batch_size, cutoff=cutoff, signal=signal,
                                 gallery_share=gallery_share, skip_bad=skip_bad, device=device,
                                 build_kwargs=build_kwargs(arch, U, act), class_names=class_names)
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
-    for col in ("layer", "neurons", "U", "signal", "similarity", "dead", f"interpretable (SoftWPMI > {interpretable_cutoff:g})"):
+    for col in ("layer", "neurons", "U", "signal", "similarity", "dead", "cutoff", "interpretable"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, info in res["layers"].items():
         table.add_row(layer, str(info["K"]), str(info["U"] or "-"), info["signal"], info["similarity"],
-                      str(info["dead"]), "n/a" if info["interpretable"] is None else str(info["interpretable"]))
+                      str(info["dead"]), "n/a" if info["cutoff"] is None else f"{info['cutoff']:.4g}",
+                      str(info["interpretable"]))
+    if cutoff is None:
+        table.caption = ("interpretable: the label scores above the cutoff, the 95th percentile of the best scores "
+                         "of the same layer in an untrained copy of the model")
     console.print(table)
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["seconds"].items()))
 

@@ -36,6 +36,7 @@ AUTO_SIMILARITY = {"output": "soft_wpmi", "hidden": "wpmi"}
 TOP_IMAGES = 20
 TOP_CONCEPTS = 5
 LABELS_FORMAT = 2  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std
+RANDOM_QUANTILE = 0.95  # interpretable: the label scores above this quantile of a random copy's neurons
 GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
 
 
@@ -53,7 +54,7 @@ class DissectConfig:
     signal: str = "pi"  # what an LWTA layer's neuron vector is (record.SIGNALS)
     seed: int = 0
     batch_size: int = 64
-    cutoff: float = 0.16  # CLIP-Dissect A.8: interpretable when the SoftWPMI score exceeds it
+    cutoff: float | None = None  # interpretable above it; None: calibrated per layer (random_cutoff)
     gallery_share: float = GALLERY_SHARE  # 0: off; see gallery_mask
     skip_bad: bool = False  # leave unreadable probe images out (else an error naming the first)
     device: str = "cpu"  # where the model and the CLIP run ("auto": CUDA when present)
@@ -96,13 +97,30 @@ def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float)
     return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, P.shape[1]), bool)
 
 
+def best_scores(S: np.ndarray) -> np.ndarray:
+    """Each neuron's best concept score (row maximum of S, K x M); -inf for a dead neuron's row."""
+    S = np.where(np.isfinite(S), S, -np.inf)
+    return S.max(1) if S.shape[1] else np.full(S.shape[0], -np.inf)
+
+
+def random_cutoff(S_random: np.ndarray, q: float = RANDOM_QUANTILE) -> float:
+    """The interpretability cutoff of a layer: the ``q`` quantile of the best concept scores of the
+    same layer in an untrained copy of the network (:func:`record.random_copy`), scored with the same
+    similarity, probe and concepts. A neuron whose label scores above it is better explained than
+    all but 1 - q of the random network's neurons, on any similarity's scale; a random network
+    itself gets about 1 - q of its neurons interpretable."""
+    best = best_scores(S_random)
+    best = best[np.isfinite(best)]
+    return float(np.quantile(best, q)) if best.size else math.inf
+
+
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
                 cutoff: float | None, wins: np.ndarray | None = None,
                 allowed: np.ndarray | None = None, top: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M).
     A neuron is active on an image where it won its block (``wins`` > 0, LWTA layers) or where
-    its activation is non-zero; a neuron active on no image is dead. ``cutoff`` None (a similarity
-    other than SoftWPMI, whose scale CLIP-Dissect's cutoff was set on): ``interpretable`` None.
+    its activation is non-zero; a neuron active on no image is dead. ``interpretable``: the label's
+    score exceeds ``cutoff`` (None when there is no cutoff).
     ``allowed`` (K x M, :func:`gallery_mask`): neuron k's label is its best-scoring allowed concept
     (its best concept overall when none is allowed); ``top_concepts`` lists allowed ones first.
     ``top``: the neurons' top images (``dissect_kernels.top_images(A, TOP_IMAGES)``) when already at hand."""
@@ -176,12 +194,18 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     clip = clip_backend.load_clip(cfg.clip, str(device))  # a bad --clip: before the recording, too
     seconds["load"] = time.perf_counter() - t
 
+    def record_model(net: Any) -> dict[str, Path]:
+        cache = record.activation_cache(record.model_hash(net), probe, signal=cfg.signal, mode=cfg.mode, seed=cfg.seed)
+        return record.record_layers(net, meta, cfg.layers, probe, cache, summary=cfg.summary, mode=cfg.mode,
+                                    seed=cfg.seed, batch_size=cfg.batch_size, signal=cfg.signal)
+
     t = time.perf_counter()
-    cache = record.activation_cache(record.model_hash(model), probe, signal=cfg.signal, mode=cfg.mode, seed=cfg.seed)
-    paths = record.record_layers(model, meta, cfg.layers, probe, cache,
-                                 summary=cfg.summary, mode=cfg.mode, seed=cfg.seed, batch_size=cfg.batch_size,
-                                 signal=cfg.signal)
+    paths = record_model(model)
     seconds["record"] = time.perf_counter() - t
+    if cfg.cutoff is None:  # the random baseline of the interpretability cutoff: an untrained copy, recorded alike
+        t = time.perf_counter()
+        random_paths = record_model(record.random_copy(model))
+        seconds["record random copy"] = time.perf_counter() - t
 
     t = time.perf_counter()
     P = clip_backend.similarity_matrix(clip, probe, concept_list)
@@ -205,14 +229,16 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
         checked = gallery_check and layer != out_layer  # an output layer: one class per neuron
         top = dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0]))
         allowed = gallery_mask(P, top, clip.truth_threshold, cfg.gallery_share) if checked else None
-        layer_rows = neuron_rows(layer, A, S, concept_list, U, cfg.cutoff if sim == "soft_wpmi" else None,
-                                 record.read_wins(path), allowed, top)
+        cutoff = (random_cutoff(scores(sim, record.read_activations(random_paths[layer])[0], P))
+                  if cfg.cutoff is None else cfg.cutoff)
+        layer_rows = neuron_rows(layer, A, S, concept_list, U, cutoff, record.read_wins(path), allowed, top)
         rows += layer_rows
         layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
                               "signal": info.get("signal", "output"), "similarity": sim,
                               "dead": sum(r["dead"] for r in layer_rows),
                               "gallery_share": cfg.gallery_share if checked else None,
-                              "interpretable": None if sim != "soft_wpmi" else sum(r["interpretable"] for r in layer_rows),
+                              "cutoff": cutoff if math.isfinite(cutoff) else None, "cutoff_from": "random copy" if cfg.cutoff is None else "fixed",
+                              "interpretable": sum(r["interpretable"] for r in layer_rows),
                               "activations": str(path)}
     seconds["similarity"] = time.perf_counter() - t
 
@@ -224,7 +250,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
                   "arch": meta.get("arch"), "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
                   "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
                   "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,
-                  "similarity": cfg.similarity, "cutoff": cfg.cutoff, "mode": cfg.mode, "signal": cfg.signal,
+                  "similarity": cfg.similarity, "cutoff": cfg.cutoff if cfg.cutoff is not None else "random", "mode": cfg.mode, "signal": cfg.signal,
                   "seed": cfg.seed, "summary": cfg.summary, "skip_bad": cfg.skip_bad,
                   "gallery_share": cfg.gallery_share if gallery_check else None,
                   "truth_threshold": clip.truth_threshold}

@@ -497,6 +497,16 @@ class _Run:
         return record.read_activations(paths[layer])
 
 
+def layer_cutoff(info: dict[str, Any], prov: dict[str, Any]) -> float | None:
+    """A layer's interpretability cutoff: its own (calibrated on a random copy, or the fixed number
+    it was dissected with); for labels from before per-layer cutoffs, the provenance's SoftWPMI
+    cutoff on SoftWPMI layers (CLIP-Dissect A.8's scale) and none on others."""
+    if "cutoff" in info:
+        return info["cutoff"]
+    soft = info.get("similarity", prov.get("similarity")) == "soft_wpmi"
+    return float(prov.get("cutoff", 0.16)) if soft else None
+
+
 def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
     return layer.split(".")[-1] in OUTPUT_LAYERS and bool(classes) and len(classes) == K
 
@@ -507,7 +517,6 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
     import clip_backend
 
     prov = run.prov
-    cutoff = float(prov.get("cutoff", 0.16))
     probe = str(prov.get("probe", ""))
     if probe not in world_cache:
         world_cache[probe] = world_attributes(probe)
@@ -526,8 +535,8 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
         scores = np.array([n.get("similarity") if n.get("similarity") is not None else np.nan
                            for n in neurons], np.float64)
         dead = int(sum(bool(n.get("dead")) for n in neurons))
-        soft = info.get("similarity", prov.get("similarity")) == "soft_wpmi"  # the cutoff's scale
-        interpretable = int(np.sum(np.isfinite(scores) & (scores > cutoff))) if soft else None
+        cutoff = layer_cutoff(info, prov)
+        interpretable = None if cutoff is None else int(np.sum(np.isfinite(scores) & (scores > cutoff)))
         wins = run.wins(layer)  # LWTA layers: who won, beside the recorded signal
         row: dict[str, Any] = {
             "labels": run.dir, "model": run.model_spec, "similarity": info.get("similarity", prov.get("similarity")),

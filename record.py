@@ -304,6 +304,27 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
     return model, meta
 
 
+def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """An untrained copy of ``model`` (same architecture, LWTA settings and layer names), seeded:
+    every module with ``reset_parameters`` is re-initialised by it (BatchNorm statistics included),
+    and the parameters of modules without one (a ViT's class token, position embedding) are
+    re-drawn from a normal of std 0.02 truncated at 2 std (timm's choice). In eval mode."""
+    import copy
+
+    rand = copy.deepcopy(model)
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(seed)
+        for mod in rand.modules():
+            if hasattr(mod, "reset_parameters"):
+                mod.reset_parameters()
+            else:
+                for p in mod.parameters(recurse=False):
+                    with torch.no_grad():
+                        nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+    return rand.eval()
+
+
 def model_hash(model: nn.Module) -> str:
     """sha256 of the model's state dict (names, dtypes, shapes, bytes) and of its parameter-free
     structure (module types and settings: GELU vs ReLU vs LWTA with its U and tau), so that a CVN

@@ -410,7 +410,11 @@ def _charts(site: Path, sources: list[Source], rows: list[dict[str, Any]]) -> di
         series = [(n, v) for n, v in series if v]
         if not series:
             continue
-        cutoff = next((s.labels["provenance"].get("cutoff") for s in sources), None)
+        import evaluate
+
+        cutoffs = {evaluate.layer_cutoff(s.labels["layers"][layer], s.labels["provenance"])
+                   for s in sources if layer in s.labels["layers"]}
+        cutoff = cutoffs.pop() if len(cutoffs) == 1 else None  # one line only where every source has the same
         path = f"charts/scores-{i}.png"
         chart_scores(layer, series, cutoff, site / path)
         charts["scores"].append(dict(layer=layer, path=path))

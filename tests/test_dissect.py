@@ -235,3 +235,56 @@ def test_a_bad_clip_fails_before_any_recording(setup: Path, tmp_path: Path, monk
     with pytest.raises(DiscoverError, match="bad.safetensors"):
         dissect.dissect(_cfg(setup, out=str(tmp_path / "o"), clip=f"world-clip:{tmp_path / 'bad.safetensors'}"))
     assert calls == [] and not (tmp_path / "o").exists()
+
+
+def test_a_random_network_gets_few_interpretable_units(setup: Path, tmp_path: Path) -> None:
+    """The interpretability cutoff is calibrated per layer on an untrained copy (seed 0) of the
+    model: the 95th percentile of its neurons' best scores. An untrained network of another seed
+    (the fixture's) then has few interpretable units on every layer and similarity, where the fixed
+    SoftWPMI cutoff 0.16 of CLIP-Dissect marks most of them interpretable."""
+    cfg = dict(layers=["blocks.3.mlp.act", "head"], probe="world:400:4", concepts="world", clip="world-clip",
+               mode="sample")
+    for sim in ("auto", "cos3"):
+        res = dissect.dissect(_cfg(setup, **cfg, similarity=sim, out=str(tmp_path / sim)))
+        for layer, info in res["layers"].items():
+            assert info["cutoff_from"] == "random copy"
+            assert info["interpretable"] <= 0.15 * info["K"], (sim, layer, info["interpretable"])
+            lab = dissect.read_labels(tmp_path / sim)
+            scores = np.array([n["similarity"] for n in lab["neurons"] if n["layer"] == layer], float)
+            assert info["interpretable"] == int(np.sum(scores > info["cutoff"]))
+    fixed = dissect.dissect(_cfg(setup, **cfg, similarity="soft_wpmi", cutoff=0.16, out=str(tmp_path / "fixed")))
+    assert all(i["interpretable"] > 0.5 * i["K"] and i["cutoff_from"] == "fixed" for i in fixed["layers"].values())
+
+
+def test_random_cutoff_is_the_quantile_of_the_best_scores() -> None:
+    rng = np.random.default_rng(0)
+    S = rng.normal(size=(50, 7))
+    S[3] = np.nan  # a dead neuron: no score
+    best = [max(row) for row in S.tolist() if not any(math.isnan(v) for v in row)]
+    assert dissect.random_cutoff(S) == pytest.approx(float(np.quantile(best, 0.95)))
+    assert dissect.random_cutoff(S, 0.5) == pytest.approx(float(np.median(best)))
+    assert dissect.random_cutoff(np.full((4, 3), np.nan)) == math.inf
+
+
+def test_random_copy_is_an_untrained_seeded_twin_of_the_architecture() -> None:
+    import record
+
+    torch.manual_seed(5)
+    model = lwta.build("resnet18_world", U=2, num_classes=64)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(3.0)
+                m.running_var.fill_(7.0)
+    a, b = record.random_copy(model), record.random_copy(model)
+    assert [n for n, _ in a.named_modules()] == [n for n, _ in model.named_modules()]
+    assert record.model_hash(a) == record.model_hash(b) != record.model_hash(model)
+    assert record.model_hash(record.random_copy(model, seed=1)) != record.model_hash(a)
+    bn = next(m for m in a.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert float(bn.running_mean.abs().max()) == 0 and float((bn.running_var - 1).abs().max()) == 0
+    assert not a.training and model.conv1.weight.data_ptr() != a.conv1.weight.data_ptr()
+    vit = lwta.build("deit_world", U=8, num_classes=64)
+    with torch.no_grad():
+        vit.cls_token.fill_(1.0)
+    r = record.random_copy(vit)
+    assert 0 < float(r.cls_token.abs().max()) <= 0.04 and float(r.cls_token.std()) > 0.005

@@ -237,8 +237,13 @@ def test_layer_page_search_sort_and_filter(demo_dir: Path, browser) -> None:
     order = visible()
     by_score = sorted(neurons, key=lambda n: (-(n["similarity"] if n["similarity"] is not None else -1e30), n["unit"]))
     assert order == [n["unit"] for n in by_score]
-    # a WPMI-labelled layer has no interpretability cutoff (a SoftWPMI score): no filter to offer
-    assert lab["layers"][layer]["interpretable"] is None and not browser.find_elements(By.ID, "interpretable")
+    # every layer has its cutoff, calibrated on an untrained copy: the filter shows the units above it
+    info = lab["layers"][layer]
+    assert info["cutoff_from"] == "random copy" and info["interpretable"] == sum(
+        n["similarity"] is not None and n["similarity"] > info["cutoff"] for n in neurons)
+    browser.find_element(By.ID, "interpretable").click()
+    assert visible() == [n["unit"] for n in neurons if n["interpretable"]]
+    browser.find_element(By.ID, "interpretable").click()
     head = [n for n in lab["neurons"] if n["layer"] == "head"]
     assert lab["layers"]["head"]["similarity"] == "soft_wpmi"
     _load(browser, demo_dir / "report" / "layers" / "twin--head.html")
