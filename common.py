@@ -6,6 +6,7 @@ stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -130,18 +131,60 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 def progress_bar(enabled: bool = True, *, note: str | None = None, transient: bool = False,
                  stderr: bool = False) -> Any:
     """The project's rich progress bar: description, bar, n/N, ``note`` (e.g. "images"), elapsed,
-    remaining. Disabled when not ``enabled``; with ``stderr`` it draws on stderr and only on a
-    terminal, so logs and pipes stay clean."""
+    remaining. Disabled when not ``enabled``. Where its stream is not a terminal (a pipe, a CI log)
+    it prints a plain line per task at every tenth of the work and at least once a minute instead
+    of a bar, so a long job is never silent there."""
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    console = Console(stderr=True) if stderr else None
+    console = Console(stderr=stderr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(note)] if note else []
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-    disable = not enabled or (console is not None and not console.is_terminal)
-    return Progress(*columns, console=console, disable=disable, transient=transient)
+    if enabled and not console.is_terminal:
+        return _line_progress_class()(*columns, console=console, disable=True, note=note or "")
+    return Progress(*columns, console=console, disable=not enabled, transient=transient)
+
+
+@functools.cache
+def _line_progress_class() -> type:
+    from rich.progress import Progress
+
+    class LineProgress(Progress):
+        """A rich Progress that writes plain progress lines instead of a live bar."""
+
+        def __init__(self, *columns: Any, note: str = "", **kwargs: Any) -> None:
+            super().__init__(*columns, **kwargs)
+            self._note = f" {note}" if note else ""
+            self._logged: dict[Any, tuple[int, float]] = {}
+
+        def update(self, task_id: Any, **kwargs: Any) -> None:
+            super().update(task_id, **kwargs)
+            self._log(task_id)
+
+        def advance(self, task_id: Any, advance: float = 1) -> None:
+            super().advance(task_id, advance)
+            self._log(task_id)
+
+        def _log(self, task_id: Any) -> None:
+            import time
+
+            task = self._tasks[task_id]
+            if not task.total:
+                return
+            tenth = int(10 * task.completed / task.total)
+            last_tenth, last_time = self._logged.get(task_id, (0, time.monotonic()))
+            now = time.monotonic()
+            if tenth > last_tenth or now - last_time >= 60 or (task.completed >= task.total and last_tenth < 10):
+                eta = task.time_remaining
+                left = f", about {eta:.0f} s left" if eta is not None and task.completed < task.total else ""
+                self.console.print(f"{task.description}: {task.completed:g}/{task.total:g}{self._note} "
+                                   f"({100 * task.completed / task.total:.0f} %, {task.elapsed or 0:.0f} s{left})",
+                                   markup=False, highlight=False, soft_wrap=True)
+                self._logged[task_id] = (tenth, now)
+
+    return LineProgress
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -77,3 +77,22 @@ def test_output_lock_lets_one_writer_in(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(out), root], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not out.exists() and not (tmp_path / ".labels.lock").exists()  # released and removed
+
+
+def test_progress_prints_lines_where_its_stream_is_not_a_terminal(capsys) -> None:
+    """Piped or logged, a progress bar becomes a plain line at each tenth of the work (never silence)."""
+    from common import progress_bar
+
+    with progress_bar(note="images", stderr=True) as bar:
+        task = bar.add_task("recording blocks.3", total=40)
+        for _ in range(40):
+            bar.advance(task)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 10
+    assert [int(line.split(": ")[1].split("/")[0]) for line in lines] == [4 * i for i in range(1, 11)]
+    assert all(line.startswith("recording blocks.3: ") and "/40 images" in line for line in lines)
+    assert lines[-1].startswith("recording blocks.3: 40/40 images (100 %")
+    with progress_bar(enabled=False, stderr=True) as bar:  # disabled: nothing at all
+        bar.advance(bar.add_task("x", total=3), 3)
+    assert capsys.readouterr() == ("", "")
