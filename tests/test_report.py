@@ -262,3 +262,33 @@ def test_report_renders_a_plain_dissect_output(demo_dir: Path, tmp_path: Path) -
     assert res["cached"] is False and (site / "index.html").is_file()
     assert sorted(p.name for p in (site / "layers").glob("*.html")) == sorted(
         f"{src.name}--{layer}.html" for layer in lab["layers"])
+
+
+def test_the_real_scale_recipe_ends_in_a_report(tmp_path: Path) -> None:
+    """The README's path past the demo: a timm model, an image folder (with a synset-free layout),
+    dissect, explain, evaluate and report, each through the CLI, ending in a site whose pages exist."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, str(root / "discover.py"), *args], cwd=root, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    cli("world", "export", str(tmp_path / "images"), "--n", "64", "--seed", "9")
+    out = tmp_path / "dissect_r18"
+    cli("dissect", "--model", "timm:resnet18", "--layers", "layer4,fc", "--probe", str(tmp_path / "images"),
+        "--concepts", "world", "--out", str(out), "--batch-size", "32")
+    lab = json.loads((out / "labels.json").read_text())
+    assert lab["provenance"]["classes"][:2] == ["tench", "goldfish"] and set(lab["layers"]) == {"layer4", "fc"}
+    img = next((tmp_path / "images").rglob("*.png"))
+    assert "layer" in cli("explain", str(img), "--model", "timm:resnet18", "--labels", str(out), "--layer", "fc",
+                          "--json").stdout
+    cli("evaluate", str(out), "--json")
+    res = cli("report", str(out))
+    site = out / "report"
+    assert (site / "index.html").is_file() and "report:" in res.stdout
+    assert sorted(p.name for p in (site / "layers").glob("*.html")) == [f"{out.name}--fc.html", f"{out.name}--layer4.html"]
