@@ -133,7 +133,7 @@ def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
                 results[m.name] = {"out": str(out), "cached": True}
                 continue
         results[m.name] = dissect.dissect(dissect.DissectConfig(model=str(run), layers=list(m.layers),
-                                                                probe=cfg.probe, out=str(out)))
+                                                                probe=cfg.probe, out=str(out), score=True))
     return results
 
 

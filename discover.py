@@ -450,12 +450,14 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--gallery-share", type=float, default=0.8, show_default=True,
               help="Hidden layers, with a CLIP that has a truth threshold (world-clip): a label must hold, by "
                    "the CLIP, on this share of the unit's 20 top images (0: off).")
+@click.option("--score", is_flag=True,
+              help="Also score every label by simulation on held-out probe images: correlation, AUPRC, p-value.")
 @model_options
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out that is not a dissection.")
 def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: str, similarity: str, out: str,
                 signal: str, summary: str, mode: str, seed: int, batch_size: int, interpretable_cutoff: str,
-                skip_bad: bool, device: str, gallery_share: float, arch: str | None, U: int | None, act: str | None,
-                class_names: str | None, force: bool) -> None:
+                skip_bad: bool, device: str, gallery_share: float, score: bool, arch: str | None, U: int | None,
+                act: str | None, class_names: str | None, force: bool) -> None:
     """Label every neuron of LAYERS with a concept (CLIP-Dissect)."""
 
     from rich.table import Table
@@ -485,15 +487,20 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
                                 similarity=similarity, out=out, summary=summary, mode=mode, seed=seed,
                                 batch_size=batch_size, cutoff=cutoff, signal=signal,
                                 gallery_share=gallery_share, skip_bad=skip_bad, device=device,
-                                build_kwargs=build_kwargs(arch, U, act), class_names=class_names)
+                                build_kwargs=build_kwargs(arch, U, act), class_names=class_names, score=score)
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
-    for col in ("layer", "neurons", "U", "signal", "similarity", "dead", "cutoff", "interpretable"):
+    cols = ("layer", "neurons", "U", "signal", "similarity", "dead", "cutoff", "interpretable")
+    cols += ("simulation corr (mean)", "p < 0.05") if score else ()
+    for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, info in res["layers"].items():
-        table.add_row(layer, str(info["K"]), str(info["U"] or "-"), info["signal"], info["similarity"],
-                      str(info["dead"]), "n/a" if info["cutoff"] is None else f"{info['cutoff']:.4g}",
-                      str(info["interpretable"]))
+        cells = [layer, str(info["K"]), str(info["U"] or "-"), info["signal"], info["similarity"],
+                 str(info["dead"]), "n/a" if info["cutoff"] is None else f"{info['cutoff']:.4g}", str(info["interpretable"])]
+        if score:
+            s = info["simulation"]
+            cells += ["n/a", "n/a"] if s["corr_mean"] is None else [f"{s['corr_mean']:.3f}", f"{s['significant_percent']:.0f}%"]
+        table.add_row(*cells)
     if cutoff is None:
         table.caption = ("interpretable: the label scores above the cutoff, the 95th percentile of the best scores "
                          "of the same layer in an untrained copy of the model")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+import simulate
 from common import DiscoverError, atomic_dir, output_lock, resolve_device
 
 SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
@@ -35,7 +36,8 @@ SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 AUTO_SIMILARITY = {"output": "soft_wpmi", "hidden": "wpmi"}
 TOP_IMAGES = 20
 TOP_CONCEPTS = 5
-LABELS_FORMAT = 2  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std
+LABELS_FORMAT = 3  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
+# cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score)
 RANDOM_QUANTILE = 0.95  # interpretable: the label scores above this quantile of a random copy's neurons
 GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
 
@@ -56,6 +58,7 @@ class DissectConfig:
     batch_size: int = 64
     cutoff: float | None = None  # interpretable above it; None: calibrated per layer (random_cutoff)
     gallery_share: float = GALLERY_SHARE  # 0: off; see gallery_mask
+    score: bool = False  # simulation scores of every label on held-out probe images (simulate.py)
     skip_bad: bool = False  # leave unreadable probe images out (else an error naming the first)
     device: str = "cpu"  # where the model and the CLIP run ("auto": CUDA when present)
     build_kwargs: dict[str, Any] = field(default_factory=dict)  # a weights file's arch, U, act
@@ -95,6 +98,32 @@ def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float)
     what the unit's top images share (a "red star" only for a gallery of red stars)."""
     holds = P > np.float32(threshold)  # N x M
     return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, P.shape[1]), bool)
+
+
+def label_indices(S: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Each neuron's label, as a concept index into S's columns (K x M): its best-scoring allowed
+    concept (``allowed``, :func:`gallery_mask`), its best concept when none is allowed or no mask is
+    given; the first of equal scores (the order :func:`neuron_rows` lists them in)."""
+    S = np.where(np.isfinite(S), S, -np.inf)
+    best = S.argmax(1)
+    if allowed is None:
+        return best
+    masked = np.where(allowed, S, -np.inf)
+    return np.where(allowed.any(1), masked.argmax(1), best)
+
+
+def choose_labels(similarity: str, A: np.ndarray, P: np.ndarray, threshold: float | None = None,
+                  share: float = GALLERY_SHARE) -> np.ndarray:
+    """The whole label rule of a layer on activations A (N x K) and similarities P (N x M): the
+    similarity's scores, the gallery check when the CLIP has a truth ``threshold`` (and ``share``
+    > 0), :func:`label_indices`. Concept index per neuron."""
+    import dissect_kernels
+
+    S = scores(similarity, A, P)
+    allowed = None
+    if threshold is not None and share > 0:
+        allowed = gallery_mask(P, dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0])), threshold, share)
+    return label_indices(S, allowed)
 
 
 def best_scores(S: np.ndarray) -> np.ndarray:
@@ -153,16 +182,34 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
     return rows
 
 
+def add_simulation(rows: list[dict[str, Any]], sim: dict[str, np.ndarray], concepts: list[str]) -> dict[str, Any]:
+    """Put each live neuron's simulation scores (:func:`simulate.held_out_scores`) in its row as
+    ``simulation`` (the label chosen on the choosing half, corr, auprc, p; None for a dead one) and
+    return the layer's :func:`simulate.summary` over the live neurons."""
+    live = np.array([not r["dead"] for r in rows])
+    for k, r in enumerate(rows):
+        val = {key: float(sim[key][k]) if np.isfinite(sim[key][k]) else None for key in ("corr", "auprc", "p")}
+        r["simulation"] = None if r["dead"] else {"label": concepts[int(sim["label"][k])], **val}
+    return simulate.summary({key: np.where(live, v, np.nan) if key != "label" else v for key, v in sim.items()})
+
+
 def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["layer", "unit", "description", "similarity", "block", "competitor", "active_rate",
-                "interpretable", "signal", "top_images"])
+                "interpretable", "signal", "top_images", "simulation_label", "simulation_corr", "simulation_auprc",
+                "simulation_p"])
+
+    def sim(r: dict[str, Any], key: str) -> str:
+        v = (r.get("simulation") or {}).get(key)
+        return "" if v is None else v if isinstance(v, str) else f"{v:.6g}"
+
     for r in rows:
         w.writerow([r["layer"], r["unit"], r["description"], f"{r['similarity']:.6g}",
                     "" if r["block"] is None else r["block"], "" if r["competitor"] is None else r["competitor"],
                     f"{r['active_rate']:.6g}", "" if r["interpretable"] is None else int(r["interpretable"]), signals.get(r["layer"], ""),
-                    ";".join(probe_names[i] for i in r["top_images"])])
+                    ";".join(probe_names[i] for i in r["top_images"]),
+                    *(sim(r, key) for key in ("label", "corr", "auprc", "p"))])
     return buf.getvalue()
 
 
@@ -232,6 +279,12 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
         cutoff = (random_cutoff(scores(sim, record.read_activations(random_paths[layer])[0], P))
                   if cfg.cutoff is None else cfg.cutoff)
         layer_rows = neuron_rows(layer, A, S, concept_list, U, cutoff, record.read_wins(path), allowed, top)
+        simulation = None
+        if cfg.score:
+            threshold = clip.truth_threshold if checked else None
+            sim_scores = simulate.held_out_scores(
+                A, P, lambda a, p: choose_labels(sim, a, p, threshold, cfg.gallery_share))
+            simulation = add_simulation(layer_rows, sim_scores, concept_list)
         rows += layer_rows
         layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
                               "signal": info.get("signal", "output"), "similarity": sim,
@@ -239,7 +292,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
                               "gallery_share": cfg.gallery_share if checked else None,
                               "cutoff": cutoff if math.isfinite(cutoff) else None, "cutoff_from": "random copy" if cfg.cutoff is None else "fixed",
                               "interpretable": sum(r["interpretable"] for r in layer_rows),
-                              "activations": str(path)}
+                              "simulation": simulation, "activations": str(path)}
     seconds["similarity"] = time.perf_counter() - t
 
     model_args = {k: v for k, v in cfg.build_kwargs.items() if v is not None}

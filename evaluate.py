@@ -380,6 +380,7 @@ class _Run:
         self.signal = self.prov.get("signal", "sample")  # labels older than the signal option: sampled
         self._model: tuple[Any, dict[str, Any]] | None = None
         self._certainty: dict[str, dict[str, float]] | None = None
+        self._P: np.ndarray | None = None
         self.paths: dict[str, Path] = {}  # the activation file each layer was read from
         self.explicit = bool(model_spec)
         self.device = device
@@ -452,6 +453,43 @@ class _Run:
                 and (meta.get("lwta") != "yes" or meta.get("signal", "sample") == info.get("signal", "sample"))
                 and (not stochastic or meta.get("seed") == str(p.get("seed"))))
 
+    def similarities(self) -> np.ndarray:
+        """P (N x M) of the labels' probe and concepts under the labels' CLIP (content-cached)."""
+        if self._P is None:
+            import clip_backend
+            import concepts
+            import record
+
+            p = self.prov
+            if not p.get("clip") or not p.get("concepts"):
+                raise DiscoverError(f"--labels {self.dir}: the provenance names no CLIP or concept set")
+            clip = clip_backend.load_clip(p["clip"], self.device)
+            if p.get("clip_fingerprint") and clip.fingerprint != p["clip_fingerprint"]:
+                raise DiscoverError(f"--labels {self.dir}: the CLIP {p['clip']} changed since the dissection")
+            probe = record.load_probe(p["probe"], skip_bad=bool(p.get("skip_bad")))
+            self._P = clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(p["concepts"]), progress=False)
+        return self._P
+
+    def simulation(self, layer: str, A: np.ndarray, neurons: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """The layer's simulation scores (simulate.py): the dissection's own (``dissect --score``),
+        else computed here with the dissection's label rule on the labels' probe and concepts."""
+        import simulate
+
+        live = [n for n in neurons if not n.get("dead")]
+        if live and all(n.get("simulation") for n in live):
+            get = lambda key: np.array([(n.get("simulation") or {}).get(key) if not n.get("dead") else None  # noqa: E731
+                                        for n in neurons], dtype=np.float64)
+            return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p")}
+        import dissect
+
+        info, P = self.labels["layers"][layer], self.similarities()
+        share = info.get("gallery_share")
+        threshold = self.prov.get("truth_threshold") if share else None
+        sim = simulate.held_out_scores(A, P, lambda a, p: dissect.choose_labels(info["similarity"], a, p, threshold,
+                                                                               share or 0.0))
+        dead = np.array([bool(n.get("dead")) for n in neurons])
+        return {key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p")}
+
     def certainty(self) -> dict[str, dict[str, float]]:
         """:func:`winner_certainty` of the model on the labels' probe (computed once)."""
         if self._certainty is None:
@@ -495,6 +533,24 @@ class _Run:
                                      signal=signal, progress=False)
         self.paths[layer] = paths[layer]
         return record.read_activations(paths[layer])
+
+
+def simulation_figures(sim: dict[str, np.ndarray], top_images: dict[str, Any] | None) -> dict[str, Any]:
+    """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores; on the
+    world, how well the correlation tells right labels from wrong ones among the selective units
+    (``right_auroc``: AUROC of the correlation for "the label is right")."""
+    import simulate
+
+    out: dict[str, Any] = {**simulate.summary(sim), "per_neuron": {k: sim[k].tolist() for k in ("corr", "auprc", "p")},
+                           "right_auroc": None, "corr_right": None, "corr_wrong": None}
+    units = [u for u in (top_images or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])]
+    right = [bool(u["right"]) for u in units]
+    corr = [float(sim["corr"][u["unit"]]) for u in units]
+    if any(right) and not all(right):
+        out["right_auroc"] = auroc(corr, right)
+        out["corr_right"] = float(np.mean([c for c, ok in zip(corr, right) if ok]))
+        out["corr_wrong"] = float(np.mean([c for c, ok in zip(corr, right) if not ok]))
+    return out
 
 
 def layer_cutoff(info: dict[str, Any], prov: dict[str, Any]) -> float | None:
@@ -546,7 +602,7 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
             "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K,
             **activity(A if wins is None else wins, competitive),
             "output_layer": None, "world": None, "top_images": None, "explanations": None, "explanations_z": None,
-            "certainty": None,
+            "certainty": None, "simulation": None,
             "notes": [],
         }
         classes = run.classes
@@ -578,6 +634,10 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
             if fingerprint != prov.get("probe_fingerprint"):
                 row["notes"].append("world.py changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
+        try:
+            row["simulation"] = simulation_figures(run.simulation(layer, A, neurons), row.get("top_images"))
+        except DiscoverError as e:
+            row["notes"].append(f"simulation scores left out: {e}")
         if U and run.model_or_none() is not None and lwta_layer(run, layer):
             row["certainty"] = run.certainty().get(layer)
         if run.missing_model:
@@ -665,7 +725,9 @@ def table(result: dict[str, Any]):
     cols += ["selective", "hidden acc", "sel. (top 20)", "named right", "names world"] if has_world else []
     has_expl = any(r.get("explanations") for r in runs)
     has_cert = any(r.get("certainty") for r in runs)
+    has_sim = any(r.get("simulation") for r in runs)
     cols += ["expl. prec. (act. / z)"] if has_expl else []
+    cols += ["sim. corr", "p < 0.05"] if has_sim else []
     cols += ["max pi", "4 agree"] if has_cert else []
     for c in cols:
         t.add_column(c, justify="left" if c in ("labels", "layer") else "right",
@@ -692,6 +754,10 @@ def table(result: dict[str, Any]):
         if has_expl:
             e, ez = r.get("explanations"), r.get("explanations_z")
             cells.append(f"{_pct(e['precision_percent'])} / {_pct(ez['precision_percent']) if ez else '-'}" if e else "-")
+        if has_sim:
+            sm = r.get("simulation")
+            cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"])]
+                      if sm and sm["corr_mean"] is not None else ["-", "-"])
         if has_cert:
             c = r.get("certainty")
             cells += [f"{c['max_pi']:.3f}", f"{100 * c['agree4']:.1f}%"] if c else ["-", "-"]

@@ -273,12 +273,18 @@ def _eval_rows(evaluation: dict[str, Any] | None, sources: list[Source]) -> list
     return rows
 
 
-def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails) -> list[dict[str, Any]]:
+def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A card per neuron: its label record, top images and simulation correlation (the dissection's
+    own with ``--score``, else the evaluation's)."""
+    per_neuron = ((row or {}).get("simulation") or {}).get("per_neuron") or {}
+    corr = per_neuron.get("corr") or []
     cards = []
     for n in src.labels["neurons"]:
         if n["layer"] != layer:
             continue
-        cards.append(dict(n, images=[thumbs.probe_image(src.labels, i) for i in n["top_images"][:GALLERY]]))
+        own = (n.get("simulation") or {}).get("corr")
+        sim = own if own is not None else (corr[n["unit"]] if n["unit"] < len(corr) else None)
+        cards.append(dict(n, sim_corr=sim, images=[thumbs.probe_image(src.labels, i) for i in n["top_images"][:GALLERY]]))
     return cards
 
 
@@ -336,8 +342,8 @@ def build(root: str | Path, out: str | Path | None = None, force: bool = False,
         layer_links = []
         for src, layer in layers:
             info = src.labels["layers"][layer]
-            cards = _neuron_cards(src, layer, thumbs)
             row = next((r for r in rows if r["run"] == src.name and r["layer"] == layer), None)
+            cards = _neuron_cards(src, layer, thumbs, row)
             html = env.get_template("layer.html").render(
                 root="../", src=src, layer=layer, info=info, cards=cards, row=row,
                 prov=src.labels["provenance"], gallery=GALLERY)

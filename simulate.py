@@ -1,0 +1,135 @@
+"""Simulation scores: how well a neuron's label predicts the neuron, on probe images not used to
+choose the label (Linear Explanations, ICML 2024; "Evaluating Neuron Explanations", ICML 2025).
+
+The simulated activation of neuron k on image i is the CLIP similarity of image i to k's label,
+``P[i, m_k]`` (the column of P that ``dissect`` already computed). The probe is split in two
+(:func:`probe_split`): the label is chosen on one half exactly as ``dissect`` chooses it (same
+similarity, same gallery check), and scored on the other:
+
+- ``corr``: Pearson correlation of ``A[:, k]`` and ``P[:, m_k]`` over the held-out images;
+- ``auprc``: average precision of ranking the held-out images by ``P[:, m_k]`` when the positives
+  are the neuron's top :data:`TOP_SHARE` of them;
+- ``p``: a permutation p-value of ``corr`` against the layer's other labels (labels shuffled among
+  the layer's neurons): the share of the layer's labels that correlate with neuron k at least as
+  well as its own, itself included.
+
+Without ground truth, a layer's mean correlation and the share of neurons with ``p < 0.05`` say how
+far its labels can be trusted. ``sanity`` runs the "missing labels" / "extra labels" tests of the
+ICML 2025 paper on any score function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+SPLIT_SEED = 0  # the seed of the choose / score split of the probe
+TOP_SHARE = 0.05  # auprc: the neuron's top 5 % of the held-out images are the positives
+P_VALUE = 0.05
+
+
+def probe_split(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the images that choose the labels and of the held-out images that score
+    them: a seeded random half each (the first gets the odd one out)."""
+    if n < 4:
+        raise ValueError(f"a probe of {n} images is too small to split into choose and score halves")
+    perm = np.random.default_rng(seed).permutation(n)
+    half = (n + 1) // 2
+    return np.sort(perm[:half]), np.sort(perm[half:])
+
+
+def _standardise(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, np.float64)
+    X = X - X.mean(0)
+    norm = np.sqrt((X * X).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return X / np.where(norm > 0, norm, np.nan)
+
+
+def correlations(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each column pair ``A[:, k]``, ``B[:, k]`` (NaN where one is constant)."""
+    return (_standardise(A) * _standardise(B)).sum(0)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Average precision of ranking by ``scores`` (descending) for the ``positive`` items: the mean,
+    over the positives, of the precision at each positive's rank (ties broken by index)."""
+    positive = np.asarray(positive, bool)
+    if not positive.any():
+        return math.nan
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def auprcs(A: np.ndarray, B: np.ndarray, share: float = TOP_SHARE) -> np.ndarray:
+    """Per column k: :func:`average_precision` of ranking by ``B[:, k]`` with ``A[:, k]``'s top
+    ``share`` of the rows (at least one) as the positives."""
+    n, K = A.shape
+    top = max(1, int(round(share * n)))
+    out = np.full(K, math.nan)
+    for k in range(K):
+        if np.ptp(A[:, k]) == 0:
+            continue
+        pos = np.zeros(n, bool)
+        pos[np.argsort(-A[:, k], kind="stable")[:top]] = True
+        out[k] = average_precision(B[:, k], pos)
+    return out
+
+
+def permutation_p(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """p-value of each neuron's correlation with its own label column against the layer's labels
+    shuffled among its neurons: p_k = #{j : corr(A_k, B_j) >= corr(A_k, B_k)} / K over the K
+    label columns (its own included, so p >= 1/K). NaN where the correlation is undefined."""
+    C = _standardise(A).T @ _standardise(B)  # K x K: neuron k against label column j
+    own = np.diag(C)
+    with np.errstate(invalid="ignore"):
+        p = (np.nan_to_num(C, nan=-np.inf) >= own[:, None]).sum(1) / C.shape[1]
+    return np.where(np.isfinite(own), p, math.nan)
+
+
+def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                    seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """Simulation scores of one layer. ``A`` (N x K) the activations, ``P`` (N x M) the CLIP
+    similarities, ``choose(A_part, P_part)`` the label rule (the concept index per neuron, as
+    ``dissect`` picks it). Labels are chosen on one half of the probe and scored on the other.
+    Returns ``label`` (K concept indices), ``corr``, ``auprc`` and ``p`` (K each)."""
+    ch, sc = probe_split(A.shape[0], seed)
+    m = np.asarray(choose(A[ch], P[ch]), np.int64)
+    B = P[sc][:, m]
+    return {"label": m, "corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B)}
+
+
+def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A layer's figures: mean and median correlation, mean AUPRC, share with p < 0.05 (live neurons)."""
+    corr, live = scores["corr"], np.isfinite(scores["corr"])
+    if not live.any():
+        return {"neurons": 0, "corr_mean": None, "corr_median": None, "auprc_mean": None, "significant_percent": None}
+    return {"neurons": int(live.sum()), "corr_mean": float(corr[live].mean()), "corr_median": float(np.median(corr[live])),
+            "auprc_mean": float(np.nanmean(scores["auprc"][live])),
+            "significant_percent": float(100 * np.mean(scores["p"][live] < P_VALUE))}
+
+
+def sanity(score: Callable[[np.ndarray, np.ndarray], np.ndarray], A: np.ndarray, C: np.ndarray,
+           drop: float = 0.5, seed: int = 0) -> dict[str, float]:
+    """The two sanity tests of "Evaluating Neuron Explanations" (ICML 2025) for a score function.
+
+    ``A`` (N x K) activations, ``C`` (N x K) binary concept vectors, column k the true concept of
+    neuron k; ``score(A, C)`` returns one score per neuron. *Missing labels*: ``drop`` of each
+    concept's positives are set to 0; *extra labels*: as many negatives are set to 1. A score
+    passes a test when it falls for the neuron. Returns the share of neurons (with both positives
+    and negatives) for which it falls, per test."""
+    rng = np.random.default_rng(seed)
+    C = np.asarray(C, np.float64)
+    missing, extra = C.copy(), C.copy()
+    for k in range(C.shape[1]):
+        pos, neg = np.flatnonzero(C[:, k] > 0), np.flatnonzero(C[:, k] == 0)
+        n = int(round(drop * len(pos)))
+        missing[rng.choice(pos, n, replace=False), k] = 0
+        extra[rng.choice(neg, min(n, len(neg)), replace=False), k] = 1
+    base, s_missing, s_extra = score(A, C), score(A, missing), score(A, extra)
+    ok = np.isfinite(base) & (C.sum(0) > 0) & (C.sum(0) < C.shape[0])
+    return {"missing": float(np.mean(s_missing[ok] < base[ok])), "extra": float(np.mean(s_extra[ok] < base[ok])),
+            "neurons": int(ok.sum())}
