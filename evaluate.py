@@ -44,6 +44,7 @@ from common import DiscoverError
 
 SELECTIVE_AUROC = 0.85
 EXPLAIN_IMAGES = 100  # world probes: explained images behind the explanation precision
+LOCALISE_IMAGES = 500  # world probes: images behind the localisation IoU (maps.py)
 EXPLAIN_SAMPLES = 4  # posterior draws per explained image (the paper's 4)
 TOP_SHARE = 0.8  # a unit's top images "share" a value when at least this fraction of them has it
 OUTPUT_LAYERS = ("head", "fc", "classifier")
@@ -189,7 +190,7 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on a download: local directory or cache only
     try:
-        with record._hf_offline(True):
+        with record.hf_offline(True):
             model = SentenceTransformer(source, device="cpu")
     except Exception as e:
         raise DiscoverError(f"{flag}: cannot be loaded offline ({type(e).__name__}); give a local "
@@ -352,7 +353,7 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
     try:
         with torch.inference_mode(), meter:
             for images in probe.batches(batch_size, int(meta["img_size"]), meta.get("interpolation", "bilinear")):
-                model(record._to_input(images, meta, record._device_of(model)))
+                model(record.to_input(images, meta, record.device_of(model)))
     finally:
         for n, m in lwta.lwta_modules(model).items():
             m.mode = old[n]
@@ -490,6 +491,23 @@ class _Run:
         dead = np.array([bool(n.get("dead")) for n in neurons])
         return {key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p")}
 
+    def localisation(self, layer: str, n: int) -> dict[str, Any] | None:
+        """:func:`maps.probe_localisation` of ``layer`` on the first ``n`` images of the labels'
+        world probe (None for a layer without a spatial map)."""
+        import maps
+        import world
+
+        model, meta = self.model()
+        seed, n = record_probe_seed(self.prov["probe"]), min(n, int(self.prov.get("probe_n", n)))
+        images, _ = world.render_batch(seed, 0, n)
+        try:
+            return maps.probe_localisation(model, meta, layer, images, world.render_masks(seed, 0, n),
+                                           seed=int(self.prov.get("seed", 0)))
+        except DiscoverError as e:
+            if "no spatial map" in str(e):
+                return None
+            raise
+
     def certainty(self) -> dict[str, dict[str, float]]:
         """:func:`winner_certainty` of the model on the labels' probe (computed once)."""
         if self._certainty is None:
@@ -568,7 +586,8 @@ def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
 
 
 def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sentence: Callable | None,
-                 sentence_name: str, world_cache: dict[str, Any], explain_n: int = 0) -> list[dict[str, Any]]:
+                 sentence_name: str, world_cache: dict[str, Any], explain_n: int = 0,
+                 localise_n: int = 0) -> list[dict[str, Any]]:
     """One row of figures per labelled layer of ``run``."""
     import clip_backend
 
@@ -602,7 +621,7 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
             "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K,
             **activity(A if wins is None else wins, competitive),
             "output_layer": None, "world": None, "top_images": None, "explanations": None, "explanations_z": None,
-            "certainty": None, "simulation": None,
+            "certainty": None, "simulation": None, "localisation": None,
             "notes": [],
         }
         classes = run.classes
@@ -628,6 +647,10 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
                 row["world"] = world_metrics(A, labels, values, Y)
                 row["top_images"] = top_image_metrics([n.get("top_images") or [] for n in neurons], labels,
                                                       values, Y)
+                if localise_n and not row["output_layer"] and run.model_or_none() is not None:
+                    loc = run.localisation(layer, localise_n)
+                    row["localisation"] = None if loc is None else {
+                        k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in loc.items()}
                 if explain_n and not row["output_layer"] and run.model_or_none() is not None:
                     precision = run.explanation_precision(layer, explain_n, values)
                     row["explanations"], row["explanations_z"] = precision["activation"], precision["z"]
@@ -654,7 +677,8 @@ def lwta_layer(run: "_Run", layer: str) -> bool:
 
 def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_model: str | None = None,
              log: Callable[[str], None] | None = None, explain_images: int = EXPLAIN_IMAGES,
-             device: str = "cpu", model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+             device: str = "cpu", model_args: dict[str, Any] | None = None,
+             localise_images: int = LOCALISE_IMAGES) -> dict[str, Any]:
     """Evaluate every labelled layer of every labels directory.
 
     ``models``: none (each dir's provenance model), one (for every dir) or one per dir; a model that
@@ -684,7 +708,7 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     for r in runs:
         if log:
             log(f"evaluating {r.dir}")
-        rows += evaluate_run(r, clip_encoders, sentence, sentence_name, world_cache, explain_images)
+        rows += evaluate_run(r, clip_encoders, sentence, sentence_name, world_cache, explain_images, localise_images)
     return {"sentence_model": sentence_name, "selective_auroc": SELECTIVE_AUROC, "runs": rows}
 
 
@@ -726,8 +750,10 @@ def table(result: dict[str, Any]):
     has_expl = any(r.get("explanations") for r in runs)
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
+    has_loc = any(r.get("localisation") for r in runs)
     cols += ["expl. prec. (act. / z)"] if has_expl else []
     cols += ["sim. corr", "p < 0.05"] if has_sim else []
+    cols += ["localises: IoU >= 0.04 / above chance (win; top 0.5 %)"] if has_loc else []
     cols += ["max pi", "4 agree"] if has_cert else []
     for c in cols:
         t.add_column(c, justify="left" if c in ("labels", "layer") else "right",
@@ -758,6 +784,12 @@ def table(result: dict[str, Any]):
             sm = r.get("simulation")
             cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"])]
                       if sm and sm["corr_mean"] is not None else ["-", "-"])
+        if has_loc:
+            lo = r.get("localisation")
+            def loc(kind: str) -> str:
+                return (f"{_pct(lo[f'localising_percent_{kind}'])} / {_pct(lo[f'above_chance_percent_{kind}'])}"
+                        if lo and f"iou_{kind}" in lo else "-")
+            cells.append("-" if not lo else f"{loc('win')}; {loc('top')}")
         if has_cert:
             c = r.get("certainty")
             cells += [f"{c['max_pi']:.3f}", f"{100 * c['agree4']:.1f}%"] if c else ["-", "-"]

@@ -76,7 +76,7 @@ def load_image(image: Any, size: int, interpolation: str = "bilinear") -> tuple[
         raise DiscoverError(f"IMG {name}: not a file (give an image file or world:SEED:INDEX)")
     if path.suffix.lower() not in record.IMAGE_EXTS:
         raise DiscoverError(f"IMG {name}: not an image file name ({', '.join(e[1:] for e in record.IMAGE_EXTS)})")
-    why = record._check_image(path)
+    why = record.check_image(path)
     if why:
         raise DiscoverError(f"IMG {name}: not a readable image ({why})")
     probe = record.Probe(spec=name, names=[path.name], fingerprint="", root=path.parent)
@@ -246,8 +246,8 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     linfo = labels["layers"][layer]
     summary = linfo.get("summary") or labels["provenance"].get("summary") or "auto"
     pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
-    device = record._device_of(model)
-    x = record._to_input(pixels[None], meta, device)
+    device = record.device_of(model)
+    x = record.to_input(pixels[None], meta, device)
 
     stochastic = mode == "sample" and bool(lwta.lwta_modules(model))
     n_draws = samples if stochastic else 1  # argmax / no LWTA: every draw is the same
@@ -383,3 +383,40 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
                   score, f"{r['activation']:+.3f}",
                   *([f"{100 * r['win_rate']:.0f}%"] if sampled else []))
     return t
+
+
+def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], image: Any, out_dir: str | Path,
+               n_units: int = 7, seed: int = 0) -> dict[int, str]:
+    """Where the first ``n_units`` neurons of explanation ``res`` act on ``image``, as PNG overlays
+    in ``out_dir`` (``maps.py``): for an LWTA layer, where the unit won (red) beside its winning
+    probability pi (blue), over the positions of the layer's map or patch tokens; for any other
+    layer its activation, scaled to its maximum on the image. Returns unit -> file path."""
+    from PIL import Image
+
+    import maps
+    import record
+    from common import atomic_path
+
+    module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
+    pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+    device = record.device_of(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        m = maps.layer_maps(model, module, record.to_input(pixels[None], meta, device))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(name)).name.replace(":", "-"))
+    written = {}
+    for n in res["neurons"][:n_units]:
+        k = n["unit"]
+        if "pi" in m:
+            panels = [maps.overlay(pixels, m["win"][0, k]), maps.overlay(pixels, m["pi"][0, k], color=(40, 90, 255))]
+        else:
+            a = np.maximum(m["act"][0, k], 0)
+            panels = [maps.overlay(pixels, a / a.max() if a.max() > 0 else a)]
+        pic = np.concatenate([pixels, *panels], axis=1)
+        path = out / f"{stem}-{res['layer']}-{k}.png"
+        with atomic_path(path) as tmp:
+            Image.fromarray(pic).save(tmp, format="PNG")
+        written[k] = str(path)
+    return written

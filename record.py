@@ -165,7 +165,7 @@ def _hub_offline_error(spec: str, what: str, e: BaseException | None = None) -> 
                          f"and pass {spec.rsplit(':', 1)[0]}:/path/to/weights")
 
 
-def _reachable(host: str, timeout: float = 3.0) -> bool:
+def reachable(host: str, timeout: float = 3.0) -> bool:
     import socket
 
     try:
@@ -185,8 +185,8 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
     tkw = {k: v for k, v in kwargs.items() if k in ("num_classes", "img_size")}
     if weights == "pretrained":
         # Offline, huggingface_hub retries for a minute before failing: look in its cache only.
-        offline = not _reachable("huggingface.co")
-        with _hf_offline(offline):
+        offline = not reachable("huggingface.co")
+        with hf_offline(offline):
             try:
                 model = timm.create_model(name, pretrained=True, **tkw)
             except Exception as e:  # LocalEntryNotFoundError, URLError, HTTPError, ...
@@ -224,7 +224,7 @@ def _seeded_init(spec: str, weights: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _hf_offline(offline: bool) -> Iterator[None]:
+def hf_offline(offline: bool) -> Iterator[None]:
     try:
         from huggingface_hub import constants
     except ImportError:  # pragma: no cover - timm depends on it
@@ -278,7 +278,7 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
                                 f"(choose {', '.join(enum.__members__)}, pretrained or a file)")
         w = enum[member]
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
-        if not cached.is_file() and not _reachable("download.pytorch.org"):
+        if not cached.is_file() and not reachable("download.pytorch.org"):
             raise _hub_offline_error(spec, f"the weights {w} are not in the torch hub cache "
                                      f"({cached}) and download.pytorch.org cannot be reached")
         try:
@@ -428,7 +428,7 @@ def _open_rgb(path: Path, draft: int | None = None):
                             f"{str(e).splitlines()[0][:100] if str(e) else 'corrupt'})") from None
 
 
-def _check_image(path: Path) -> str | None:
+def check_image(path: Path) -> str | None:
     """None if ``path`` decodes (JPEGs at 1/8 scale: fast, still reads every byte), else why not."""
     from PIL import Image
 
@@ -483,7 +483,7 @@ def _bad_images(root: Path, entries: list[tuple[str, int, int]], listing: str) -
         with contextlib.suppress(ValueError, OSError):
             return json.loads(memo.read_text())
     with ThreadPoolExecutor(4) as pool:
-        results = pool.map(lambda e: _check_image(root / e[0]), entries)
+        results = pool.map(lambda e: check_image(root / e[0]), entries)
         bad = {e[0]: why for e, why in zip(entries, results) if why}
     write_json_atomic(memo, bad)
     return bad
@@ -629,7 +629,7 @@ def describe_layers(model: nn.Module, meta: dict[str, Any], probe: Probe | None 
     handles = [m.register_forward_hook(hook(n)) for n, m in named]
     try:
         with torch.inference_mode():
-            model(_to_input(img, meta, _device_of(model)))
+            model(to_input(img, meta, device_of(model)))
     finally:
         for h in handles:
             h.remove()
@@ -640,12 +640,12 @@ def describe_layers(model: nn.Module, meta: dict[str, Any], probe: Probe | None 
 
 # --- recording ------------------------------------------------------------------------------------
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-def _to_input(images: np.ndarray, meta: dict[str, Any], device: torch.device) -> torch.Tensor:
+def to_input(images: np.ndarray, meta: dict[str, Any], device: torch.device) -> torch.Tensor:
     """uint8 ``(B, S, S, 3)`` -> normalised float ``(B, 3, S, S)`` on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(meta["mean"], device=device, dtype=torch.float32).view(1, 3, 1, 1)
@@ -755,7 +755,7 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
             raise DiscoverError(f"--summary must be one of {', '.join(SUMMARIES)}, got {s!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = _device_of(model)
+    device = device_of(model)
     stochastic = mode == "sample" and bool(lwta.lwta_modules(model))
     digest = model_hash(model)
     inputs = {"format": FORMAT_VERSION, "model_hash": digest, "probe_fingerprint": probe.fingerprint,
@@ -791,7 +791,7 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
 def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module], probe: Probe,
             paths: dict[str, Path], summaries: dict[str, str], base: dict[str, dict[str, str]],
             mode: str, seed: int, batch_size: int, progress: bool, signals: dict[str, str]) -> None:
-    device = _device_of(model)
+    device = device_of(model)
     has_cls = getattr(model, "cls_token", None) is not None or not hasattr(model, "num_prefix_tokens")
     calls = {name: 0 for name in modules}
     results: dict[str, tuple[torch.Tensor, str, str]] = {}
@@ -830,7 +830,7 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
             stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
             stack.enter_context(torch.inference_mode())
             for b, images in enumerate(probe.batches(batch_size, size, interp)):
-                x = _to_input(images, meta, device)
+                x = to_input(images, meta, device)
                 torch.manual_seed(_batch_seed(seed, b))
                 for n in calls:
                     calls[n] = 0

@@ -185,6 +185,11 @@ def render_batch(seed: int, start: int, n: int, size: int = 64) -> tuple[np.ndar
     return images, attrs
 
 
+def render_masks(seed: int, start: int, n: int, size: int = 64) -> np.ndarray:
+    """The object masks of images ``start .. start+n-1`` of world ``seed``: ``(n, size, size)`` bool."""
+    return np.stack([render(seed, start + j, size).mask for j in range(n)]) if n else np.zeros((0, size, size), bool)
+
+
 def label(attrs: dict[str, str], task: str) -> int:
     """Class index of an image with ``attrs`` in ``task``."""
     if task not in TASKS:

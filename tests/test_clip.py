@@ -93,7 +93,7 @@ def test_bad_specs_are_one_line_errors(spec, message) -> None:
 def test_offline_tag_fails_fast_and_says_how_to_use_a_file(tmp_path, monkeypatch) -> None:
     from huggingface_hub import constants
 
-    monkeypatch.setattr(clip_backend, "_reachable", lambda host, timeout=1.0: False)  # offline, even in CI
+    monkeypatch.setattr(clip_backend, "reachable", lambda host, timeout=1.0: False)  # offline, even in CI
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # and an empty cache
     t0 = time.perf_counter()
     with pytest.raises(DiscoverError) as e:

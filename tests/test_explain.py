@@ -176,7 +176,7 @@ def test_cli_explains_the_class_token_winners(deit) -> None:
     lwta.set_mode(model, "argmax")
     for i, res in enumerate(results):
         with torch.no_grad():
-            model(record._to_input(explain.load_image(f"world:2:{i}", 64)[0][None], meta, torch.device("cpu")))
+            model(record.to_input(explain.load_image(f"world:2:{i}", 64)[0][None], meta, torch.device("cpu")))
         cls = seen["cls"].numpy()
         expected = np.flatnonzero(cls)
         assert len(expected) == 96  # one winner per block of 4

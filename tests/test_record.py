@@ -62,7 +62,7 @@ def _record(model, meta, layers, probe, out, **kw) -> tuple[dict[str, np.ndarray
 
 
 def _input(probe: record.Probe, meta: dict) -> torch.Tensor:
-    return record._to_input(probe.images(0, probe.n, meta["img_size"]), meta, torch.device("cpu"))
+    return record.to_input(probe.images(0, probe.n, meta["img_size"]), meta, torch.device("cpu"))
 
 
 # --- hooked layers against forwards run by hand ---------------------------------------------------
@@ -115,7 +115,7 @@ def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
     assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
     assert np.array_equal(arr, np.asarray(img.resize((32, 32), Image.BILINEAR, box=(16, 0, 64, 48))))
     meta = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.5]}
-    x = record._to_input(arr[None], meta, torch.device("cpu"))
+    x = record.to_input(arr[None], meta, torch.device("cpu"))
     assert x.shape == (1, 3, 32, 32)
     assert x[0, 2, 5, 7].item() == pytest.approx((arr[5, 7, 2] / 255 - 0.3) / 0.5, abs=1e-6)
 
@@ -325,7 +325,7 @@ def test_timm_and_torchvision_specs(tmp_path, monkeypatch) -> None:
     model, meta = record.load_model(f"torchvision:mobilenet_v3_small:{tmp_path / 'mnv3.pth'}")
     assert meta["img_size"] == 224 and meta["num_classes"] == 7
     # offline: one-line errors, no download attempt
-    monkeypatch.setattr(record, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(record, "reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(DiscoverError, match="torch hub cache"):
         record.load_model("torchvision:mobilenet_v3_small:IMAGENET1K_V1")
