@@ -155,7 +155,8 @@ def evaluate_models(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def explain_images(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
-    """Stage 4: the winners of each model's dissected hidden layer for ``explain_n`` probe images."""
+    """Stage 4: the winners of each model's dissected hidden layer for ``explain_n`` probe images,
+    with maps of where the first 7 of them act (``explain.write_maps``, in ``OUT/maps/MODEL``)."""
     import dissect
     import explain
     import record
@@ -165,8 +166,13 @@ def explain_images(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
     for m in cfg.models:
         model, meta = record.load_model(str(run_dir(cfg, m)))
         labels = dissect.read_labels(cfg.out / "labels" / m.name)
-        out[m.name] = [explain.explain_image(model, meta, labels, m.layers[0], f"world:{seed}:{i}", seed=cfg.seed,
-                                             samples=4) for i in range(cfg.explain_n)]
+        out[m.name] = []
+        for i in range(cfg.explain_n):
+            image = f"world:{seed}:{i}"
+            res = explain.explain_image(model, meta, labels, m.layers[0], image, seed=cfg.seed, samples=4)
+            written = explain.write_maps(model, meta, res, image, cfg.out / "maps" / m.name, seed=cfg.seed)
+            res["maps"] = {str(k): str(Path(v).relative_to(cfg.out)) for k, v in written.items()}
+            out[m.name].append(res)
     write_json_atomic(cfg.out / "explanations.json", out)
     return out
 

@@ -286,7 +286,7 @@ def top_image_metrics(top_images: Sequence[Sequence[int]], labels: Sequence[str]
     common; its label is *right* when it names at least one attribute value and every value it
     names holds on at least ``share`` of the top images ("red" for a red unit; "red star" only if
     they are red stars too); a label that names no attribute value of the world names nothing.
-    Returns the counts, ``right_percent`` (of the selective units), ``world_percent`` (of the
+    Dead units (label "") are not judged: they are counted as dead. Returns the counts, ``right_percent`` (of the selective units), ``world_percent`` (of the
     labelled units: labels that name something of the world) and one record per selective unit.
     """
     Y = np.asarray(Y, bool)
@@ -298,7 +298,7 @@ def top_image_metrics(top_images: Sequence[Sequence[int]], labels: Sequence[str]
         named = label_names(label, values) if label else []
         naming += bool(named)
         top = [int(i) for i in top]
-        if not top:
+        if not top or not label:  # a dead unit (it never won or fired on the probe) has no label to judge
             continue
         frac = Y[top].mean(0)  # V: share of the top images with each value
         if frac.max() < share:

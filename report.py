@@ -48,6 +48,7 @@ class Source:
     path: Path
     labels: dict[str, Any]
     explanations: list[dict[str, Any]] = field(default_factory=list)
+    root: Path = Path(".")  # the results directory its explanations' map paths are relative to
 
 
 def _slug(text: str) -> str:
@@ -93,6 +94,7 @@ def collect(root: Path) -> tuple[list[Source], dict[str, Any] | None, dict[str, 
         expl = _read_json(root / "explanations.json")
         for s in sources:
             s.explanations = expl.get(s.name, []) if isinstance(expl, dict) else []
+            s.root = root
     return sources, summary, evaluation
 
 
@@ -138,6 +140,17 @@ class Thumbnails:
             img.thumbnail((THUMB, THUMB))
             (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
             img.save(self.site / rel, optimize=True)
+            self.written.add(rel)
+        return rel
+
+    def copy(self, path: Path, key: str) -> str:
+        """Relative URL of a picture file copied into the site (e.g. a winner map)."""
+        import shutil
+
+        rel = f"img/maps/{_slug(key)}{path.suffix}"
+        if rel not in self.written:
+            (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, self.site / rel)
             self.written.add(rel)
         return rel
 
@@ -291,10 +304,13 @@ def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, An
 def _explanation(src: Source, j: int, e: dict[str, Any], thumbs: Thumbnails) -> dict[str, Any]:
     """One explained image: its active neurons split as DISCOVER Table 4 (highest / lowest)."""
     by_unit = {n["unit"]: n for n in src.labels["neurons"] if n["layer"] == e["layer"]}
+    maps = e.get("maps") or {}  # unit -> a picture relative to the demo output (explain.write_maps)
     rows = []
     for n in e["neurons"]:
         lab = by_unit.get(n["unit"], {})
-        rows.append(dict(n, images=[thumbs.probe_image(src.labels, i) for i in lab.get("top_images", [])[:EXPLAIN_GALLERY]]))
+        where = src.root / maps[str(n["unit"])] if str(n["unit"]) in maps else None
+        rows.append(dict(n, images=[thumbs.probe_image(src.labels, i) for i in lab.get("top_images", [])[:EXPLAIN_GALLERY]],
+                         map=thumbs.copy(where, f"{src.name}-{j}-{n['unit']}") if where and where.is_file() else None))
     top = rows[:TOP]
     bottom = rows[TOP:][-BOTTOM:] if len(rows) > TOP else []
     return dict(e, index=j, page=f"explain/{_slug(src.name)}-{j}.html", run=src.name,

@@ -45,11 +45,11 @@ import world  # noqa: E402
 SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 
 
-def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str,
-            allowed: np.ndarray | None = None, top: np.ndarray | None = None) -> list[str]:
-    """Each neuron's label as ``dissect`` chooses it (``dissect.neuron_rows``)."""
+def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, allowed: np.ndarray | None = None,
+            top: np.ndarray | None = None, wins: np.ndarray | None = None) -> list[str]:
+    """Each neuron's label as ``dissect`` chooses it (``dissect.neuron_rows``; "" for a dead one)."""
     S = dissect.scores(similarity, A, P)
-    return [r["description"] for r in dissect.neuron_rows("-", A, S, words, None, None, None, allowed, top)]
+    return [r["description"] for r in dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)]
 
 
 def _explanations(model: Any, meta: dict[str, Any], layer: str, probe: record.Probe, n: int) -> list[dict[str, Any]]:
@@ -94,7 +94,8 @@ def run(models: dict[str, str], probes: list[str], concept_sets: list[str], sign
                     words = concepts.load_concepts(cset)
                     allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
                     for sim in similarities:
-                        lh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top)
+                        lh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
+                                     record.read_wins(paths[hidden]))
                         lo = _labels(Ao, Ps[cset], words, dissect.layer_similarity(sim, output, output))
                         ti = evaluate.top_image_metrics(top, lh, values, Y)
                         wm = evaluate.world_metrics(Ah, lh, values, Y)

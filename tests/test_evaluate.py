@@ -246,6 +246,9 @@ def test_top_image_measure_by_hand() -> None:
     assert [u["right"] for u in res["units"]] == [True, False, True, False]
     assert res["units"][2]["shared"] == ["red", "star"]
     assert res["labelled"] == 5 and res["naming_world"] == 4 and res["world_percent"] == 80.0
+    # a dead unit (no label) with a selective gallery is not judged
+    dead = evaluate.top_image_metrics(top + [[0, 1, 2, 3]], labels + [""], VALUES, Y, share=0.8)
+    assert (dead["selective"], dead["right"], dead["labelled"]) == (4, 2, 5)
 
 
 def test_explanation_precision_by_hand() -> None:
