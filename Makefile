@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test clean-venv
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -r requirements-test.txt
 	touch $@
 
 demo: $(BIN)/.installed

@@ -90,7 +90,7 @@ def load_clip(spec: str = DEFAULT, device: str = "cpu") -> ClipModel:
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:  # cuda missing, a bad device string
-        raise DiscoverError(f"--device {device}: {str(e).splitlines()[0][:120]}") from None
+        raise DiscoverError(f"--device {device}: {str(e).splitlines()[0][:120]}") from e
     fingerprint = sha256_json(["clip", weights_sha256(weights), spec, str(preprocess)])
     return ClipModel(model.float().eval(), preprocess, tokenizer, name, fingerprint, spec, Path(weights),
                      truth_threshold(spec))
@@ -144,7 +144,7 @@ def _load_open_clip(spec: str, name: str, pretrained: str) -> tuple[Any, Any, An
             except Exception as e:  # LocalEntryNotFoundError, FileNotFoundError, URLError, ...
                 why = ("offline: huggingface.co cannot be reached and they are not in the Hugging Face "
                        "cache" if offline else type(e).__name__)
-                raise _offline_error(spec, name, pretrained, why) from None
+                raise _offline_error(spec, name, pretrained, why) from e
         source = pretrained
     else:
         weights = Path(pretrained).expanduser()
@@ -164,12 +164,12 @@ def _load_open_clip(spec: str, name: str, pretrained: str) -> tuple[Any, Any, An
         except Exception as e:  # corrupt file, foreign tensors, a tower that needs a download
             first = (str(e).splitlines() or [""])[0][:120]
             raise DiscoverError(f"--clip {spec}: weights file {weights} cannot be loaded as {name} "
-                                f"({type(e).__name__}{': ' + first if first else ''})") from None
+                                f"({type(e).__name__}{': ' + first if first else ''})") from e
         try:
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as e:
             raise DiscoverError(f"--clip {spec}: the {name} tokenizer cannot be loaded ({type(e).__name__}"
-                                + ("; offline" if offline else "") + ")") from None
+                                + ("; offline" if offline else "") + ")") from e
     return model, preprocess, tokenizer, weights
 
 

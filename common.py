@@ -15,7 +15,19 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-REPO_DIR = Path(__file__).resolve().parent
+def _data_dir() -> Path:
+    """Where the templates, concept lists, world-clip and shipped checkpoints are: beside the
+    modules in a checkout (or an editable install), in ``<prefix>/share/discover`` once installed."""
+    here = Path(__file__).resolve().parent
+    if (here / "templates").is_dir():
+        return here
+    import sys
+
+    installed = Path(sys.prefix) / "share" / "discover"
+    return installed if installed.is_dir() else here
+
+
+REPO_DIR = _data_dir()
 DEMO_MARKER = ".discover-demo"  # identifies a directory as a demo output (demo writes it, report reads it)
 
 
@@ -39,8 +51,8 @@ def resolve_device(spec: str, flag: str = "--device"):
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(spec)
-    except RuntimeError:
-        raise DiscoverError(f"{flag} {spec}: not a torch device") from None
+    except RuntimeError as exc:
+        raise DiscoverError(f"{flag} {spec}: not a torch device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DiscoverError(f"{flag} {spec}: CUDA is not available")
     return dev
@@ -95,11 +107,11 @@ def output_lock(path: str | os.PathLike, flag: str) -> Iterator[None]:
     with open(lock, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             f.seek(0)
             pid = f.read().strip()
             raise DiscoverError(f"{flag} {path}: another process{' (pid ' + pid + ')' if pid else ''} is writing "
-                                "it now; wait for it or choose another directory") from None
+                                "it now; wait for it or choose another directory") from exc
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))

@@ -50,14 +50,14 @@ def clean_concepts(lines: Iterable[str], source: str) -> list[str]:
 def _read(path: Path, source: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DiscoverError(f"concept set {source}: file not found") from None
-    except IsADirectoryError:
-        raise DiscoverError(f"concept set {source}: is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise DiscoverError(f"concept set {source}: not UTF-8 text") from None
+    except FileNotFoundError as exc:
+        raise DiscoverError(f"concept set {source}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise DiscoverError(f"concept set {source}: is a directory, not a file") from exc
+    except UnicodeDecodeError as exc:
+        raise DiscoverError(f"concept set {source}: not UTF-8 text") from exc
     except OSError as e:
-        raise DiscoverError(f"concept set {source}: cannot read ({e.strerror})") from None
+        raise DiscoverError(f"concept set {source}: cannot read ({e.strerror})") from e
     return clean_concepts(text.splitlines(), source)
 
 
@@ -132,14 +132,14 @@ def read_class_names(path: str | Path, n: int | None, flag: str = "--class-names
     dropped); there must be exactly ``n`` of them when the output width ``n`` is known."""
     try:
         names = [line.strip() for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines()]
-    except FileNotFoundError:
-        raise DiscoverError(f"{flag} {path}: no such file") from None
-    except IsADirectoryError:
-        raise DiscoverError(f"{flag} {path}: is a directory, not a file") from None
-    except UnicodeDecodeError:
-        raise DiscoverError(f"{flag} {path}: not UTF-8 text") from None
+    except FileNotFoundError as exc:
+        raise DiscoverError(f"{flag} {path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise DiscoverError(f"{flag} {path}: is a directory, not a file") from exc
+    except UnicodeDecodeError as exc:
+        raise DiscoverError(f"{flag} {path}: not UTF-8 text") from exc
     except OSError as e:
-        raise DiscoverError(f"{flag} {path}: cannot read ({e.strerror})") from None
+        raise DiscoverError(f"{flag} {path}: cannot read ({e.strerror})") from e
     names = [name for name in names if name]
     if not names:
         raise DiscoverError(f"{flag} {path}: no class names (empty or blank lines only)")

@@ -471,8 +471,8 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
         raise DiscoverError(f"--gallery-share must be in [0, 1], got {gallery_share}")
     try:
         cutoff = None if interpretable_cutoff == "random" else float(interpretable_cutoff)
-    except ValueError:
-        raise DiscoverError(f"--interpretable-cutoff: 'random' or a number, got {interpretable_cutoff!r}") from None
+    except ValueError as exc:
+        raise DiscoverError(f"--interpretable-cutoff: 'random' or a number, got {interpretable_cutoff!r}") from exc
     ensure_writable_dir(out, "--out", force=force, allowed=("descriptions.csv", "labels.json"))
     layer_list = [s.strip() for s in layers.split(",") if s.strip()]
     if not layer_list:

@@ -272,7 +272,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
         try:
             S = scores(sim, A, P, name=layer)
         except ValueError as e:  # NaN/inf in the activations or similarities: names the layer
-            raise DiscoverError(str(e)) from None
+            raise DiscoverError(str(e)) from e
         checked = gallery_check and layer != out_layer  # an output layer: one class per neuron
         top = dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0]))
         allowed = gallery_mask(P, top, clip.truth_threshold, cfg.gallery_share) if checked else None
@@ -325,4 +325,4 @@ def read_labels(path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
-        raise DiscoverError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise DiscoverError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from e

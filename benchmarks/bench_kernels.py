@@ -18,11 +18,11 @@ one call in a fresh subprocess, minus the RSS before the call (inputs already al
 already loaded by a tiny warm-up call) and minus the K x M float32 output. The same subprocess
 times import + the tiny first call: the fresh-process cost of loading the cached kernels.
 
-    python benchmarks/bench_kernels.py                          # full run (several minutes)
-    python benchmarks/bench_kernels.py --quick                  # 1 repeat, rank reorder on M=2000
-    python benchmarks/bench_kernels.py --n 2000 --m 2000 --k 64 --n-large 0
-    python benchmarks/bench_kernels.py --sims rank_reorder --n-large 0
-    python benchmarks/bench_kernels.py --stages --sims wpmi       # where one call spends its time
+    python -m benchmarks.bench_kernels                          # full run (several minutes)
+    python -m benchmarks.bench_kernels --quick                  # 1 repeat, rank reorder on M=2000
+    python -m benchmarks.bench_kernels --n 2000 --m 2000 --k 64 --n-large 0
+    python -m benchmarks.bench_kernels --sims rank_reorder --n-large 0
+    python -m benchmarks.bench_kernels --stages --sims wpmi       # where one call spends its time
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import dissect_kernels as dk  # noqa: E402
+import dissect_kernels as dk
 
 SIMS = ["soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]
 
@@ -166,16 +165,15 @@ def child(sim: str, n: int, m: int, k: int, threads: int) -> dict:
 
 
 def extra_memory(sim: str, n: int, m: int, k: int, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", sim, "--n", str(n), "--m", str(m),
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_kernels", "--child", sim, "--n", str(n), "--m", str(m),
                           "--k", str(k), "--threads", str(threads)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
 
 
 FIRST_CALL = """
 import sys, time
 t0 = time.perf_counter()
-sys.path.insert(0, {root!r})
 import numpy as np
 import dissect_kernels as dk
 g = np.random.default_rng(1)
@@ -188,7 +186,7 @@ print(time.perf_counter() - t0)
 def first_call(sim: str, threads: int) -> float:
     """Seconds for import + first call (small input) in a fresh interpreter, JIT cache built."""
     code = FIRST_CALL.format(root=str(ROOT), sim=sim, threads=threads)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return float(out.stdout.strip().splitlines()[-1])
 
 

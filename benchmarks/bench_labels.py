@@ -14,14 +14,13 @@ with every LWTA signal and similarity asked, and judged:
 - explanation precision: of the 7 first concepts listed for each of the first ``--explain`` probe
   images (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``).
 
-    python benchmarks/bench_labels.py                                  # the full table (minutes)
-    python benchmarks/bench_labels.py --signals pi --similarities auto --probes world:2000:4
-    python benchmarks/bench_labels.py --markdown docs/labels_table.md  # also write the table
+    python -m benchmarks.bench_labels                                  # the full table (minutes)
+    python -m benchmarks.bench_labels --signals pi --similarities auto --probes world:2000:4
+    python -m benchmarks.bench_labels --markdown docs/labels_table.md  # also write the table
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +29,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import clip_backend  # noqa: E402
-import concepts  # noqa: E402
-import demo  # noqa: E402
-import dissect  # noqa: E402
-import dissect_kernels as dk  # noqa: E402
-import evaluate  # noqa: E402
-import explain  # noqa: E402
-import lwta  # noqa: E402
-import record  # noqa: E402
-import world  # noqa: E402
+import clip_backend
+import concepts
+import demo
+import dissect
+import dissect_kernels as dk
+import evaluate
+import explain
+import lwta
+import record
+import world
 
 SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 

@@ -4,24 +4,21 @@ DISCOVER reports up to 10 % training overhead and comparable inference cost. Goa
 training step <= 1.10x, inference <= 1.05x the twin's time. Runs are interleaved (A B A B ...) and
 the median of the per-pair ratios is printed, so drift of a noisy machine cancels.
 
-    python benchmarks/bench_lwta.py                  # deit_tiny@224, deit_world, resnet18_world
-    python benchmarks/bench_lwta.py --quick          # fewer repetitions
-    python benchmarks/bench_lwta.py --models resnet18_world,deit_world
+    python -m benchmarks.bench_lwta                  # deit_tiny@224, deit_world, resnet18_world
+    python -m benchmarks.bench_lwta --quick          # fewer repetitions
+    python -m benchmarks.bench_lwta --models resnet18_world,deit_world
 """
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import click
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import lwta  # noqa: E402
+import lwta
 
 CASES = [  # arch, U, twin activation, batch
     ("deit_tiny", 16, "gelu", 16),

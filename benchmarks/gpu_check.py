@@ -14,8 +14,8 @@ Without CUDA it runs the same checks on the CPU at a small size (bf16 autocast o
 timings) and says which CUDA parts it skipped, so the script stays alive in CI
 (`tests/test_gpu_check.py` runs `--quick`). Exit code 1 when a check fails.
 
-    python benchmarks/gpu_check.py            # on the GPU machine
-    python benchmarks/gpu_check.py --quick    # a smaller CPU run
+    python -m benchmarks.gpu_check            # on the GPU machine
+    python -m benchmarks.gpu_check --quick    # a smaller CPU run
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import lwta  # noqa: E402
+import lwta
 
 CHI2_999_DF3 = 16.266  # upper 0.1 % point of chi-square with 3 degrees of freedom
 LOGITS = (1.0, -0.5, 0.3, 2.0)

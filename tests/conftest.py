@@ -1,14 +1,12 @@
-"""Test setup: the repository root on sys.path, a private cache directory, small thread counts."""
+"""Test setup: a private cache directory, small thread counts (pyproject.toml puts the root on pytest's path)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
 

@@ -64,7 +64,7 @@ def test_output_lock_lets_one_writer_in(tmp_path: Path) -> None:
     from common import DiscoverError, output_lock
 
     out = tmp_path / "labels"
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from common import output_lock\n"
+    code = ("import sys; from common import output_lock\n"
             "try:\n    with output_lock(sys.argv[1], '--out'): pass\nexcept Exception as e:\n"
             "    print(e); sys.exit(3)")
     root = str(Path(__file__).resolve().parent.parent)
@@ -72,9 +72,9 @@ def test_output_lock_lets_one_writer_in(tmp_path: Path) -> None:
         with pytest.raises(DiscoverError, match=r"--out .*labels: another process \(pid \d+\) is writing it"):
             with output_lock(out, "--out"):
                 pass
-        r = subprocess.run([sys.executable, "-c", code, str(out), root], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=root)
         assert r.returncode == 3 and "another process" in r.stdout
-    r = subprocess.run([sys.executable, "-c", code, str(out), root], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not out.exists() and not (tmp_path / ".labels.lock").exists()  # released and removed
 
