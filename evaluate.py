@@ -655,7 +655,7 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
                     precision = run.explanation_precision(layer, explain_n, values)
                     row["explanations"], row["explanations_z"] = precision["activation"], precision["z"]
             if fingerprint != prov.get("probe_fingerprint"):
-                row["notes"].append("world.py changed since the dissection: the attributes are today's "
+                row["notes"].append("the world generator's version changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
         try:
             row["simulation"] = simulation_figures(run.simulation(layer, A, neurons), row.get("top_images"))
@@ -794,7 +794,7 @@ def table(result: dict[str, Any]):
             c = r.get("certainty")
             cells += [f"{c['max_pi']:.3f}", f"{100 * c['agree4']:.1f}%"] if c else ["-", "-"]
         t.add_row(*cells)
-    notes = list(dict.fromkeys(f"{short[r['labels']]}: {n}" if "world.py" in n or "CLIP" in n
+    notes = list(dict.fromkeys(f"{short[r['labels']]}: {n}" if "world generator" in n or "CLIP" in n
                                else f"{short[r['labels']]} {r['layer']}: {n}" for r in runs for n in r["notes"]))
     if has_out and result["sentence_model"].startswith("n/a"):
         notes.append(f"sent. cos: {result['sentence_model']}")

@@ -70,6 +70,7 @@ import torch.nn.functional as F
 
 import concepts
 import lwta
+import world
 from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_json, write_json_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,7 +79,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SUMMARIES = ("auto", "cls", "mean", "max", "identity")
 SIGNALS = ("pi", "expected", "sample", "argmax")  # what an LWTA layer's neuron vector is made of
 DEFAULT_SIGNAL = "pi"
-WORLD_PROBE_SEED = 2  # world.py's convention: 0 train, 1 val, 2 probe
+WORLD_PROBE_SEED = world.SEEDS["probe"]
 FORMAT_VERSION = "2"  # of the activation files; bump to invalidate every cached recording
 
 
@@ -370,7 +371,6 @@ class Probe:
         if not 0 <= i < self.n:
             raise IndexError(f"probe image {i} out of range 0..{self.n - 1}")
         if self.root is None:
-            import world
 
             return Image.fromarray(world.render_batch(self.world_seed, i, 1)[0][0])
         return _open_rgb(self.root / self.names[i])
@@ -387,7 +387,6 @@ class Probe:
         stop = self.n if stop is None else stop
         starts = range(start, stop, batch_size)
         if self.root is None:
-            import world
 
             for s in starts:
                 yield world.render_batch(self.world_seed, s, min(batch_size, stop - s), size=size)[0]
@@ -500,13 +499,8 @@ def _world_probe(spec: str) -> Probe:
         raise DiscoverError(f"--probe {spec}: expected world:N or world:N:SEED (integers)") from exc
     if n < 1:
         raise DiscoverError(f"--probe {spec}: N must be at least 1")
-    try:
-        import world
-    except ImportError as exc:
-        raise DiscoverError(f"--probe {spec}: the synthetic world (world.py) is not available") from exc
-    source = hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest()  # a changed generator
     return Probe(spec=spec, names=[f"world:{seed}:{i}" for i in range(n)],
-                 fingerprint=sha256_json(["world", n, seed, source]), world_seed=seed)
+                 fingerprint=sha256_json(["world", n, seed, world.VERSION]), world_seed=seed)
 
 
 # --- layers and summaries -------------------------------------------------------------------------

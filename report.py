@@ -318,12 +318,18 @@ def _explanation(src: Source, j: int, e: dict[str, Any], thumbs: Thumbnails) -> 
                 layer_page=_layer_page(src, e["layer"]))
 
 
+SITE_FORMAT = 2  # bump when the pages a report writes change for the same inputs
+
+
 def _inputs_digest(root: Path, sources: list[Source]) -> str:
-    """Content hash of everything a site is made of (the templates and this module included)."""
+    """Content hash of everything a site is made of: the results, the winner maps they name, the
+    templates, and :data:`SITE_FORMAT`."""
     files = [root / f for f in DEMO_FILES if (root / f).is_file()]
-    files += [s.path / "labels.json" for s in sources] + sorted(TEMPLATES.glob("*.html")) + [Path(__file__)]
-    return sha256_json([[str(f.relative_to(root) if f.is_relative_to(root) else f.name), sha256_file(f)]
-                        for f in files])
+    files += [s.path / "labels.json" for s in sources] + sorted(TEMPLATES.glob("*.html"))
+    files += sorted({s.root / m for s in sources for e in s.explanations for m in (e.get("maps") or {}).values()
+                     if (s.root / m).is_file()})
+    return sha256_json([SITE_FORMAT] + [[str(f.relative_to(root) if f.is_relative_to(root) else f.name),
+                                         sha256_file(f)] for f in files])
 
 
 def build(root: str | Path, out: str | Path | None = None, force: bool = False,

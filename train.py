@@ -32,12 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lwta
+import world
 from common import DiscoverError, atomic_path, progress_bar, sha256_json, write_json_atomic, write_text_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WORLD_TRAIN_SEED, WORLD_VAL_SEED = 0, 1  # world.py's seed convention (probes default to seed 2)
-WORLD_TEST_SEED = 3  # the held-out test images of a finished world run
+WORLD_TRAIN_SEED, WORLD_VAL_SEED = world.SEEDS["train"], world.SEEDS["val"]
+WORLD_TEST_SEED = world.SEEDS["test"]  # the held-out test images of a finished world run
 
 
 KL_NOTE = """The KL of Eq. 3, scaled per example as SPEC §2 asks, is summed over every block of every
@@ -228,7 +229,6 @@ class _UInt8Images(torch.utils.data.Dataset):
 
 
 def _render_world(task: str, n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    import world
 
     if task not in world.TASKS:
         raise DiscoverError(f"--data world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
@@ -244,7 +244,6 @@ class FreshWorld(torch.utils.data.Dataset):
     run sees what the uninterrupted one saw, with any number of workers."""
 
     def __init__(self, task: str, n: int, seed: int, size: int) -> None:
-        import world
 
         if task not in world.TASKS:
             raise DiscoverError(f"--data world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
@@ -257,7 +256,6 @@ class FreshWorld(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        import world
 
         index = self.epoch * self.n + int(i)
         s = world.render(self.seed, index, self.size)
@@ -295,7 +293,6 @@ def load_data(cfg: TrainConfig) -> Data:
     """``world:TASK`` (train seed 0, fresh images every epoch or one set rendered once; val seed 1,
     rendered once) or an ImageFolder root with ``train/`` and ``val/`` (ImageNet, Places365 layout)."""
     if cfg.data.startswith("world:"):
-        import world
 
         task = cfg.data.split(":", 1)[1]
         if cfg.fresh:

@@ -4,10 +4,10 @@ Each image shows one object on a background. Attributes (``ATTRIBUTES``): shape 
 texture (4), size (2), background (4). Image ``i`` of seed ``s`` is a pure function of ``(s, i)``;
 with it come its attribute labels, a per-pixel object mask and a caption.
 
-Seeds (a convention every command follows, so no evaluation ever sees training images):
+Seeds (``SEEDS``, a convention every command follows, so no evaluation ever sees training images):
     0       target-network training          1       target-network validation
-    2       default dissection probe         777     CLIP zero-shot evaluation
-    >= 1000 CLIP training (never 0-999)
+    2       default dissection probe         3       target-network test (after the last epoch)
+    777     CLIP zero-shot evaluation        >= 1000 CLIP training (never 0-999)
 
 Tasks for target networks (``TASKS``): ``shape`` (8), ``color`` (8), ``texture`` (4) and ``object``
 (64 classes = colour x shape, named like "red circle", colour-major).
@@ -21,6 +21,9 @@ from functools import lru_cache
 import numpy as np
 
 from common import DiscoverError
+
+SEEDS = {"train": 0, "val": 1, "probe": 2, "test": 3, "clip_eval": 777, "clip_train": 1000}
+VERSION = 1  # of the generator: bump it when an image of (seed, index) changes (probe fingerprints, caches)
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "diamond", "hexagon"]
 COLORS = {  # RGB; no neutral tones, which the backgrounds use

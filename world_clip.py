@@ -39,8 +39,8 @@ DIR = REPO_DIR / "world_clip"
 CONFIG = DIR / f"{NAME}.json"
 WEIGHTS = DIR / f"{NAME}.safetensors"
 MANIFEST = DIR / "manifest.json"
-TRAIN_SEED = 1000  # world seed of CLIP training images (see world.py's convention)
-EVAL_SEED = 777
+TRAIN_SEED = world.SEEDS["clip_train"]  # world seed of CLIP training images
+EVAL_SEED = world.SEEDS["clip_eval"]
 TRUTH_SCALE = 10.0  # logit scale of the truth and null losses (WPMI's a is of this order)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # open_clip's
 
