@@ -699,3 +699,80 @@ SIMILARITIES: dict[str, Callable[..., np.ndarray]] = {
     "wpmi": wpmi,
     "soft_wpmi": soft_wpmi,
 }
+
+
+# --- float64 references ---------------------------------------------------------------------------
+# Plain NumPy transcriptions of the equations (CLIP-Dissect Sec. 3.2, App. A.1; DISCOVER Table 2),
+# one loop per neuron, float64, written from the papers and never calling the kernels above: what
+# the tests check every kernel against, and what anyone can check a kernel's output with.
+
+def reference_top(q: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest activations, ties: lower index first."""
+    return np.lexsort((np.arange(q.size), -q))[:k]
+
+
+def reference_cos(A, P):
+    """cos(A_k, P_m) for every neuron k and concept m (Eq. 1)."""
+    return (A / np.linalg.norm(A, axis=0)).T @ (P / np.linalg.norm(P, axis=0))  # Eq. 1
+
+
+def reference_cos_cubed(A, P, min_norm=1e-3):
+    """cos^3 (DISCOVER Table 2): cosine of the cubed, column-centred A and P."""
+    def f(X):
+        X = (X - X.mean(axis=0)) ** 3
+        return X / np.maximum(np.linalg.norm(X, axis=0), min_norm)
+    return f(A).T @ f(P)
+
+
+def reference_rank_reorder(A, P, frac=0.05, power=3.0, scale_power=0.5):
+    """Rank reorder (Eq. 2): the neuron's top activations reordered by each concept's ranking."""
+    N, K = A.shape
+    n = max(1, int(N * frac))
+    S = np.empty((K, P.shape[1]))
+    for k in range(K):
+        top = reference_top(A[:, k], n)
+        q = A[top, k]  # descending
+        for m in range(P.shape[1]):
+            rank = np.empty(n, int)
+            rank[np.lexsort((top, P[top, m]))] = np.arange(n)  # ascending rank under P
+            q_re = q[::-1][rank]  # the activation with the same rank as the image has under P
+            mean_p = P[top, m].mean()
+            err = np.mean(np.abs(q - q_re) ** power)
+            S[k, m] = -err / mean_p ** scale_power if mean_p > 0 else -np.inf
+    return S
+
+
+def reference_pmi(A, P, a, top_k, lam, weight, eps=1e-7):
+    """Eq. 12-14 (weight = p(x in B_k) by rank; all ones gives WPMI, Eq. 6-8)."""
+    logits = a * P
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    p = np.exp(log_p)  # p(t_m | x_i) = softmax_m(a P[i, :])
+    K = A.shape[1]
+    L = np.full((K, P.shape[1]), np.nan)
+    for k in range(K):
+        top = reference_top(A[:, k], top_k)
+        w = weight[: top.size, None]
+        L[k] = np.log(1 + w * (p[top] - 1) + eps).sum(axis=0)  # log E[p(t_m|B_k)]
+    live = (A != 0).any(axis=0)  # dead neurons: NaN and outside the normaliser
+    L[~live] = np.nan
+    Ll = L[live]
+    mx = Ll.max(axis=0)
+    log_pt = mx + np.log(np.exp(Ll - mx).sum(axis=0)) - np.log(live.sum())  # log p(t_m)
+    return L - lam * log_pt
+
+
+def reference_wpmi(A, P, a=2.0, top_k=28, lam=0.6):
+    """WPMI (Eq. 6-8)."""
+    return reference_pmi(A, P, a, top_k, lam, np.ones(top_k))
+
+
+def reference_soft_wpmi(A, P, a=10.0, top_k=100, lam=1.0, p_start=0.998, p_end=0.97):
+    """SoftWPMI (Eq. 12-14)."""
+    weight = p_start - np.arange(top_k) / top_k * (p_start - p_end)
+    return reference_pmi(A, P, a, top_k, lam, weight)
+
+
+REFERENCES: dict[str, Callable[..., np.ndarray]] = {
+    "cos": reference_cos, "cos3": reference_cos_cubed, "rank_reorder": reference_rank_reorder,
+    "wpmi": reference_wpmi, "soft_wpmi": reference_soft_wpmi}

@@ -1,7 +1,7 @@
 """dissect_kernels against plain float64 NumPy transcriptions of CLIP-Dissect's equations.
 
-The references below are written from the paper (Sec. 3.2, App. A.1; SPEC.md section 3), one loop
-per neuron, and never call the kernels. Scores must agree within 1e-4 relative, with an absolute
+The references (``dissect_kernels.REFERENCES``) are written from the paper (Sec. 3.2, App. A.1;
+SPEC.md section 3), one loop per neuron, in float64, and never call the kernels. Scores must agree within 1e-4 relative, with an absolute
 floor of 1e-5 for scores near zero (they are cosines or log-ratios in nats; the float32 kernels
 resolve about 1e-6 there), and labels (argmax) must be the same unless the reference has a tie.
 """
@@ -15,72 +15,7 @@ import dissect_kernels as dk
 THREADS = 2
 
 
-# --- references (float64, straight from the equations) --------------------------------------------
-
-def ref_top(q: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest activations, ties: lower index first."""
-    return np.lexsort((np.arange(q.size), -q))[:k]
-
-
-def ref_cos(A, P):
-    return (A / np.linalg.norm(A, axis=0)).T @ (P / np.linalg.norm(P, axis=0))  # Eq. 1
-
-
-def ref_cos_cubed(A, P, min_norm=1e-3):
-    def f(X):
-        X = (X - X.mean(axis=0)) ** 3
-        return X / np.maximum(np.linalg.norm(X, axis=0), min_norm)
-    return f(A).T @ f(P)
-
-
-def ref_rank_reorder(A, P, frac=0.05, power=3.0, scale_power=0.5):
-    N, K = A.shape
-    n = max(1, int(N * frac))
-    S = np.empty((K, P.shape[1]))
-    for k in range(K):
-        top = ref_top(A[:, k], n)
-        q = A[top, k]  # descending
-        for m in range(P.shape[1]):
-            rank = np.empty(n, int)
-            rank[np.lexsort((top, P[top, m]))] = np.arange(n)  # ascending rank under P
-            q_re = q[::-1][rank]  # the activation with the same rank as the image has under P
-            mean_p = P[top, m].mean()
-            err = np.mean(np.abs(q - q_re) ** power)
-            S[k, m] = -err / mean_p ** scale_power if mean_p > 0 else -np.inf
-    return S
-
-
-def ref_pmi(A, P, a, top_k, lam, weight, eps=1e-7):
-    """Eq. 12-14 (weight = p(x in B_k) by rank; all ones gives WPMI, Eq. 6-8)."""
-    logits = a * P
-    log_p = logits - logits.max(axis=1, keepdims=True)
-    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
-    p = np.exp(log_p)  # p(t_m | x_i) = softmax_m(a P[i, :])
-    K = A.shape[1]
-    L = np.full((K, P.shape[1]), np.nan)
-    for k in range(K):
-        top = ref_top(A[:, k], top_k)
-        w = weight[: top.size, None]
-        L[k] = np.log(1 + w * (p[top] - 1) + eps).sum(axis=0)  # log E[p(t_m|B_k)]
-    live = (A != 0).any(axis=0)  # dead neurons: NaN and outside the normaliser
-    L[~live] = np.nan
-    Ll = L[live]
-    mx = Ll.max(axis=0)
-    log_pt = mx + np.log(np.exp(Ll - mx).sum(axis=0)) - np.log(live.sum())  # log p(t_m)
-    return L - lam * log_pt
-
-
-def ref_wpmi(A, P, a=2.0, top_k=28, lam=0.6):
-    return ref_pmi(A, P, a, top_k, lam, np.ones(top_k))
-
-
-def ref_soft_wpmi(A, P, a=10.0, top_k=100, lam=1.0, p_start=0.998, p_end=0.97):
-    weight = p_start - np.arange(top_k) / top_k * (p_start - p_end)
-    return ref_pmi(A, P, a, top_k, lam, weight)
-
-
-REFERENCES = {"cos": ref_cos, "cos3": ref_cos_cubed, "rank_reorder": ref_rank_reorder,
-              "wpmi": ref_wpmi, "soft_wpmi": ref_soft_wpmi}
+REFERENCES = dk.REFERENCES
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -161,11 +96,11 @@ def test_a_lone_live_neuron_scores_exactly_zero_at_lam_1(sim: str) -> None:
 def test_hyper_parameters_are_passed_through() -> None:
     A, P = make_inputs("dense", seed=1)
     S = dk.soft_wpmi(A, P, a=5.0, top_k=40, lam=0.5, p_start=1.0, p_end=0.9, n_threads=THREADS)
-    assert_scores_match(S, ref_soft_wpmi(A.astype(float), P.astype(float), 5.0, 40, 0.5, 1.0, 0.9))
+    assert_scores_match(S, dk.reference_soft_wpmi(A.astype(float), P.astype(float), 5.0, 40, 0.5, 1.0, 0.9))
     S = dk.wpmi(A, P, a=3.0, top_k=7, lam=1.0, n_threads=THREADS)
-    assert_scores_match(S, ref_wpmi(A.astype(float), P.astype(float), 3.0, 7, 1.0))
+    assert_scores_match(S, dk.reference_wpmi(A.astype(float), P.astype(float), 3.0, 7, 1.0))
     S = dk.rank_reorder(A, P, top_fraction=0.2, power=2.0, scale_power=1.0, n_threads=THREADS)
-    assert_scores_match(S, ref_rank_reorder(A.astype(float), P.astype(float), 0.2, 2.0, 1.0))
+    assert_scores_match(S, dk.reference_rank_reorder(A.astype(float), P.astype(float), 0.2, 2.0, 1.0))
 
 
 def test_top_images_by_hand() -> None:
@@ -179,7 +114,7 @@ def test_top_images_by_hand() -> None:
 def test_top_images_matches_lexsort() -> None:
     A, _ = make_inputs("ties", seed=3)
     top = dk.top_images(A, 20, n_threads=THREADS)
-    want = np.stack([ref_top(A[:, k].astype(float), 20) for k in range(A.shape[1])])
+    want = np.stack([dk.reference_top(A[:, k].astype(float), 20) for k in range(A.shape[1])])
     np.testing.assert_array_equal(top, want)
 
 
@@ -204,7 +139,7 @@ def test_float64_scores_order_saturated_concepts(sim: str, p0: float, p1: float,
     P = np.zeros((10, 3), np.float32)
     P[:5, 0], P[:5, 1], P[5:, 2], P[5:, :2] = p0, p1, 0.3, other
     kw = {"a": 20.0, "top_k": 5, "lam": 1.0}
-    R = (ref_wpmi if sim == "wpmi" else ref_soft_wpmi)(A.astype(float), P.astype(float), **kw)
+    R = (dk.reference_wpmi if sim == "wpmi" else dk.reference_soft_wpmi)(A.astype(float), P.astype(float), **kw)
     S32 = dk.SIMILARITIES[sim](A, P, **kw)
     S64 = dk.SIMILARITIES[sim](A, P, dtype=np.float64, **kw)
     assert S32.dtype == np.float32 and S64.dtype == np.float64
