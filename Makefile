@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-test.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 
 demo: $(BIN)/.installed
