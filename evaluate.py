@@ -362,7 +362,7 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
 
 # --- one labels directory -----------------------------------------------------------------------------
 
-class _Run:
+class LabelsRun:
     """One labels directory with its model, loaded only when needed (and then checked)."""
 
     def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu",
@@ -585,7 +585,7 @@ def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
     return layer.split(".")[-1] in OUTPUT_LAYERS and bool(classes) and len(classes) == K
 
 
-def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sentence: Callable | None,
+def evaluate_run(run: LabelsRun, clip_encoders: dict[str, tuple[Callable, str]], sentence: Callable | None,
                  sentence_name: str, world_cache: dict[str, Any], explain_n: int = 0,
                  localise_n: int = 0) -> list[dict[str, Any]]:
     """One row of figures per labelled layer of ``run``."""
@@ -669,7 +669,7 @@ def evaluate_run(run: _Run, clip_encoders: dict[str, tuple[Callable, str]], sent
     return rows
 
 
-def lwta_layer(run: "_Run", layer: str) -> bool:
+def lwta_layer(run: "LabelsRun", layer: str) -> bool:
     import lwta
 
     return layer in lwta.lwta_modules(run.model()[0])
@@ -696,7 +696,7 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     from common import resolve_device
 
     dev = str(resolve_device(device))
-    runs = [_Run(d, m, dev, model_args) for d, m in zip(labels_dirs, specs)]
+    runs = [LabelsRun(d, m, dev, model_args) for d, m in zip(labels_dirs, specs)]
     sentence, sentence_name = (None, SENTENCE_NA)
     needs_output = any(_is_output_layer(layer, info.get("K", -1), r.classes)
                        for r in runs for layer, info in r.labels["layers"].items())

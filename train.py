@@ -8,7 +8,7 @@ One process (CPU or one GPU)::
 
 Several GPUs on one node (DistributedDataParallel; rank 0 alone writes)::
 
-    torchrun --nproc_per_node 8 train.py --arch deit_tiny --U 16 --data /data/imagenet --out runs/t16 --amp bf16
+    torchrun --nproc_per_node 8 discover.py train --arch deit_tiny --U 16 --data /data/imagenet --out runs/t16 --amp bf16
 
 The loss is the negative ELBO of Eq. 3 per example: cross-entropy + kl_weight * KL[q(xi) || p(xi)]
 with the KL of every LWTA layer summed over blocks and averaged over the batch (SPEC §2).
@@ -680,14 +680,3 @@ def reproduce_command(cfg: TrainConfig) -> str:
         parts += [f"--train-size {cfg.train_size}", f"--val-size {cfg.val_size}", f"--test-size {cfg.test_size}",
                   "--fresh" if cfg.fresh else "--no-fresh"]
     return " ".join(p for p in parts if "--act default" not in p)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``torchrun ... train.py ARGS``: the same options as ``discover.py train``."""
-    import discover
-
-    discover.cli(["train", *(argv if argv is not None else __import__("sys").argv[1:])])
-
-
-if __name__ == "__main__":
-    main()

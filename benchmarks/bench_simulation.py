@@ -66,7 +66,7 @@ def sanity_table(dirs: list[tuple[str, Path, str]]) -> Table:
     for col in ("model", "layer", "units", "corr", "AUPRC", "WPMI", "SoftWPMI", "cos3"):
         t.add_column(col, justify="left" if col in ("model", "layer") else "right")
     for name, d, layer in dirs:
-        run = evaluate._Run(str(d), None)
+        run = evaluate.LabelsRun(str(d), None)
         A, _ = run.activations(layer)
         neurons = sorted((n for n in run.labels["neurons"] if n["layer"] == layer), key=lambda n: n["unit"])
         values, Y, _ = evaluate.world_attributes(run.prov["probe"])

@@ -8,7 +8,7 @@ On a CUDA machine (a few minutes):
 - `deit_tiny --U 16` and its GELU twin at 224 px, batch 128, bf16 autocast: median step time of
   training and inference, the CVN / twin ratios (goals 1.10 / 1.05, the paper's overheads), peak memory;
 - `record --device cuda` and `dissect` on a small exported world probe;
-- `torchrun --nproc_per_node 1 train.py ... --stop-after 1`, then `--resume`.
+- `torchrun --nproc_per_node 1 discover.py train ... --stop-after 1`, then `--resume`.
 
 Without CUDA it runs the same checks on the CPU at a small size (bf16 autocast only, `deit_world`
 timings) and says which CUDA parts it skipped, so the script stays alive in CI
@@ -161,7 +161,7 @@ def end_to_end(device: torch.device, tmp: Path, quick: bool) -> None:
     report("dissect", r.returncode == 0 and (tmp / "labels" / "labels.json").is_file(),
            r.stderr.strip()[-200:] if r.returncode else "labels.json written")
     n = "64" if quick else "256"
-    common = ["train.py", "--arch", "deit_world", "--U", "8", "--data", "world:object", "--train-size", n,
+    common = ["discover.py", "train", "--arch", "deit_world", "--U", "8", "--data", "world:object", "--train-size", n,
               "--val-size", "32", "--test-size", "32", "--epochs", "2", "--batch-size", "32", "--workers", "0",
               "--out", str(tmp / "run")]
     if device.type == "cuda":

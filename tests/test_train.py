@@ -152,11 +152,11 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
             "--val-size", "16", "--test-size", "40", "--batch-size", "64", "--epochs", "1", "--seed", "5",
             "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
+    one = subprocess.run([sys.executable, "discover.py", "train", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+                          "discover.py", "train", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
                          text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "ddp")

@@ -1,0 +1,58 @@
+"""The flat layout holds: every top-level module is packaged, no module reaches another's private
+names, and the module-level imports between the project's modules form no cycle."""
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+
+
+def _tree(name: str) -> ast.Module:
+    return ast.parse((ROOT / f"{name}.py").read_text(), filename=f"{name}.py")
+
+
+def test_pyproject_packages_every_top_level_module() -> None:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert sorted(config["tool"]["setuptools"]["py-modules"]) == MODULES
+    assert config["project"]["scripts"]["discover"] == "discover:cli"
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    bad = []
+    for name in MODULES:
+        for node in ast.walk(_tree(name)):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in MODULES
+                    and node.value.id != name and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{name}.py:{node.lineno}: {node.value.id}.{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module in MODULES:
+                bad += [f"{name}.py:{node.lineno}: from {node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_")]
+    assert bad == []
+
+
+def test_module_level_imports_form_no_cycle() -> None:
+    graph = {}
+    for name in MODULES:
+        deps = set()
+        for node in _tree(name).body:  # module level only: an import inside a function runs on use
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in MODULES}
+            elif isinstance(node, ast.ImportFrom) and node.module in MODULES:
+                deps.add(node.module)
+        graph[name] = deps - {name}
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for d in graph[n]:
+            assert state.get(d) != 1, f"import cycle: {' -> '.join(path + [n, d])}"
+            if d not in state:
+                visit(d, path + [n])
+        state[n] = 2
+
+    for n in MODULES:
+        if n not in state:
+            visit(n, [])
