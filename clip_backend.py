@@ -6,7 +6,7 @@ Usage::
     clip = clip_backend.load_clip()                        # the shipped world-clip
     clip = clip_backend.load_clip("ViT-B-16:openai")       # any open_clip tag (download or HF cache)
     clip = clip_backend.load_clip("ViT-B-16:/path/to/open_clip_pytorch_model.bin")   # a local file
-    I = clip_backend.embed_images(clip, record.load_probe("world:2000"))   # N x d, L2-normalised
+    I = clip_backend.embed_images(clip, probes.load_probe("world:2000"))   # N x d, L2-normalised
     T = clip_backend.embed_texts(clip, ["red", "striped", "circle"])       # M x d, L2-normalised
     P = clip_backend.similarity_matrix(clip, probe, concepts)              # N x M cosines
 
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 import world_clip
 from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_file, sha256_json, write_text_atomic
-from record import Probe, hf_offline, reachable
+from models import hf_offline, reachable
+from probes import Probe
 
 DEFAULT = world_clip.NAME
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
@@ -235,7 +236,7 @@ def embed_images(clip: ClipModel, images: Probe | Sequence[Any], *, key: str | N
                  batch_size: int = 256, progress: bool = True, workers: int = 4) -> np.ndarray:
     """L2-normalised CLIP image embeddings, ``N x d`` float32, in probe (or list) order.
 
-    ``images``: a :class:`record.Probe` (keyed by its fingerprint) or a list of PIL images / uint8
+    ``images``: a :class:`probes.Probe` (keyed by its fingerprint) or a list of PIL images / uint8
     ``H x W x 3`` arrays (keyed by their pixels). ``key`` is an extra label mixed into the cache
     key. A cache hit returns without running the model; images are decoded and preprocessed by a
     thread pool (``workers``), each at its own size, through the CLIP's own transform.

@@ -115,7 +115,7 @@ def train_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
 def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     """Stage 2: label each model's neurons (skipped when labels of the same run, probe and signal exist)."""
     import dissect
-    import record
+    import models
 
     results = {}
     defaults = dissect.DissectConfig(model="", layers=[])
@@ -123,7 +123,7 @@ def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
         run, out = run_dir(cfg, m), cfg.out / "labels" / m.name
         if (out / "labels.json").is_file():
             prov = dissect.read_labels(out)["provenance"]
-            same = (prov["model_hash"] == record.model_hash(record.load_model(str(run))[0])
+            same = (prov["model_hash"] == models.model_hash(models.load_model(str(run))[0])
                     and prov["probe"] == cfg.probe and prov.get("signal") == defaults.signal
                     and prov.get("similarity") == defaults.similarity
                     and prov.get("gallery_share", defaults.gallery_share) in (defaults.gallery_share, None)
@@ -159,12 +159,13 @@ def explain_images(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
     with maps of where the first 7 of them act (``explain.write_maps``, in ``OUT/maps/MODEL``)."""
     import dissect
     import explain
-    import record
+    import models
+    import probes
 
-    seed = record.load_probe(cfg.probe).world_seed
+    seed = probes.load_probe(cfg.probe).world_seed
     out: dict[str, list[dict[str, Any]]] = {}
     for m in cfg.models:
-        model, meta = record.load_model(str(run_dir(cfg, m)))
+        model, meta = models.load_model(str(run_dir(cfg, m)))
         labels = dissect.read_labels(cfg.out / "labels" / m.name)
         out[m.name] = []
         for i in range(cfg.explain_n):

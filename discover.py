@@ -372,6 +372,8 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
     from rich.table import Table
 
     import record
+    import models
+    import probes
     from common import ensure_writable_dir
 
     from common import resolve_device
@@ -382,9 +384,9 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
         if missing:
             raise DiscoverError(f"record: missing {', '.join(missing)} (or pass --list-layers)")
         ensure_writable_dir(out, "--out", force=True)
-    model, meta = record.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
+    model, meta = models.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
     model.to(dev)
-    pr = record.load_probe(probe, skip_bad=skip_bad) if probe else None
+    pr = probes.load_probe(probe, skip_bad=skip_bad) if probe else None
     if pr is not None and pr.skipped:
         err_console.print(f"[yellow]skipped {len(pr.skipped)} unreadable image(s)[/] "
                           f"(first: {pr.skipped[0]})", highlight=False)
@@ -479,8 +481,8 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
         raise DiscoverError("--layers: give at least one layer name")
     if layer_list == ["lwta"]:
         import lwta
-        import record
-        layer_list = list(lwta.lwta_modules(record.load_model(model, **build_kwargs(arch, U, act))[0]))
+        import models
+        layer_list = list(lwta.lwta_modules(models.load_model(model, **build_kwargs(arch, U, act))[0]))
         if not layer_list:
             raise DiscoverError(f"--layers lwta: {model} has no LWTA layer")
     cfg = dissect.DissectConfig(model=model, layers=layer_list, probe=probe, concepts=concepts, clip=clip_spec,
@@ -536,7 +538,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
 
     import dissect
     import explain
-    import record
+    import models
 
     if samples < 1:
         raise DiscoverError(f"--samples must be at least 1, got {samples}")
@@ -546,7 +548,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
 
     dev = resolve_device(device)
     labels = dissect.read_labels(labels_dir)
-    model, meta = record.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
+    model, meta = models.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
     explain.check_labels(model, labels)
     model.to(dev)
     layer = layer or explain.default_layer(model, labels)

@@ -62,7 +62,7 @@ class DissectConfig:
     skip_bad: bool = False  # leave unreadable probe images out (else an error naming the first)
     device: str = "cpu"  # where the model and the CLIP run ("auto": CUDA when present)
     build_kwargs: dict[str, Any] = field(default_factory=dict)  # a weights file's arch, U, act
-    class_names: str | None = None  # a file of the model's class names (record.load_model)
+    class_names: str | None = None  # a file of the model's class names (models.load_model)
 
 
 def output_layer(model: Any) -> str | None:
@@ -134,7 +134,7 @@ def best_scores(S: np.ndarray) -> np.ndarray:
 
 def random_cutoff(S_random: np.ndarray, q: float = RANDOM_QUANTILE) -> float:
     """The interpretability cutoff of a layer: the ``q`` quantile of the best concept scores of the
-    same layer in an untrained copy of the network (:func:`record.random_copy`), scored with the same
+    same layer in an untrained copy of the network (:func:`models.random_copy`), scored with the same
     similarity, probe and concepts. A neuron whose label scores above it is better explained than
     all but 1 - q of the random network's neurons, on any similarity's scale; a random network
     itself gets about 1 - q of its neurons interpretable."""
@@ -225,6 +225,8 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     import concepts as concepts_mod
     import dissect_kernels
     import record
+    import models
+    import probes
 
     if not 0 <= cfg.gallery_share <= 1:
         raise DiscoverError(f"--gallery-share must be in [0, 1], got {cfg.gallery_share}")
@@ -234,15 +236,15 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     t = time.perf_counter()
     concept_list = concepts_mod.load_concepts(cfg.concepts)
     device = resolve_device(cfg.device)
-    model, meta = record.load_model(cfg.model, class_names=cfg.class_names, **cfg.build_kwargs)
+    model, meta = models.load_model(cfg.model, class_names=cfg.class_names, **cfg.build_kwargs)
     model.to(device)
-    probe = record.load_probe(cfg.probe, skip_bad=cfg.skip_bad)
+    probe = probes.load_probe(cfg.probe, skip_bad=cfg.skip_bad)
     record.resolve_layers(model, cfg.layers)  # unknown layer: one line with close names, before any work
     clip = clip_backend.load_clip(cfg.clip, str(device))  # a bad --clip: before the recording, too
     seconds["load"] = time.perf_counter() - t
 
     def record_model(net: Any) -> dict[str, Path]:
-        cache = record.activation_cache(record.model_hash(net), probe, signal=cfg.signal, mode=cfg.mode, seed=cfg.seed)
+        cache = record.activation_cache(models.model_hash(net), probe, signal=cfg.signal, mode=cfg.mode, seed=cfg.seed)
         return record.record_layers(net, meta, cfg.layers, probe, cache, summary=cfg.summary, mode=cfg.mode,
                                     seed=cfg.seed, batch_size=cfg.batch_size, signal=cfg.signal)
 
@@ -251,7 +253,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     seconds["record"] = time.perf_counter() - t
     if cfg.cutoff is None:  # the random baseline of the interpretability cutoff: an untrained copy, recorded alike
         t = time.perf_counter()
-        random_paths = record_model(record.random_copy(model))
+        random_paths = record_model(models.random_copy(model))
         seconds["record random copy"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -299,7 +301,7 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     if cfg.class_names is not None:
         model_args["class_names"] = str(Path(cfg.class_names).expanduser().resolve())
     provenance = {"format": LABELS_FORMAT, "model": cfg.model, "model_args": model_args,
-                  "model_hash": record.model_hash(model),
+                  "model_hash": models.model_hash(model),
                   "arch": meta.get("arch"), "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
                   "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
                   "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,

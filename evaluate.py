@@ -106,10 +106,10 @@ def world_attributes(probe: str) -> tuple[list[tuple[str, str]], np.ndarray, str
     other probe."""
     if not probe.startswith("world:"):
         return None
-    import record
+    import probes
     import world
 
-    p = record.load_probe(probe)
+    p = probes.load_probe(probe)
     _, attrs = world.render_batch(p.world_seed, 0, p.n, size=16)  # attributes do not depend on size
     values = [(a, v) for a, vs in world.ATTRIBUTES.items() for v in vs]
     Y = np.array([[img[a] == v for a, v in values] for img in attrs], bool).reshape(p.n, len(values))
@@ -118,9 +118,9 @@ def world_attributes(probe: str) -> tuple[list[tuple[str, str]], np.ndarray, str
 
 def record_probe_seed(probe: str) -> int:
     """The world seed of a ``world:N[:SEED]`` probe."""
-    import record
+    import probes
 
-    return int(record.load_probe(probe).world_seed)
+    return int(probes.load_probe(probe).world_seed)
 
 
 def _words(text: str) -> list[str]:
@@ -180,7 +180,7 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
         source = name
     from sentence_transformers import SentenceTransformer
 
-    import record
+    import models
 
     with contextlib.suppress(Exception):  # no weight-loading progress bars on stderr
         import transformers
@@ -190,7 +190,7 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # never wait on a download: local directory or cache only
     try:
-        with record.hf_offline(True):
+        with models.hf_offline(True):
             model = SentenceTransformer(source, device="cpu")
     except Exception as e:
         raise DiscoverError(f"{flag}: cannot be loaded offline ({type(e).__name__}); give a local "
@@ -345,7 +345,7 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
     import torch
 
     import lwta
-    import record
+    import models
 
     old = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
     meter = lwta.CertaintyMeter(model)
@@ -353,7 +353,7 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
     try:
         with torch.inference_mode(), meter:
             for images in probe.batches(batch_size, int(meta["img_size"]), meta.get("interpolation", "bilinear")):
-                model(record.to_input(images, meta, record.device_of(model)))
+                model(models.to_input(images, meta, models.device_of(model)))
     finally:
         for n, m in lwta.lwta_modules(model).items():
             m.mode = old[n]
@@ -392,11 +392,11 @@ class LabelsRun:
     def model(self) -> tuple[Any, dict[str, Any]]:
         if self._model is None:
             import explain
-            import record
+            import models
 
             if not self.model_spec:
                 raise DiscoverError(f"--labels {self.dir}: no model in the provenance; pass --model")
-            model, meta = record.load_model(self.model_spec, **self.model_args)
+            model, meta = models.load_model(self.model_spec, **self.model_args)
             explain.check_labels(model, self.labels, where=f"--labels {self.dir}")
             self._model = (model.to(self.device), meta)
         return self._model
@@ -459,7 +459,7 @@ class LabelsRun:
         if self._P is None:
             import clip_backend
             import concepts
-            import record
+            import probes
 
             p = self.prov
             if not p.get("clip") or not p.get("concepts"):
@@ -467,7 +467,7 @@ class LabelsRun:
             clip = clip_backend.load_clip(p["clip"], self.device)
             if p.get("clip_fingerprint") and clip.fingerprint != p["clip_fingerprint"]:
                 raise DiscoverError(f"--labels {self.dir}: the CLIP {p['clip']} changed since the dissection")
-            probe = record.load_probe(p["probe"], skip_bad=bool(p.get("skip_bad")))
+            probe = probes.load_probe(p["probe"], skip_bad=bool(p.get("skip_bad")))
             self._P = clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(p["concepts"]), progress=False)
         return self._P
 
@@ -511,10 +511,10 @@ class LabelsRun:
     def certainty(self) -> dict[str, dict[str, float]]:
         """:func:`winner_certainty` of the model on the labels' probe (computed once)."""
         if self._certainty is None:
-            import record
+            import probes
 
             model, meta = self.model()
-            probe = record.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
+            probe = probes.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
             self._certainty = winner_certainty(model, meta, probe)
         return self._certainty
 
@@ -540,8 +540,9 @@ class LabelsRun:
 
     def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         import record
+        import probes
         model, meta = self.model()
-        probe = record.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
+        probe = probes.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
         if probe.fingerprint != self.prov.get("probe_fingerprint"):
             raise DiscoverError(f"--labels {self.dir}: the probe {self.prov['probe']} changed since the dissection")
         summary = self.labels["layers"][layer].get("summary") or self.prov.get("summary") or "auto"

@@ -14,7 +14,7 @@ Usage::
 
 From Python::
 
-    model, meta = record.load_model("runs/cvn8")
+    model, meta = models.load_model("runs/cvn8")
     labels = dissect.read_labels("dissect_out")
     res = explain.explain_image(model, meta, labels, None, "world:2:17", samples=16, mode="sample", seed=0)
     res["neurons"][0]          # {"unit", "block", "competitor", "concept", "score", "activation", "win_rate", ...}
@@ -48,7 +48,7 @@ def load_image(image: Any, size: int, interpolation: str = "bilinear") -> tuple[
     """``(uint8 size x size x 3, name)`` of an image file, a ``world:SEED:INDEX`` reference, a PIL
     image or an ``H x W x 3`` uint8 array, preprocessed as ``record.py`` preprocesses probe images
     (world images rendered at ``size``; files: shorter side to ``size``, centre crop)."""
-    import record
+    import probes
 
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -74,12 +74,12 @@ def load_image(image: Any, size: int, interpolation: str = "bilinear") -> tuple[
         raise DiscoverError(f"IMG {name}: no such file (give an image file or world:SEED:INDEX)")
     if not path.is_file():
         raise DiscoverError(f"IMG {name}: not a file (give an image file or world:SEED:INDEX)")
-    if path.suffix.lower() not in record.IMAGE_EXTS:
-        raise DiscoverError(f"IMG {name}: not an image file name ({', '.join(e[1:] for e in record.IMAGE_EXTS)})")
-    why = record.check_image(path)
+    if path.suffix.lower() not in probes.IMAGE_EXTS:
+        raise DiscoverError(f"IMG {name}: not an image file name ({', '.join(e[1:] for e in probes.IMAGE_EXTS)})")
+    why = probes.check_image(path)
     if why:
         raise DiscoverError(f"IMG {name}: not a readable image ({why})")
-    probe = record.Probe(spec=name, names=[path.name], fingerprint="", root=path.parent)
+    probe = probes.Probe(spec=name, names=[path.name], fingerprint="", root=path.parent)
     return probe.images(0, 1, size, interpolation)[0], name
 
 
@@ -107,13 +107,13 @@ def _resample(interpolation: str):
 
 def check_labels(model: nn.Module, labels: dict[str, Any], where: str = "--labels") -> None:
     """A :class:`DiscoverError` unless ``labels`` were computed for exactly this model."""
-    import record
+    import models
 
     prov = labels.get("provenance") or {}
     want = prov.get("model_hash")
     if not want:
         raise DiscoverError(f"{where}: labels.json has no provenance model_hash (not a dissection?)")
-    if want != record.model_hash(model):
+    if want != models.model_hash(model):
         raise DiscoverError(f"{where}: these labels come from another model ({prov.get('model')}, "
                             f"hash {want[:12]}); dissect this model first or pass the matching --model")
 
@@ -232,6 +232,7 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     Returns a JSON-ready dict.
     """
     import record
+    import models
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise DiscoverError(f"--samples must be at least 1, got {samples}")
@@ -246,8 +247,8 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     linfo = labels["layers"][layer]
     summary = linfo.get("summary") or labels["provenance"].get("summary") or "auto"
     pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
-    device = record.device_of(model)
-    x = record.to_input(pixels[None], meta, device)
+    device = models.device_of(model)
+    x = models.to_input(pixels[None], meta, device)
 
     stochastic = mode == "sample" and bool(lwta.lwta_modules(model))
     n_draws = samples if stochastic else 1  # argmax / no LWTA: every draw is the same
@@ -395,14 +396,15 @@ def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], imag
 
     import maps
     import record
+    import models
     from common import atomic_path
 
     module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
     pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
-    device = record.device_of(model)
+    device = models.device_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        m = maps.layer_maps(model, module, record.to_input(pixels[None], meta, device))
+        m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(name)).name.replace(":", "-"))

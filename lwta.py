@@ -158,9 +158,9 @@ class LWTABase(nn.Module):
 
     def _compete(self, h: torch.Tensor, n_examples: int, winners_shape: tuple[int, ...]) -> torch.Tensor:
         """compete() on the (G, U, S) view ``h``; keeps the KL per example and the winners
-        (reshaped to ``winners_shape``) of this forward. They go straight into the instance
-        dict: nn.Module.__setattr__ first looks for parameters, buffers and submodules of that
-        name, 7 us per assignment, a quarter of a small layer's call."""
+        (reshaped to ``winners_shape``) of this forward, written straight into the instance dict
+        (past nn.Module.__setattr__'s lookup of parameters, buffers and submodules; see
+        docs/performance.md)."""
         want_kl = self.training and self.track_kl
         y, idx, kl = compete(h, tau=self.tau, training=self.training, mode=self.mode, want_kl=want_kl)
         state = self.__dict__

@@ -29,7 +29,7 @@ _TILE = 512  # blocks per tile: U x 512 float32 stays in a core's L2 cache
 def _load_tile(x, b0, n, t, c):  # pragma: no cover - compiled
     """t[c, u, j] = x[b0 + j, u] for j < n, 0 beyond (a (B, U) slab transposed into tile c).
     For U a multiple of 8, in 8 x 8 blocks of constant size, which LLVM turns into vector loads
-    and shuffles (2-2.5x faster than element by element, measured for U = 8 and 16)."""
+    and shuffles (docs/performance.md)."""
     U = x.shape[1]
     j8 = n - n % 8 if U % 8 == 0 else 0
     for j0 in range(0, j8, 8):
@@ -68,8 +68,8 @@ def _eval_tile(h, g0, g1, seed, key0, sample, out, w):  # pragma: no cover - com
     all-NaN block) (Eq. 1-2); out = the winner's h, others 0. Every loop runs along s (SIMD
     lanes), none branches on the data; the arrays are indexed, never sliced (through views LLVM
     vectorised none of the loops). The winners are kept in an int32 tile ``wt`` and copied into
-    ``w`` (uint8 or int64) at the end: selects and compares on mixed-width lanes did not
-    vectorise (argmax of a (512, 2, 1024) map 4.3 -> 0.5 ms on one core). For U = 2 the inverse
+    ``w`` (uint8 or int64) at the end: selects and compares on mixed-width lanes do not
+    vectorise. For U = 2 the inverse
     CDF is one comparison: winner 1 iff V >= pi_0 = 1 / (1 + exp(h_1 - h_0)) (one exp per block,
     no argmax pass)."""
     _, U, S = h.shape

@@ -135,14 +135,15 @@ def probe_localisation(model: nn.Module, meta: dict[str, Any], layer: str, image
     activation map, or of its pi map for an LWTA layer) and, for an LWTA layer, ``iou_win``
     (where it won, drawn with ``seed``); the share of units with IoU >= 0.04 for each."""
     import record
+    import models
 
     module = record.resolve_layers(model, [layer])[layer]
-    device = record.device_of(model)
+    device = models.device_of(model)
     parts: dict[str, list[np.ndarray]] = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(images), batch_size):
-            x = record.to_input(images[start:start + batch_size], meta, device)
+            x = models.to_input(images[start:start + batch_size], meta, device)
             for key, value in layer_maps(model, module, x).items():
                 parts.setdefault(key, []).append(value)
     maps = {k: np.concatenate(v) for k, v in parts.items()}

@@ -119,12 +119,12 @@ class Thumbnails:
         self.written: set[str] = set()
 
     def probe(self, labels: dict[str, Any]) -> Any:
-        import record
+        import probes
 
         prov = labels["provenance"]
         key = prov["probe_fingerprint"]
         if key not in self.probes:
-            probe = record.load_probe(prov["probe"], skip_bad=bool(prov.get("skip_bad")))
+            probe = probes.load_probe(prov["probe"], skip_bad=bool(prov.get("skip_bad")))
             if probe.fingerprint != key:
                 raise DiscoverError(f"report: probe {prov['probe']} changed since the dissection "
                                     "(its fingerprint differs); dissect again to get its galleries")

@@ -38,6 +38,8 @@ import evaluate
 import explain
 import lwta
 import record
+import models
+import probes
 import world
 
 SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
@@ -50,9 +52,9 @@ def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, all
     return [r["description"] for r in dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)]
 
 
-def _explanations(model: Any, meta: dict[str, Any], layer: str, probe: record.Probe, n: int) -> list[dict[str, Any]]:
+def _explanations(model: Any, meta: dict[str, Any], layer: str, probe: probes.Probe, n: int) -> list[dict[str, Any]]:
     """The winners of ``layer`` for the first ``n`` probe images (labels filled in later)."""
-    stub = {"provenance": {"model_hash": record.model_hash(model), "summary": "auto"},
+    stub = {"provenance": {"model_hash": models.model_hash(model), "summary": "auto"},
             "layers": {layer: {"summary": "auto"}}, "neurons": []}
     return [explain.explain_image(model, meta, stub, layer, f"world:{probe.world_seed}:{i}", samples=4)
             for i in range(min(n, probe.n))]
@@ -70,20 +72,20 @@ def run(models: dict[str, str], probes: list[str], concept_sets: list[str], sign
     by_name = {m.name: m for m in demo.demo_models()}
     rows = []
     for probe_spec in probes:
-        probe = record.load_probe(probe_spec)
+        probe = probes.load_probe(probe_spec)
         values, Y, _ = evaluate.world_attributes(probe_spec)
         _, attrs = world.render_batch(probe.world_seed, 0, min(n_explain, probe.n), size=16)
         Ps = {c: clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(c), progress=False)
               for c in concept_sets}
         for name, spec in models.items():
-            model, meta = record.load_model(spec)
+            model, meta = models.load_model(spec)
             hidden, output = by_name[name].layers if name in by_name else (
                 list(lwta.lwta_modules(model))[-1], dissect.output_layer(model))
             competitive = bool(lwta.lwta_modules(model))
             exs = _explanations(model, meta, hidden, probe, n_explain) if n_explain else []
             for signal in (signals if competitive else ["output"]):
                 sig = signal if competitive else "pi"  # a plain layer records its output whatever is asked
-                cache = record.activation_cache(record.model_hash(model), probe, signal=sig, mode="sample", seed=0)
+                cache = record.activation_cache(models.model_hash(model), probe, signal=sig, mode="sample", seed=0)
                 paths = record.record_layers(model, meta, [hidden, output], probe, cache, signal=sig, progress=False)
                 Ah, _ = record.read_activations(paths[hidden])
                 Ao, _ = record.read_activations(paths[output])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import clip_backend
-import record
+import probes
 import world
 import world_clip
 from common import DiscoverError
@@ -128,7 +128,7 @@ def test_image_embeddings_are_normalised_and_match_a_manual_encode(clip) -> None
         assert torch.allclose(x, world_clip.to_input(images), atol=1e-6)
     np.testing.assert_allclose(emb, manual, atol=1e-5)
     # a probe embeds its own images, at any batch size
-    probe = record.load_probe("world:6:5")
+    probe = probes.load_probe("world:6:5")
     np.testing.assert_allclose(clip_backend.embed_images(clip, probe, batch_size=5), manual, atol=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_text_embeddings_and_the_p_matrix(clip) -> None:
     with torch.no_grad():
         manual = F.normalize(clip.model.encode_text(clip.tokenizer(concepts)), dim=-1).numpy()
     np.testing.assert_allclose(text, manual, atol=1e-5)
-    probe = record.load_probe("world:4:5")
+    probe = probes.load_probe("world:4:5")
     P = clip_backend.similarity_matrix(clip, probe, concepts)
     assert P.shape == (4, 3) and P.dtype == np.float32
     np.testing.assert_allclose(P, clip_backend.embed_images(clip, probe) @ text.T, atol=1e-6)
@@ -148,12 +148,12 @@ def test_text_embeddings_and_the_p_matrix(clip) -> None:
 def test_cache_is_reused_and_keyed_by_content(ckpts, clip, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("DISCOVER_CACHE", str(tmp_path / "cache"))
     calls = _count_calls(monkeypatch, clip.model, "encode_image")
-    probe = record.load_probe("world:3:9")
+    probe = probes.load_probe("world:3:9")
     first = clip_backend.embed_images(clip, probe)
     assert calls[0] == 1 and len(list((tmp_path / "cache" / "clip").glob("*.npy"))) == 1
     np.testing.assert_array_equal(clip_backend.embed_images(clip, probe), first)
     assert calls[0] == 1  # a cache hit never runs the model
-    clip_backend.embed_images(clip, record.load_probe("world:3:10"))
+    clip_backend.embed_images(clip, probes.load_probe("world:3:10"))
     assert calls[0] == 2  # another probe
     images = [probe.get_image(i) for i in range(3)]
     clip_backend.embed_images(clip, images)

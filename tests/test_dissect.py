@@ -267,7 +267,7 @@ def test_random_cutoff_is_the_quantile_of_the_best_scores() -> None:
 
 
 def test_random_copy_is_an_untrained_seeded_twin_of_the_architecture() -> None:
-    import record
+    import models
 
     torch.manual_seed(5)
     model = lwta.build("resnet18_world", U=2, num_classes=64)
@@ -276,15 +276,15 @@ def test_random_copy_is_an_untrained_seeded_twin_of_the_architecture() -> None:
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.fill_(3.0)
                 m.running_var.fill_(7.0)
-    a, b = record.random_copy(model), record.random_copy(model)
+    a, b = models.random_copy(model), models.random_copy(model)
     assert [n for n, _ in a.named_modules()] == [n for n, _ in model.named_modules()]
-    assert record.model_hash(a) == record.model_hash(b) != record.model_hash(model)
-    assert record.model_hash(record.random_copy(model, seed=1)) != record.model_hash(a)
+    assert models.model_hash(a) == models.model_hash(b) != models.model_hash(model)
+    assert models.model_hash(models.random_copy(model, seed=1)) != models.model_hash(a)
     bn = next(m for m in a.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert float(bn.running_mean.abs().max()) == 0 and float((bn.running_var - 1).abs().max()) == 0
     assert not a.training and model.conv1.weight.data_ptr() != a.conv1.weight.data_ptr()
     vit = lwta.build("deit_world", U=8, num_classes=64)
     with torch.no_grad():
         vit.cls_token.fill_(1.0)
-    r = record.random_copy(vit)
+    r = models.random_copy(vit)
     assert 0 < float(r.cls_token.abs().max()) <= 0.04 and float(r.cls_token.std()) > 0.005

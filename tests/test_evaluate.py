@@ -59,8 +59,8 @@ def write_run(root: Path, name: str, layers: dict[str, tuple[np.ndarray, list[st
 
     out = root / name
     out.mkdir()
-    import record
-    fp = record.load_probe(probe).fingerprint
+    import probes
+    fp = probes.load_probe(probe).fingerprint
     info, neurons = {}, []
     for layer, (A, labels, competitive) in layers.items():
         path = out / f"{layer}.safetensors"
@@ -74,7 +74,7 @@ def write_run(root: Path, name: str, layers: dict[str, tuple[np.ndarray, list[st
             neurons.append({"layer": layer, "unit": k, "description": lab, "dead": dead,
                             "similarity": float("nan") if dead else 0.1 + 0.1 * k})
     prov = {"model": model, "model_hash": model_hash, "classes": classes, "probe": probe,
-            "probe_fingerprint": fp, "probe_n": record.load_probe(probe).n, "clip": clip,
+            "probe_fingerprint": fp, "probe_n": probes.load_probe(probe).n, "clip": clip,
             "clip_fingerprint": None, "similarity": "soft_wpmi", "cutoff": 0.25, "mode": "argmax", "seed": 0}
     (out / "labels.json").write_text(json.dumps({"provenance": prov, "layers": info, "neurons": neurons}))
     return out
@@ -179,16 +179,18 @@ def test_comparison_rows_and_model_checks(tmp_path: Path) -> None:
 def test_missing_activations_are_recorded_again(tmp_path: Path) -> None:
     import lwta
     import record
+    import models
+    import probes
 
     model = lwta.build("deit_world", U=4, num_classes=64)
     lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
-    model, meta = record.load_model(str(tmp_path / "run"))
+    model, meta = models.load_model(str(tmp_path / "run"))
     layer = "blocks.1.mlp.act"
-    ref = record.record_layers(model, meta, [layer], record.load_probe("world:64"), tmp_path / "ref",
+    ref = record.record_layers(model, meta, [layer], probes.load_probe("world:64"), tmp_path / "ref",
                                mode="argmax", signal="argmax", progress=False)  # the winners' (signed) outputs
     A, _ = record.read_activations(ref[layer])
     run = write_run(tmp_path, "cvn", {layer: (A, ["red"] * A.shape[1], True)}, model=str(tmp_path / "run"),
-                    model_hash=record.model_hash(model))
+                    model_hash=models.model_hash(model))
     (run / f"{layer}.safetensors").unlink()
     (row,) = evaluate.evaluate([str(run)])["runs"]
     assert row["active_per_example"] == 96.0  # 384 units in blocks of 4: one winner per block

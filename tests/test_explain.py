@@ -22,7 +22,8 @@ from PIL import Image
 
 import explain
 import lwta
-import record
+import models
+import probes
 from common import DiscoverError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def labels_for(model: nn.Module, layers=("act", "head")) -> dict:
                for k in range(4)]
     neurons += [{"layer": "head", "unit": k, "description": c, "similarity": 0.9, "dead": False}
                 for k, c in enumerate(META["classes"])]
-    return {"provenance": {"model": "tiny", "model_hash": record.model_hash(model), "classes": META["classes"],
+    return {"provenance": {"model": "tiny", "model_hash": models.model_hash(model), "classes": META["classes"],
                            "summary": "auto", "cutoff": 0.16},
             "layers": {name: {"K": 4 if name == "act" else 3, "summary": "auto"} for name in layers},
             "neurons": neurons}
@@ -146,11 +147,11 @@ def deit(tmp_path_factory):
     torch.manual_seed(0)
     model = lwta.build("deit_world", U=4, num_classes=64)
     lwta.save(model, tmp / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
-    model, meta = record.load_model(str(tmp / "run"))
+    model, meta = models.load_model(str(tmp / "run"))
     layer = "blocks.3.mlp.act"
     neurons = [{"layer": layer, "unit": k, "description": f"concept {k}", "similarity": 0.2, "dead": False,
                 "interpretable": True} for k in range(384)]
-    good = {"provenance": {"model": str(tmp / "run"), "model_hash": record.model_hash(model)},
+    good = {"provenance": {"model": str(tmp / "run"), "model_hash": models.model_hash(model)},
             "layers": {layer: {"K": 384, "U": 4, "summary": "auto"}}, "neurons": neurons}
     for name, lab in (("labels", good), ("other", {**good, "provenance": {"model_hash": "0" * 64}})):
         (tmp / name).mkdir()
@@ -176,7 +177,7 @@ def test_cli_explains_the_class_token_winners(deit) -> None:
     lwta.set_mode(model, "argmax")
     for i, res in enumerate(results):
         with torch.no_grad():
-            model(record.to_input(explain.load_image(f"world:2:{i}", 64)[0][None], meta, torch.device("cpu")))
+            model(models.to_input(explain.load_image(f"world:2:{i}", 64)[0][None], meta, torch.device("cpu")))
         cls = seen["cls"].numpy()
         expected = np.flatnonzero(cls)
         assert len(expected) == 96  # one winner per block of 4
@@ -253,7 +254,7 @@ def test_one_rule_for_image_files(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4, 3), 200, np.uint8)).save(folder / "a.gif")
     Image.fromarray(np.full((4, 4, 3), 100, np.uint8)).save(folder / "b.png")
     (folder / "notes.txt").write_text("x")
-    assert record.load_probe(str(folder)).names == ["a.gif", "b.png"]
+    assert probes.load_probe(str(folder)).names == ["a.gif", "b.png"]
     pixels, _ = explain.load_image(folder / "a.gif", 2)
     assert pixels.shape == (2, 2, 3)
     with pytest.raises(DiscoverError, match="not an image file name"):

@@ -14,6 +14,8 @@ from PIL import Image
 
 import lwta
 import record
+import models
+import probes
 from common import DiscoverError
 
 N_IMAGES = 12
@@ -37,7 +39,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 def _save_run(path: Path, model: nn.Module, arch: str, **meta) -> Path:
     lwta.save(model, path, {"arch": arch, "num_classes": 10, "img_size": 64, "classes": list("abcdefghij"),
-                            "mean": list(record.IMAGENET_MEAN), "std": list(record.IMAGENET_STD), **meta})
+                            "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD), **meta})
     return path
 
 
@@ -61,15 +63,15 @@ def _record(model, meta, layers, probe, out, **kw) -> tuple[dict[str, np.ndarray
     return {k: record.read_activations(p)[0] for k, p in paths.items()}, logs
 
 
-def _input(probe: record.Probe, meta: dict) -> torch.Tensor:
-    return record.to_input(probe.images(0, probe.n, meta["img_size"]), meta, torch.device("cpu"))
+def _input(probe: probes.Probe, meta: dict) -> torch.Tensor:
+    return models.to_input(probe.images(0, probe.n, meta["img_size"]), meta, torch.device("cpu"))
 
 
 # --- hooked layers against forwards run by hand ---------------------------------------------------
 
 def test_deit_mlp_activation_matches_a_hand_run_forward(deit_run, image_dir, tmp_path) -> None:
-    model, meta = record.load_model(str(deit_run))
-    probe = record.load_probe(str(image_dir))
+    model, meta = models.load_model(str(deit_run))
+    probe = probes.load_probe(str(image_dir))
     k, U = 3, 4
     acts, _ = _record(model, meta, [f"blocks.{k}.mlp.act", "head"], probe, tmp_path, mode="argmax", batch_size=5,
                       signal="sample")
@@ -89,8 +91,8 @@ def test_deit_mlp_activation_matches_a_hand_run_forward(deit_run, image_dir, tmp
 
 
 def test_resnet_block_activation_matches_a_hand_run_forward(resnet_run, image_dir, tmp_path) -> None:
-    model, meta = record.load_model(str(resnet_run))
-    probe = record.load_probe(str(image_dir))
+    model, meta = models.load_model(str(resnet_run))
+    probe = probes.load_probe(str(image_dir))
     acts, _ = _record(model, meta, ["layer3.0.act2", "fc", "layer2"], probe, tmp_path, summary="auto", batch_size=8)
     maxed, _ = _record(model, meta, ["layer3.0.act2"], probe, tmp_path / "max", summary="max")
     with torch.no_grad():
@@ -107,7 +109,7 @@ def test_resnet_block_activation_matches_a_hand_run_forward(resnet_run, image_di
 
 
 def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
-    probe = record.load_probe(str(image_dir))
+    probe = probes.load_probe(str(image_dir))
     wide = probe.names.index("img03.png")  # 80 x 48: centre 48 x 48, resized to 32
     img = probe.get_image(wide)
     assert img.size == (80, 48) and img.mode == "RGB"
@@ -115,7 +117,7 @@ def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
     assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
     assert np.array_equal(arr, np.asarray(img.resize((32, 32), Image.BILINEAR, box=(16, 0, 64, 48))))
     meta = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.5]}
-    x = record.to_input(arr[None], meta, torch.device("cpu"))
+    x = models.to_input(arr[None], meta, torch.device("cpu"))
     assert x.shape == (1, 3, 32, 32)
     assert x[0, 2, 5, 7].item() == pytest.approx((arr[5, 7, 2] / 255 - 0.3) / 0.5, abs=1e-6)
 
@@ -126,8 +128,8 @@ def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
 def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> None:
     torch.manual_seed(1)
     model = lwta.build("deit_world", U=U, num_classes=10).eval()
-    meta = {"img_size": 64, "mean": list(record.IMAGENET_MEAN), "std": list(record.IMAGENET_STD)}
-    probe = record.load_probe(str(image_dir))
+    meta = {"img_size": 64, "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)}
+    probe = probes.load_probe(str(image_dir))
     last = len(model.blocks) - 1
     acts, _ = _record(model, meta, ["blocks.1.mlp.act", f"blocks.{last}.mlp.act"], probe, tmp_path, signal="sample")
     for a in acts.values():
@@ -139,14 +141,14 @@ def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> No
 def test_lwta_conv_spatial_mean_is_not_sparse(image_dir, tmp_path) -> None:
     torch.manual_seed(0)
     model = lwta.build("resnet18_world", U=2, num_classes=10).eval()
-    meta = {"img_size": 64, "mean": list(record.IMAGENET_MEAN), "std": list(record.IMAGENET_STD)}
-    acts, _ = _record(model, meta, ["layer1.0.act1"], record.load_probe(str(image_dir)), tmp_path, signal="sample")
+    meta = {"img_size": 64, "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)}
+    acts, _ = _record(model, meta, ["layer1.0.act1"], probes.load_probe(str(image_dir)), tmp_path, signal="sample")
     assert (acts["layer1.0.act1"] != 0).mean() > 0.9  # every position has its own winner
 
 
 def test_sample_mode_is_seeded_and_independent_of_the_other_layers(deit_run, image_dir, tmp_path) -> None:
-    model, meta = record.load_model(str(deit_run))
-    probe = record.load_probe(str(image_dir))
+    model, meta = models.load_model(str(deit_run))
+    probe = probes.load_probe(str(image_dir))
     kw = {"batch_size": 5, "signal": "sample"}
     a, _ = _record(model, meta, ["blocks.1.mlp.act"], probe, tmp_path / "a", seed=3, **kw)
     b, _ = _record(model, meta, ["blocks.1.mlp.act", "blocks.3.mlp.act"], probe, tmp_path / "b", seed=3, **kw)
@@ -215,8 +217,8 @@ def test_win_rate_of_a_2x2_conv_map(tmp_path) -> None:
 
 
 def test_signals_are_recorded_with_their_winners_and_never_share_a_cache_entry(deit_run, image_dir, tmp_path) -> None:
-    model, meta = record.load_model(str(deit_run))
-    probe = record.load_probe(str(image_dir))
+    model, meta = models.load_model(str(deit_run))
+    probe = probes.load_probe(str(image_dir))
     layer, U = "blocks.3.mlp.act", 4
     got, infos, wins = {}, {}, {}
     for sig in ("pi", "expected", "sample", "argmax"):
@@ -244,8 +246,8 @@ def test_signals_are_recorded_with_their_winners_and_never_share_a_cache_entry(d
 
 def test_cache_is_reused_and_invalidated(resnet_run, tmp_path) -> None:
     folder = _images(tmp_path / "imgs", n=6)
-    model, meta = record.load_model(str(resnet_run))
-    probe = record.load_probe(str(folder))
+    model, meta = models.load_model(str(resnet_run))
+    probe = probes.load_probe(str(folder))
     out = tmp_path / "acts"
     first, logs = _record(model, meta, ["layer4.0.act2", "fc"], probe, out)
     assert logs == ["layer4.0.act2: recorded", "fc: recorded"]
@@ -259,13 +261,13 @@ def test_cache_is_reused_and_invalidated(resnet_run, tmp_path) -> None:
     with torch.no_grad():
         model.fc.bias += 1.0
     _save_run(tmp_path / "run2", model, "resnet18_world", act="relu")
-    model2, meta2 = record.load_model(str(tmp_path / "run2"))
+    model2, meta2 = models.load_model(str(tmp_path / "run2"))
     changed, logs = _record(model2, meta2, ["fc"], probe, out)
     assert logs == ["fc: recorded"]
     np.testing.assert_allclose(changed["fc"], first["fc"] + 1.0, atol=1e-5)
     # a changed probe (one more image): recomputed; the record lists the images
     Image.new("RGB", (64, 64), (9, 9, 9)).save(folder / "zz.png")
-    bigger = record.load_probe(str(folder))
+    bigger = probes.load_probe(str(folder))
     assert bigger.fingerprint != probe.fingerprint
     acts, logs = _record(model2, meta2, ["fc"], bigger, out)
     assert logs == ["fc: recorded"] and acts["fc"].shape == (7, 10)
@@ -281,15 +283,15 @@ def test_cvn_and_twin_never_share_an_entry() -> None:
     cvn = lwta.build("deit_world", U=4, num_classes=10)
     twin = lwta.build("deit_world", act="gelu", num_classes=10)
     twin.load_state_dict(cvn.state_dict())
-    assert record.model_hash(cvn) != record.model_hash(twin)
-    assert record.model_hash(cvn) == record.model_hash(cvn)
+    assert models.model_hash(cvn) != models.model_hash(twin)
+    assert models.model_hash(cvn) == models.model_hash(cvn)
 
 
 def test_activation_file_is_plain_safetensors(deit_run, image_dir, tmp_path) -> None:
     from safetensors.numpy import load_file
 
-    model, meta = record.load_model(str(deit_run))
-    paths = record.record_layers(model, meta, ["blocks.0.mlp.fc2"], record.load_probe(str(image_dir)),
+    model, meta = models.load_model(str(deit_run))
+    paths = record.record_layers(model, meta, ["blocks.0.mlp.fc2"], probes.load_probe(str(image_dir)),
                                  tmp_path, summary="mean", progress=False)
     a, info = record.read_activations(paths["blocks.0.mlp.fc2"])
     assert np.array_equal(load_file(str(paths["blocks.0.mlp.fc2"]))["activations"], a)
@@ -301,14 +303,14 @@ def test_activation_file_is_plain_safetensors(deit_run, image_dir, tmp_path) -> 
 # --- model specs ----------------------------------------------------------------------------------
 
 def test_pth_with_module_prefix_loads(deit_run, tmp_path) -> None:
-    model, _ = record.load_model(str(deit_run))
+    model, _ = models.load_model(str(deit_run))
     path = tmp_path / "ddp.pth"
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, path)
-    loaded, meta = record.load_model(str(path), arch="deit_world", U=4)  # head width read from the file
+    loaded, meta = models.load_model(str(path), arch="deit_world", U=4)  # head width read from the file
     assert meta["num_classes"] == 10 and meta["U"] == 4 and meta["img_size"] == 64
-    assert record.model_hash(loaded) == record.model_hash(model)
+    assert models.model_hash(loaded) == models.model_hash(model)
     with pytest.raises(DiscoverError, match="needs its architecture"):
-        record.load_model(str(path))
+        models.load_model(str(path))
 
 
 def test_timm_and_torchvision_specs(tmp_path, monkeypatch) -> None:
@@ -317,30 +319,30 @@ def test_timm_and_torchvision_specs(tmp_path, monkeypatch) -> None:
 
     vit = timm.create_model("test_vit", num_classes=5)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
-    model, meta = record.load_model(f"timm:test_vit:{tmp_path / 'vit.pth'}")
+    model, meta = models.load_model(f"timm:test_vit:{tmp_path / 'vit.pth'}")
     assert meta["img_size"] == 160 and meta["mean"] == [0.5, 0.5, 0.5] and meta["num_classes"] == 5
-    assert record.model_hash(model) == record.model_hash(vit)
+    assert models.model_hash(model) == models.model_hash(vit)
     net = torchvision.models.get_model("mobilenet_v3_small", num_classes=7)
     torch.save(net.state_dict(), tmp_path / "mnv3.pth")
-    model, meta = record.load_model(f"torchvision:mobilenet_v3_small:{tmp_path / 'mnv3.pth'}")
+    model, meta = models.load_model(f"torchvision:mobilenet_v3_small:{tmp_path / 'mnv3.pth'}")
     assert meta["img_size"] == 224 and meta["num_classes"] == 7
     # offline: one-line errors, no download attempt
-    monkeypatch.setattr(record, "reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(DiscoverError, match="torch hub cache"):
-        record.load_model("torchvision:mobilenet_v3_small:IMAGENET1K_V1")
+        models.load_model("torchvision:mobilenet_v3_small:IMAGENET1K_V1")
     with pytest.raises(DiscoverError, match="pretrained weights"):
-        record.load_model("timm:test_vit:pretrained")
+        models.load_model("timm:test_vit:pretrained")
     with pytest.raises(DiscoverError, match="close names: test_vit"):
-        record.load_model("timm:test_vitt")
+        models.load_model("timm:test_vitt")
     with pytest.raises(DiscoverError, match="no such run directory"):
-        record.load_model(str(tmp_path / "nothing"))
+        models.load_model(str(tmp_path / "nothing"))
 
 
 # --- layers ---------------------------------------------------------------------------------------
 
 def test_unknown_layer_lists_close_names(deit_run) -> None:
-    model, _ = record.load_model(str(deit_run))
+    model, _ = models.load_model(str(deit_run))
     with pytest.raises(DiscoverError, match=r"unknown layer 'blocks\.2\.mlp\.actt'; close names: blocks\.2\.mlp\.act"):
         record.resolve_layers(model, ["blocks.2.mlp.actt"])
     assert list(record.resolve_layers(model, ["lwta"])) == [f"blocks.{i}.mlp.act" for i in range(len(model.blocks))]
@@ -356,7 +358,7 @@ def test_shared_module_and_bad_summary_are_errors(image_dir, tmp_path) -> None:
             return self.fc(self.relu(self.relu(self.conv(x))).mean((2, 3)))
 
     meta = {"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
-    probe = record.load_probe(str(image_dir))
+    probe = probes.load_probe(str(image_dir))
     with pytest.raises(DiscoverError, match="layer relu runs 2 times per forward"):
         record.record_layers(Shared(), meta, ["relu"], probe, tmp_path, progress=False)
     with pytest.raises(DiscoverError, match="does not apply"):
@@ -372,49 +374,49 @@ def test_folder_probe_names_and_fingerprint(tmp_path) -> None:
     folder = _images(tmp_path / "p", n=5)
     (folder / ".hidden.png").write_bytes((folder / "img01.jpg").read_bytes())
     (folder / "notes.txt").write_text("not an image")
-    probe = record.load_probe(str(folder))
+    probe = probes.load_probe(str(folder))
     assert probe.names == ["img01.jpg", "img02.png", "img03.png", "img04.png", "sub/img00.png"]
     assert probe.n == 5 and probe.get_image(4).size == (80, 48)
-    assert record.load_probe(str(folder)).fingerprint == probe.fingerprint
+    assert probes.load_probe(str(folder)).fingerprint == probe.fingerprint
     os.utime(folder / "img02.png", ns=(1, 1))
-    assert record.load_probe(str(folder)).fingerprint != probe.fingerprint
+    assert probes.load_probe(str(folder)).fingerprint != probe.fingerprint
 
 
 def test_empty_and_corrupt_probes(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiscoverError, match="no images"):
-        record.load_probe(str(tmp_path / "empty"))
+        probes.load_probe(str(tmp_path / "empty"))
     with pytest.raises(DiscoverError, match="no such folder"):
-        record.load_probe(str(tmp_path / "missing"))
+        probes.load_probe(str(tmp_path / "missing"))
     folder = _images(tmp_path / "bad", n=4)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     data = (folder / "img01.jpg").read_bytes()
     (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG: header fine
     with pytest.raises(DiscoverError, match=r"corrupt image broken\.png .*\(and 1 more\); pass --skip-bad"):
-        record.load_probe(str(folder))
-    probe = record.load_probe(str(folder), skip_bad=True)
+        probes.load_probe(str(folder))
+    probe = probes.load_probe(str(folder), skip_bad=True)
     assert probe.skipped == ["broken.png", "cut.jpg"] and probe.n == 4
     (tmp_path / "only").mkdir()
     (tmp_path / "only" / "x.jpg").write_bytes(b"nope")
     with pytest.raises(DiscoverError, match="none of its 1 images"):
-        record.load_probe(str(tmp_path / "only"), skip_bad=True)
+        probes.load_probe(str(tmp_path / "only"), skip_bad=True)
 
 
 def test_world_probe(tmp_path, deit_run) -> None:
     world = pytest.importorskip("world")
-    probe = record.load_probe("world:16")
+    probe = probes.load_probe("world:16")
     assert probe.n == 16 and probe.names[3] == "world:2:3"
-    assert record.load_probe("world:16:5").fingerprint != probe.fingerprint
+    assert probes.load_probe("world:16:5").fingerprint != probe.fingerprint
     batch = np.concatenate(list(probe.batches(6, 64)))
     assert batch.shape == (16, 64, 64, 3) and batch.dtype == np.uint8
     assert np.array_equal(batch, world.render_batch(2, 0, 16, size=64)[0])
     assert np.array_equal(np.asarray(probe.get_image(5)), batch[5])  # image i does not depend on its batch
-    model, meta = record.load_model(str(deit_run))
+    model, meta = models.load_model(str(deit_run))
     acts, _ = _record(model, meta, ["blocks.1.mlp.act"], probe, tmp_path)
     assert acts["blocks.1.mlp.act"].shape == (16, model.blocks[1].mlp.fc1.out_features)
     for bad in ("world:x", "world:0", "world:1:2:3"):
         with pytest.raises(DiscoverError, match="world:"):
-            record.load_probe(bad)
+            probes.load_probe(bad)
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -468,8 +470,8 @@ def test_hub_models_without_weights_are_seeded_and_said_to_be_random(capsys) -> 
     torch.manual_seed(123)
     hashes = []
     for spec in ("timm:test_vit", "timm:test_vit", "torchvision:mobilenet_v3_small", "torchvision:mobilenet_v3_small"):
-        model, _ = record.load_model(spec)
-        hashes.append(record.model_hash(model))
+        model, _ = models.load_model(spec)
+        hashes.append(models.model_hash(model))
         assert "randomly initialised network (seed 0)" in capsys.readouterr().err
     assert hashes[0] == hashes[1] and hashes[2] == hashes[3] and hashes[0] != hashes[2]
     assert torch.equal(torch.rand(3), before)  # the loads drew nothing from the global generator
@@ -485,7 +487,7 @@ def test_timm_weights_in_a_foreign_layout_go_through_timms_filter(tmp_path) -> N
     big = timm.create_model("test_vit", img_size=224)
     state = big.state_dict()
     torch.save(state, tmp_path / "vit224.pth")
-    model, _ = record.load_model(f"timm:test_vit:{tmp_path / 'vit224.pth'}")
+    model, _ = models.load_model(f"timm:test_vit:{tmp_path / 'vit224.pth'}")
     small = timm.create_model("test_vit")
     assert model.pos_embed.shape == small.pos_embed.shape != big.pos_embed.shape
     npt = getattr(small, "num_prefix_tokens", 1)
@@ -495,4 +497,4 @@ def test_timm_weights_in_a_foreign_layout_go_through_timms_filter(tmp_path) -> N
     assert all(torch.equal(got[k], v) for k, v in state.items() if k != "pos_embed")
     torch.save({"nothing": torch.zeros(3)}, tmp_path / "junk.pth")
     with pytest.raises(DiscoverError, match="junk.pth"):
-        record.load_model(f"timm:test_vit:{tmp_path / 'junk.pth'}")
+        models.load_model(f"timm:test_vit:{tmp_path / 'junk.pth'}")

@@ -200,7 +200,7 @@ def _hashes(images: np.ndarray) -> set[bytes]:
 def test_fresh_epochs_never_share_an_image_nor_meet_the_other_splits() -> None:
     """FreshWorld: epoch e item i is image e*n + i of the train seed; the arrays themselves (hashed)
     are all distinct across two epochs and from the validation, probe, test and CLIP images."""
-    import record
+    import probes
     import world_clip
 
     n, size = 300, 64
@@ -214,7 +214,7 @@ def test_fresh_epochs_never_share_an_image_nor_meet_the_other_splits() -> None:
     assert len(epochs[0]) == len(epochs[1]) == n and not epochs[0] & epochs[1]
     train_h = epochs[0] | epochs[1]
     others = {name: _hashes(world.render_batch(seed, 0, n, size=size)[0])
-              for name, seed in [("val", train.WORLD_VAL_SEED), ("probe", record.WORLD_PROBE_SEED),
+              for name, seed in [("val", train.WORLD_VAL_SEED), ("probe", probes.WORLD_PROBE_SEED),
                                  ("test", train.WORLD_TEST_SEED), ("clip", world_clip.TRAIN_SEED),
                                  ("clip-eval", world_clip.EVAL_SEED)]}
     seen = {"train": train_h}
