@@ -186,8 +186,8 @@ def _line_progress_class() -> type:
             if not task.total:
                 return
             tenth = int(10 * task.completed / task.total)
-            last_tenth, last_time = self._logged.get(task_id, (0, time.monotonic()))
             now = time.monotonic()
+            last_tenth, last_time = self._logged.setdefault(task_id, (0, task.start_time or now))
             if tenth > last_tenth or now - last_time >= 60 or (task.completed >= task.total and last_tenth < 10):
                 eta = task.time_remaining
                 left = f", about {eta:.0f} s left" if eta is not None and task.completed < task.total else ""

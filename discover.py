@@ -563,7 +563,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
     results = [explain.explain_image(model, meta, labels, layer, img, samples, mode, seed, sort=sort) for img in images]
     if maps_dir:
         for img, res in zip(images, results):
-            res["maps"] = explain.write_maps(model, meta, res, img, maps_dir, n_units=max(top, 1), seed=seed)
+            res["maps"] = explain.write_maps(model, meta, res, img, maps_dir, n_units=max(top, 1), seed=seed, mode=mode)
     if as_json:
         click.echo(json.dumps(results, indent=2))  # a list, one entry per IMG
         return

@@ -471,16 +471,20 @@ class LabelsRun:
             self._P = clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(p["concepts"]), progress=False)
         return self._P
 
-    def simulation(self, layer: str, A: np.ndarray, neurons: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    def simulation(self, layer: str, A: np.ndarray, neurons: list[dict[str, Any]]) -> dict[str, Any]:
         """The layer's simulation scores (simulate.py): the dissection's own (``dissect --score``),
-        else computed here with the dissection's label rule on the labels' probe and concepts."""
+        else computed here with the dissection's label rule on the labels' probe and concepts.
+        ``label``: the label each neuron was scored with (chosen on the choosing half; "" if dead)."""
         import simulate
 
         live = [n for n in neurons if not n.get("dead")]
         if live and all(n.get("simulation") for n in live):
-            get = lambda key: np.array([(n.get("simulation") or {}).get(key) if not n.get("dead") else None  # noqa: E731
-                                        for n in neurons], dtype=np.float64)
-            return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p")}
+            def get(key: str) -> np.ndarray:
+                return np.array([(n.get("simulation") or {}).get(key) if not n.get("dead") else None
+                                 for n in neurons], dtype=np.float64)
+            return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p"),
+                    "label": [(n.get("simulation") or {}).get("label", "") for n in neurons]}
+        import concepts
         import dissect
 
         info, P = self.labels["layers"][layer], self.similarities()
@@ -488,8 +492,10 @@ class LabelsRun:
         threshold = self.prov.get("truth_threshold") if share else None
         sim = simulate.held_out_scores(A, P, lambda a, p: dissect.choose_labels(info["similarity"], a, p, threshold,
                                                                                share or 0.0))
+        words = concepts.load_concepts(self.prov["concepts"])
         dead = np.array([bool(n.get("dead")) for n in neurons])
-        return {key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p")}
+        return {**{key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p")},
+                "label": ["" if d else words[int(m)] for d, m in zip(dead, sim["label"])]}
 
     def localisation(self, layer: str, n: int) -> dict[str, Any] | None:
         """:func:`maps.probe_localisation` of ``layer`` on the first ``n`` images of the labels'
@@ -499,9 +505,10 @@ class LabelsRun:
 
         model, meta = self.model()
         seed, n = record_probe_seed(self.prov["probe"]), min(n, int(self.prov.get("probe_n", n)))
-        images, _ = world.render_batch(seed, 0, n)
+        size = int(meta["img_size"])  # the size the dissection rendered the probe at
+        images, _ = world.render_batch(seed, 0, n, size)
         try:
-            return maps.probe_localisation(model, meta, layer, images, world.render_masks(seed, 0, n),
+            return maps.probe_localisation(model, meta, layer, images, world.render_masks(seed, 0, n, size),
                                            seed=int(self.prov.get("seed", 0)))
         except DiscoverError as e:
             if "no spatial map" in str(e):
@@ -554,15 +561,21 @@ class LabelsRun:
         return record.read_activations(paths[layer])
 
 
-def simulation_figures(sim: dict[str, np.ndarray], top_images: dict[str, Any] | None) -> dict[str, Any]:
-    """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores; on the
-    world, how well the correlation tells right labels from wrong ones among the selective units
-    (``right_auroc``: AUROC of the correlation for "the label is right")."""
+def simulation_figures(sim: dict[str, Any], top_images: dict[str, Any] | None,
+                       labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores with the
+    label each was scored with; on the world, how well the correlation tells right labels from
+    wrong ones among the selective units whose held-out label is their label (``right_auroc``:
+    AUROC of the correlation for "the label is right")."""
     import simulate
 
-    out: dict[str, Any] = {**simulate.summary(sim), "per_neuron": {k: sim[k].tolist() for k in ("corr", "auprc", "p")},
+    out: dict[str, Any] = {**simulate.summary(sim),
+                           "per_neuron": {**{k: sim[k].tolist() for k in ("corr", "auprc", "p")},
+                                          "label": list(sim.get("label") or [])},
                            "right_auroc": None, "corr_right": None, "corr_wrong": None}
-    units = [u for u in (top_images or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])]
+    scored = sim.get("label")
+    units = [u for u in (top_images or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])
+             and (not scored or labels is None or scored[u["unit"]] == labels[u["unit"]])]
     right = [bool(u["right"]) for u in units]
     corr = [float(sim["corr"][u["unit"]]) for u in units]
     if any(right) and not all(right):
@@ -659,7 +672,7 @@ def evaluate_run(run: LabelsRun, clip_encoders: dict[str, tuple[Callable, str]],
                 row["notes"].append("the world generator's version changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
         try:
-            row["simulation"] = simulation_figures(run.simulation(layer, A, neurons), row.get("top_images"))
+            row["simulation"] = simulation_figures(run.simulation(layer, A, neurons), row.get("top_images"), labels)
         except DiscoverError as e:
             row["notes"].append(f"simulation scores left out: {e}")
         if U and run.model_or_none() is not None and lwta_layer(run, layer):

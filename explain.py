@@ -387,11 +387,12 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
 
 
 def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], image: Any, out_dir: str | Path,
-               n_units: int = 7, seed: int = 0) -> dict[int, str]:
+               n_units: int = 7, seed: int = 0, mode: str = "sample") -> dict[int, str]:
     """Where the first ``n_units`` neurons of explanation ``res`` act on ``image``, as PNG overlays
     in ``out_dir`` (``maps.py``): for an LWTA layer, where the unit won (red) beside its winning
-    probability pi (blue), over the positions of the layer's map or patch tokens; for any other
-    layer its activation, scaled to its maximum on the image. Returns unit -> file path."""
+    probability pi (blue), over the positions of the layer's map or patch tokens (winners drawn in
+    ``mode``, seeded with ``seed``); for any other layer its activation, scaled to its maximum on
+    the image. Returns unit -> file path."""
     from PIL import Image
 
     import maps
@@ -402,9 +403,15 @@ def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], imag
     module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
     pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
     device = models.device_of(model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
+    old_modes = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
+    lwta.set_mode(model, mode)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
+    finally:
+        for n, mod in lwta.lwta_modules(model).items():
+            mod.mode = old_modes[n]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(name)).name.replace(":", "-"))

@@ -111,6 +111,9 @@ def localisation(unit_maps: np.ndarray, objects: np.ndarray, thresholds: np.ndar
     S = objects.shape[-1]
     thr = np.zeros(K) if thresholds is None else np.asarray(thresholds, np.float64)
     covered = unit_maps > thr[None, :, None, None]
+    if thresholds is not None:  # a quantile at the map's maximum (a saturated pi of exactly 1): the maximum covers
+        at_max = thr >= unit_maps.max(axis=(0, 2, 3))
+        covered |= (unit_maps >= thr[None, :, None, None]) & at_max[None, :, None, None]
     obj = np.asarray(objects, bool)
     if S % h or S % w:  # cells of unequal size: upsample each unit's maps
         return np.array([iou(upsample(covered[:, k].astype(np.float32), S) > 0.5, obj) for k in range(K)])

@@ -196,12 +196,12 @@ def _load_timm_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
             raise
         try:
             filtered = filter_fn(state, model)
-        except Exception as exc:
-            raise first from exc
+        except Exception:
+            raise first from None  # the filter's own failure says less than the direct load's
         try:
             lwta.load_state(model, filtered, source)
-        except DiscoverError as exc:
-            raise first from exc
+        except DiscoverError:
+            raise first from None
 
 
 def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]):
@@ -257,9 +257,9 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     re-drawn from a normal of std 0.02 truncated at 2 std (timm's choice). In eval mode."""
     import copy
 
-    rand = copy.deepcopy(model)
-    gen = torch.random.fork_rng(devices=[])
-    with gen:
+    device = device_of(model)
+    rand = copy.deepcopy(model).cpu()  # initialised on the CPU: the same copy whatever the model's device
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for mod in rand.modules():
             if hasattr(mod, "reset_parameters"):
@@ -268,7 +268,7 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
                 for p in mod.parameters(recurse=False):
                     with torch.no_grad():
                         nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
-    return rand.eval()
+    return rand.to(device).eval()
 
 
 def model_hash(model: nn.Module) -> str:

@@ -290,14 +290,16 @@ def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, An
     """A card per neuron: its label record, top images and simulation correlation (the dissection's
     own with ``--score``, else the evaluation's)."""
     per_neuron = ((row or {}).get("simulation") or {}).get("per_neuron") or {}
-    corr = per_neuron.get("corr") or []
+    corr, scored = per_neuron.get("corr") or [], per_neuron.get("label") or []
     cards = []
     for n in src.labels["neurons"]:
         if n["layer"] != layer:
             continue
-        own = (n.get("simulation") or {}).get("corr")
-        sim = own if own is not None else (corr[n["unit"]] if n["unit"] < len(corr) else None)
-        cards.append(dict(n, sim_corr=sim, images=[thumbs.probe_image(src.labels, i) for i in n["top_images"][:GALLERY]]))
+        k, own = n["unit"], n.get("simulation") or {}
+        sim = own.get("corr") if own else (corr[k] if k < len(corr) else None)
+        label = own.get("label") if own else (scored[k] if k < len(scored) else None)
+        cards.append(dict(n, sim_corr=sim, sim_label=label if label and label != n.get("description") else None,
+                          images=[thumbs.probe_image(src.labels, i) for i in n["top_images"][:GALLERY]]))
     return cards
 
 

@@ -10,8 +10,8 @@ similarity, same gallery check), and scored on the other:
 - ``auprc``: average precision of ranking the held-out images by ``P[:, m_k]`` when the positives
   are the neuron's top :data:`TOP_SHARE` of them;
 - ``p``: a permutation p-value of ``corr`` against the layer's other labels (labels shuffled among
-  the layer's neurons): the share of the layer's labels that correlate with neuron k at least as
-  well as its own, itself included.
+  the layer's neurons): the share of the layer's distinct labels that correlate with neuron k at
+  least as well as its own, its own included.
 
 Without ground truth, a layer's mean correlation and the share of neurons with ``p < 0.05`` say how
 far its labels can be trusted. ``sanity`` runs the "missing labels" / "extra labels" tests of the
@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from common import DiscoverError
+
 SPLIT_SEED = 0  # the seed of the choose / score split of the probe
 TOP_SHARE = 0.05  # auprc: the neuron's top 5 % of the held-out images are the positives
 P_VALUE = 0.05
@@ -33,7 +35,7 @@ def probe_split(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]
     """Indices (sorted) of the images that choose the labels and of the held-out images that score
     them: a seeded random half each (the first gets the odd one out)."""
     if n < 4:
-        raise ValueError(f"a probe of {n} images is too small to split into choose and score halves")
+        raise DiscoverError(f"a probe of {n} images is too small to split into choose and score halves")
     perm = np.random.default_rng(seed).permutation(n)
     half = (n + 1) // 2
     return np.sort(perm[:half]), np.sort(perm[half:])
@@ -79,14 +81,18 @@ def auprcs(A: np.ndarray, B: np.ndarray, share: float = TOP_SHARE) -> np.ndarray
     return out
 
 
-def permutation_p(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def permutation_p(A: np.ndarray, B: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """p-value of each neuron's correlation with its own label column against the layer's labels
-    shuffled among its neurons: p_k = #{j : corr(A_k, B_j) >= corr(A_k, B_k)} / K over the K
-    label columns (its own included, so p >= 1/K). NaN where the correlation is undefined."""
-    C = _standardise(A).T @ _standardise(B)  # K x K: neuron k against label column j
-    own = np.diag(C)
+    shuffled among its neurons: the share of the layer's *distinct* labels (``labels``: the concept
+    index of each column of B; None: every column its own) that correlate with neuron k at least as
+    well as its own, its own included: p >= 1 / (number of distinct labels). Neurons that share a
+    label do not count against each other. NaN where the correlation is undefined."""
+    labels = np.arange(B.shape[1]) if labels is None else np.asarray(labels)
+    distinct, first = np.unique(labels, return_index=True)
+    C = _standardise(A).T @ _standardise(B[:, first])  # K x D: neuron k against distinct label d
+    own = C[np.arange(A.shape[1]), np.searchsorted(distinct, labels)]
     with np.errstate(invalid="ignore"):
-        p = (np.nan_to_num(C, nan=-np.inf) >= own[:, None]).sum(1) / C.shape[1]
+        p = (np.nan_to_num(C, nan=-np.inf) >= own[:, None]).sum(1) / len(distinct)
     return np.where(np.isfinite(own), p, math.nan)
 
 
@@ -95,11 +101,14 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
     """Simulation scores of one layer. ``A`` (N x K) the activations, ``P`` (N x M) the CLIP
     similarities, ``choose(A_part, P_part)`` the label rule (the concept index per neuron, as
     ``dissect`` picks it). Labels are chosen on one half of the probe and scored on the other.
+    A neuron constant on the choosing half (it never fired there) has no label to score: NaN.
     Returns ``label`` (K concept indices), ``corr``, ``auprc`` and ``p`` (K each)."""
     ch, sc = probe_split(A.shape[0], seed)
     m = np.asarray(choose(A[ch], P[ch]), np.int64)
     B = P[sc][:, m]
-    return {"label": m, "corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B)}
+    chose = np.ptp(A[ch], axis=0) > 0
+    out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m)}
+    return {"label": m, **{k: np.where(chose, v, math.nan) for k, v in out.items()}}
 
 
 def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -126,7 +135,7 @@ def sanity(score: Callable[[np.ndarray, np.ndarray], np.ndarray], A: np.ndarray,
     missing, extra = C.copy(), C.copy()
     for k in range(C.shape[1]):
         pos, neg = np.flatnonzero(C[:, k] > 0), np.flatnonzero(C[:, k] == 0)
-        n = int(round(drop * len(pos)))
+        n = max(1, int(round(drop * len(pos)))) if len(pos) else 0
         missing[rng.choice(pos, n, replace=False), k] = 0
         extra[rng.choice(neg, min(n, len(neg)), replace=False), k] = 1
     base, s_missing, s_extra = score(A, C), score(A, missing), score(A, extra)

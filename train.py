@@ -484,7 +484,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     """Train ``cfg.arch`` on ``cfg.data`` into ``cfg.out``; returns the final meta (with metrics).
     ``resume``: continue from the last epoch checkpoint, with the run's own options; an explicit
     larger ``epochs`` extends the run (its schedule then ends at the new last epoch)."""
-    given_epochs = cfg.epochs
+    given_epochs, given_response_std = cfg.epochs, cfg.response_std
     cfg = resolve(cfg)
     d = init_distributed()
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -495,9 +495,14 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         if last is None:
             raise DiscoverError(f"--resume: {out} has no checkpoint to resume from")
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        saved = resolve(TrainConfig(**{**ckpt["config"], **{k: getattr(cfg, k) for k in _NOT_KEYED}}))
+        stored = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
+        saved = resolve(TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in _NOT_KEYED}}))
+        # what the run stored stays as stored (resolve fills only what older checkpoints lack)
+        saved = dataclasses.replace(saved, **{k: v for k, v in stored.items() if k not in _NOT_KEYED})
         if given_epochs is None:  # not given: the run's own
             cfg = dataclasses.replace(cfg, epochs=saved.epochs)
+        if given_response_std is None:  # a recipe default that changed since the run: the run's own
+            cfg = dataclasses.replace(cfg, response_std=saved.response_std)
         elif cfg.epochs > saved.epochs:  # extending a run: the schedule is stretched from here on
             saved = dataclasses.replace(saved, epochs=cfg.epochs)
         if _config_key(saved) != _config_key(cfg):

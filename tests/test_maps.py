@@ -101,3 +101,14 @@ def test_overlay_blends_the_map_colour_where_the_map_is_one() -> None:
     out = maps.overlay(img, m, color=(200, 0, 0), alpha=0.5)
     assert out[0, 0].tolist() == [150, 50, 50] and out[0, 3].tolist() == [100, 100, 100]
     assert out[3, 3].tolist() == [125, 75, 75]
+
+
+def test_a_saturated_top_quantile_still_covers_the_maximum() -> None:
+    """A decisive unit's pi is exactly 1 on many positions: its 99.5 % quantile is 1.0, and the
+    positions at that maximum are what it covers (a strict > would cover nothing)."""
+    unit = np.zeros((10, 1, 2, 2), np.float32)
+    unit[:, 0, 0, 0] = 1.0  # saturated on a quarter of all positions, always the top-left cell
+    obj = np.zeros((10, 4, 4), bool)
+    obj[:, :2, :2] = True  # the object is that cell
+    thr = maps.top_thresholds(unit)
+    assert thr[0] == 1.0 and maps.localisation(unit, obj, thr)[0] == pytest.approx(1.0)

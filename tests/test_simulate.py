@@ -37,15 +37,27 @@ def test_correlations_and_auprc_against_references() -> None:
     assert simulate.average_precision(np.array([3.0, 2, 1, 0]), np.array([1, 0, 1, 0], bool)) == pytest.approx((1 + 2 / 3) / 2)
 
 
-def test_permutation_p_against_a_loop() -> None:
+def test_permutation_p_against_a_loop_over_distinct_labels() -> None:
     rng = np.random.default_rng(1)
-    A, B = rng.normal(size=(40, 6)), rng.normal(size=(40, 6))
-    B[:, 2] = A[:, 2]
-    got = simulate.permutation_p(A, B)
+    A, P = rng.normal(size=(40, 6)), rng.normal(size=(40, 4))
+    P[:, 2] = A[:, 2]
+    labels = np.array([0, 1, 2, 2, 3, 1])  # neurons 2 and 3 share label 2, neurons 1 and 5 label 1
+    got = simulate.permutation_p(A, P[:, labels], labels)
     for k in range(6):
-        own = np.corrcoef(A[:, k], B[:, k])[0, 1]
-        assert got[k] == pytest.approx(sum(np.corrcoef(A[:, k], B[:, j])[0, 1] >= own - 1e-12 for j in range(6)) / 6)
-    assert got[2] == pytest.approx(1 / 6)
+        own = np.corrcoef(A[:, k], P[:, labels[k]])[0, 1]
+        others = [np.corrcoef(A[:, k], P[:, d])[0, 1] for d in sorted(set(labels.tolist()))]
+        assert got[k] == pytest.approx(sum(c >= own - 1e-12 for c in others) / 4)
+    assert got[2] == pytest.approx(1 / 4)  # the best of the 4 distinct labels, whoever shares it
+
+
+def test_shared_labels_do_not_count_against_each_other() -> None:
+    """Forty units of one concept, all truly correlated with it: each is significant."""
+    rng = np.random.default_rng(4)
+    P = rng.normal(size=(300, 50))
+    A = np.concatenate([P[:, :1] + 0.8 * rng.normal(size=(300, 40)), rng.normal(size=(300, 24))], 1)
+    labels = np.concatenate([np.zeros(40, int), np.arange(1, 25)])
+    p = simulate.permutation_p(A, P[:, labels], labels)
+    assert np.all(p[:40] == pytest.approx(1 / 25))
 
 
 def test_a_neuron_equal_to_its_concept_scores_one_and_shuffled_labels_near_zero() -> None:
@@ -55,6 +67,11 @@ def test_a_neuron_equal_to_its_concept_scores_one_and_shuffled_labels_near_zero(
     right = simulate.held_out_scores(A, P, lambda a, p: np.arange(30))
     np.testing.assert_allclose(right["corr"], 1.0)
     assert np.all(right["p"] == pytest.approx(1 / 30)) and np.all(right["auprc"] == pytest.approx(1.0))
+    quiet = A.copy()
+    ch, sc = simulate.probe_split(400)
+    quiet[ch, 5] = 0.0  # never fires on the choosing half: no label to score
+    got = simulate.held_out_scores(quiet, P, lambda a, p: np.arange(30))
+    assert np.isnan(got["corr"][5]) and np.isnan(got["p"][5]) and np.isfinite(got["corr"][4])
     shuffled = simulate.held_out_scores(A, P, lambda a, p: rng.permutation(30))
     assert abs(np.mean(shuffled["corr"])) < 0.05 and simulate.summary(shuffled)["significant_percent"] < 20
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import lwta
 import train
+from common import DiscoverError
 import world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,3 +357,18 @@ def test_a_class_mismatch_names_the_folders(tmp_path: Path) -> None:
     r = _cli("train", "--arch", "resnet18_world", "--U", "2", "--data", str(data), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"only in train/: {shared[0]}" in r.stderr and "only in val/: zzz_extra" in r.stderr
+
+
+def test_a_run_from_before_a_recipe_default_changed_resumes_with_its_own(tmp_path: Path, monkeypatch) -> None:
+    """A deit_world CVN checkpointed when the recipe had no --response-std (stored as None) resumes
+    with None, though the recipe now defaults to 4: same optimizer groups, no options mismatch."""
+    args = dict(arch="deit_world", U=8, data="world:object", out=str(tmp_path / "old"), epochs=2, train_size=64,
+                val_size=16, test_size=0, batch_size=32, workers=0)
+    monkeypatch.setitem(train.RECIPES["deit_world"], "response_std", None)
+    train.train(train.TrainConfig(**args, stop_after=1), progress=False)
+    monkeypatch.undo()
+    assert train.RECIPES["deit_world"]["response_std"] == 4.0
+    meta = train.train(train.TrainConfig(**args), resume=True, progress=False)
+    assert meta["epoch"] == 1 and "--response-std" not in meta["reproduce"]
+    with pytest.raises(DiscoverError, match="--response-std None -> 2.0"):
+        train.train(train.TrainConfig(**{**args, "epochs": 3}, response_std=2.0), resume=True, progress=False)
