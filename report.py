@@ -291,6 +291,8 @@ def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, An
     own with ``--score``, else the evaluation's)."""
     per_neuron = ((row or {}).get("simulation") or {}).get("per_neuron") or {}
     corr, scored = per_neuron.get("corr") or [], per_neuron.get("label") or []
+    loc = (row or {}).get("localisation") or {}
+    ious = loc.get("iou_win") or loc.get("iou_top") or []  # where a CVN unit wins; else its top 0.5 %
     cards = []
     for n in src.labels["neurons"]:
         if n["layer"] != layer:
@@ -299,6 +301,7 @@ def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, An
         sim = own.get("corr") if own else (corr[k] if k < len(corr) else None)
         label = own.get("label") if own else (scored[k] if k < len(scored) else None)
         cards.append(dict(n, sim_corr=sim, sim_label=label if label and label != n.get("description") else None,
+                          iou=ious[k] if k < len(ious) else None,
                           images=[thumbs.probe_image(src.labels, i) for i in n["top_images"][:GALLERY]]))
     return cards
 

@@ -292,3 +292,23 @@ def test_the_real_scale_recipe_ends_in_a_report(tmp_path: Path) -> None:
     site = out / "report"
     assert (site / "index.html").is_file() and "report:" in res.stdout
     assert sorted(p.name for p in (site / "layers").glob("*.html")) == [f"{out.name}--fc.html", f"{out.name}--layer4.html"]
+
+
+def test_layer_cards_show_simulation_scores_and_object_iou(demo_dir: Path) -> None:
+    """Each card of a spatial CVN layer carries the unit's simulation correlation (dissect --score)
+    and its object IoU from the evaluation (where it wins), as the evaluation computed them."""
+    import re
+
+    lab = json.loads((demo_dir / "labels" / "cvn" / "labels.json").read_text())
+    ev = json.loads((demo_dir / "evaluation.json").read_text())
+    layer = next(r for r in ev["runs"] if r["labels"].endswith("cvn") and r.get("localisation"))
+    page = (demo_dir / "report" / "layers" / f"cvn--{layer['layer']}.html").read_text()
+    ious = [float(v) for v in re.findall(r'data-iou="([-+0-9.e]+)"', page)]
+    want = layer["localisation"]["iou_win"]
+    assert len(ious) == len(want) and all(abs(a - (b if b is not None else -1e30)) < 1e-9 * max(1, abs(a))
+                                          for a, b in zip(ious, want))
+    sims = [float(v) for v in re.findall(r'data-sim="([-+0-9.e]+)"', page)]
+    own = [n["simulation"]["corr"] if n.get("simulation") and n["simulation"]["corr"] is not None else -1e30
+           for n in sorted((n for n in lab["neurons"] if n["layer"] == layer["layer"]), key=lambda n: n["unit"])]
+    assert sims == pytest.approx(own)
+    assert f"Localisation on {layer['localisation']['images']} probe images" in page and "Simulation on held-out" in page
