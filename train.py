@@ -501,10 +501,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         saved = dataclasses.replace(saved, **{k: v for k, v in stored.items() if k not in _NOT_KEYED})
         if given_epochs is None:  # not given: the run's own
             cfg = dataclasses.replace(cfg, epochs=saved.epochs)
-        if given_response_std is None:  # a recipe default that changed since the run: the run's own
-            cfg = dataclasses.replace(cfg, response_std=saved.response_std)
         elif cfg.epochs > saved.epochs:  # extending a run: the schedule is stretched from here on
             saved = dataclasses.replace(saved, epochs=cfg.epochs)
+        if given_response_std is None:  # a recipe default that changed since the run: the run's own
+            cfg = dataclasses.replace(cfg, response_std=saved.response_std)
         if _config_key(saved) != _config_key(cfg):
             old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
             diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {v!r}" for k, v in new.items()
