@@ -47,18 +47,23 @@ def clean_concepts(lines: Iterable[str], source: str) -> list[str]:
     return out
 
 
-def _read(path: Path, source: str) -> list[str]:
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; a one-line DiscoverError starting with ``what`` (the flag or
+    spec that named the file) when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return Path(path).expanduser().read_text(encoding="utf-8").splitlines()
     except FileNotFoundError as exc:
-        raise DiscoverError(f"concept set {source}: file not found") from exc
+        raise DiscoverError(f"{what}: file not found") from exc
     except IsADirectoryError as exc:
-        raise DiscoverError(f"concept set {source}: is a directory, not a file") from exc
+        raise DiscoverError(f"{what}: is a directory, not a file") from exc
     except UnicodeDecodeError as exc:
-        raise DiscoverError(f"concept set {source}: not UTF-8 text") from exc
-    except OSError as e:
-        raise DiscoverError(f"concept set {source}: cannot read ({e.strerror})") from e
-    return clean_concepts(text.splitlines(), source)
+        raise DiscoverError(f"{what}: not UTF-8 text") from exc
+    except OSError as exc:
+        raise DiscoverError(f"{what}: cannot read ({exc.strerror})") from exc
+
+
+def _read(path: Path, source: str) -> list[str]:
+    return clean_concepts(read_lines(path, f"concept set {source}"), source)
 
 
 def imagenet_categories() -> list[str]:
@@ -130,16 +135,7 @@ def imagenet_class_names(model: Any) -> list[str] | None:
 def read_class_names(path: str | Path, n: int | None, flag: str = "--class-names") -> list[str]:
     """Class names from a file, one per line in the order of the model's outputs (blank lines
     dropped); there must be exactly ``n`` of them when the output width ``n`` is known."""
-    try:
-        names = [line.strip() for line in Path(path).expanduser().read_text(encoding="utf-8").splitlines()]
-    except FileNotFoundError as exc:
-        raise DiscoverError(f"{flag} {path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise DiscoverError(f"{flag} {path}: is a directory, not a file") from exc
-    except UnicodeDecodeError as exc:
-        raise DiscoverError(f"{flag} {path}: not UTF-8 text") from exc
-    except OSError as e:
-        raise DiscoverError(f"{flag} {path}: cannot read ({e.strerror})") from e
+    names = [line.strip() for line in read_lines(path, f"{flag} {path}")]
     names = [name for name in names if name]
     if not names:
         raise DiscoverError(f"{flag} {path}: no class names (empty or blank lines only)")
