@@ -345,17 +345,13 @@ def zeroshot(clip: ClipModel, n: int = 1000, seed: int = world_clip.EVAL_SEED, b
 
 @torch.no_grad()
 def _zeroshot_any(clip: ClipModel, n: int, seed: int, batch_size: int) -> dict[str, float]:
-    import world
     from PIL import Image
 
     clip.model.eval()
     text = {a: prompt_ensemble(clip, a, world_clip.PROMPTS[a]) for a in world_clip.PROMPTS}
-    correct = {a: 0 for a in text}
-    for start in range(0, n, batch_size):
-        images, attrs = world.render_batch(seed, start, min(batch_size, n - start))
+
+    def encode(images: np.ndarray) -> torch.Tensor:
         x = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images]).to(clip.device)
-        img = F.normalize(clip.model.encode_image(x).float(), dim=-1)
-        for a, t in text.items():
-            pred = (img @ t.T).argmax(1).cpu().numpy()
-            correct[a] += int(sum(p == world_clip.attribute_index(at, a) for p, at in zip(pred, attrs)))
-    return {a: 100.0 * c / n for a, c in correct.items()}
+        return clip.model.encode_image(x)
+
+    return world_clip.zeroshot_scores(encode, text, n, seed, batch_size)

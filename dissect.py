@@ -39,6 +39,7 @@ TOP_CONCEPTS = 5
 LABELS_FORMAT = 3  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
 # cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score)
 RANDOM_QUANTILE = 0.95  # interpretable: the label scores above this quantile of a random copy's neurons
+SOFT_WPMI_CUTOFF = 0.16  # CLIP-Dissect A.8's fixed cutoff, on SoftWPMI's scale (labels made before per-layer cutoffs)
 GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
 
 

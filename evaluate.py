@@ -592,7 +592,9 @@ def layer_cutoff(info: dict[str, Any], prov: dict[str, Any]) -> float | None:
     if "cutoff" in info:
         return info["cutoff"]
     soft = info.get("similarity", prov.get("similarity")) == "soft_wpmi"
-    return float(prov.get("cutoff", 0.16)) if soft else None
+    import dissect
+
+    return float(prov.get("cutoff", dissect.SOFT_WPMI_CUTOFF)) if soft else None
 
 
 def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:

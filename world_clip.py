@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -117,20 +117,28 @@ def prompt_embeddings(model: torch.nn.Module, tokenizer: Any, attr: str, templat
 
 
 @torch.no_grad()
-def zeroshot(model: torch.nn.Module, tokenizer: Any, n: int = 1000, seed: int = EVAL_SEED,
-             batch_size: int = 250) -> dict[str, float]:
-    """Zero-shot accuracy (%) per attribute and on the 64-class object task, on fresh images of
-    ``seed``: the nearest prompt-ensemble text embedding of each image."""
-    model.eval()
-    text = {a: prompt_embeddings(model, tokenizer, a, PROMPTS[a]) for a in PROMPTS}
-    correct = {a: 0 for a in PROMPTS}
+@torch.no_grad()
+def zeroshot_scores(encode: Callable[[np.ndarray], torch.Tensor], text: dict[str, torch.Tensor], n: int = 1000,
+                    seed: int = EVAL_SEED, batch_size: int = 250) -> dict[str, float]:
+    """Zero-shot accuracy (%) per attribute and on the 64-class object task, on ``n`` fresh world
+    images of ``seed``: each image's class is its nearest text embedding (``text[task]``, one row
+    per class, L2-normalised). ``encode`` maps a uint8 batch ``(B, 64, 64, 3)`` to image embeddings."""
+    correct = {a: 0 for a in text}
     for start in range(0, n, batch_size):
         images, attrs = world.render_batch(seed, start, min(batch_size, n - start))
-        img = F.normalize(model.encode_image(to_input(images)), dim=-1)
+        img = F.normalize(encode(images).float(), dim=-1)
         for a, t in text.items():
-            pred = (img @ t.T).argmax(1).numpy()
+            pred = (img @ t.to(img.device).T).argmax(1).cpu().numpy()
             correct[a] += int(sum(p == attribute_index(at, a) for p, at in zip(pred, attrs)))
     return {a: 100.0 * c / n for a, c in correct.items()}
+
+
+def zeroshot(model: torch.nn.Module, tokenizer: Any, n: int = 1000, seed: int = EVAL_SEED,
+             batch_size: int = 250) -> dict[str, float]:
+    """:func:`zeroshot_scores` of world-clip ``model`` with the prompt ensembles of :data:`PROMPTS`."""
+    model.eval()
+    text = {a: prompt_embeddings(model, tokenizer, a, PROMPTS[a]) for a in PROMPTS}
+    return zeroshot_scores(lambda images: model.encode_image(to_input(images)), text, n, seed, batch_size)
 
 
 HOLDOUT_SEED = 12345  # which non-world words world-clip never trains on (see heldout_vocabulary)
