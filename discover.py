@@ -78,7 +78,7 @@ class Choice(click.Choice):
 
 def model_options(f):
     """The options that complete a model spec: a weights file's architecture, its class names."""
-    opts = [click.option("--arch", default=None, help="Architecture of a weights file (see lwta.ARCHS)."),
+    opts = [click.option("--arch", default=None, help="Architecture of a weights file (see models.ARCHS)."),
             click.option("--U", "U", type=int, default=None, help="Weights file: competitors per LWTA block."),
             click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Weights file: plain twin."),
             click.option("--class-names", type=click.Path(), default=None,
@@ -101,16 +101,18 @@ def cli() -> None:
 # --- models: LWTA networks ------------------------------------------------------------------------
 
 @cli.command("layers")
-@click.option("--arch", required=True, help="Architecture name (see lwta.ARCHS).")
+@click.option("--arch", required=True, help="Architecture name (see models.ARCHS).")
 @click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block (a CVN).")
 @click.option("--act", type=Choice(["gelu", "relu"]), default=None, help="Plain twin.")
 @click.option("--num-classes", type=int, default=None, help="Output classes (arch default).")
 def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | None) -> None:
     """Build ARCH and print its parameter count and its LWTA layers."""
-    import lwta
     from rich.table import Table
 
-    model = lwta.build(arch, U=U, act=act, num_classes=num_classes)
+    import lwta
+    import models
+
+    model = models.build(arch, U=U, act=act, num_classes=num_classes)
     n_params = sum(p.numel() for p in model.parameters())
     table = Table(title=f"{arch} ({'U=' + str(U) if U else act or 'default act'}): "
                         f"{n_params:,} parameters")

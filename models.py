@@ -1,8 +1,13 @@
-"""Models by spec, one front door (as open_clip's ``create_model_and_transforms``): a run
-directory, a weights file with its architecture, ``timm:NAME[:WEIGHTS]`` or
-``torchvision:NAME[:WEIGHTS]`` in, ``(model in eval mode, meta)`` out, with the preprocessing,
-class names and LWTA settings in ``meta``; plus the model's content hash, an untrained copy, and
-its input transform.
+"""The networks: the architectures (``ARCHS``: DeiT and ResNet-18 CVNs with LWTA layers where
+GELU/ReLU were, and their plain twins, DISCOVER App. A.1-A.3), run checkpoints, and models by
+spec, one front door (as open_clip's ``create_model_and_transforms``): a run directory, a weights
+file with its architecture, ``timm:NAME[:WEIGHTS]`` or ``torchvision:NAME[:WEIGHTS]`` in,
+``(model in eval mode, meta)`` out, with the preprocessing, class names and LWTA settings in
+``meta``; plus the model's content hash, an untrained copy, and its input transform.
+
+    model = models.build("deit_tiny", U=16)                         # DeiT-T/16 CVN (timm)
+    twin = models.build("deit_tiny", act="gelu")                    # its twin, same parameter count
+    models.save(model, "runs/x", {"arch": "deit_tiny", "U": 16, ...})
 
     model, meta = models.load_model("runs/deit8")                   # a run of `discover train`
     model, meta = models.load_model("w.pth", arch="deit_world", U=8)  # a weights file
@@ -13,10 +18,15 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import json
+import math
 import os
 import sys
+import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,10 +34,253 @@ import torch.nn as nn
 
 import concepts
 import lwta
-from common import DiscoverError
+from common import DiscoverError, atomic_path, write_json_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --- builders ------------------------------------------------------------------------------------
+
+def _act_factory(U: int | None, act: str | None, conv: bool, tau: float) -> Callable[[], nn.Module]:
+    if U is not None:
+        return partial(lwta.ConvLWTA if conv else lwta.LWTA, U, tau)
+    return {"gelu": nn.GELU, "relu": partial(nn.ReLU, inplace=False)}[act or ("relu" if conv else "gelu")]
+
+
+def conv_stem(embed_dim: int, patch_size: int, width: int = 24) -> nn.Sequential:
+    """A convolutional patch embedding (Xiao et al. 2021, "Early convolutions help transformers
+    see better"): log2(patch_size) 3x3 stride-2 conv-BN-ReLU layers doubling ``width`` up to
+    ``embed_dim``, then a 1x1 conv; one token per patch_size x patch_size patch, as the linear one."""
+    n = int(round(math.log2(patch_size)))
+    if 2 ** n != patch_size:
+        raise DiscoverError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i in range(n):
+        c_out = embed_dim if i == n - 1 else width * 2 ** i
+        layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        c_in = c_out
+    layers.append(nn.Conv2d(c_in, embed_dim, 1))
+    return nn.Sequential(*layers)
+
+
+def _vit(U: int | None, act: str | None, tau: float, *, num_classes: int, img_size: int,
+         patch_size: int, embed_dim: int, depth: int, num_heads: int, stem: str = "linear") -> nn.Module:
+    """timm's VisionTransformer (DeiT) with the MLP activation of every block a GELU or an lwta.LWTA;
+    ``stem`` "conv" swaps the linear patch embedding for :func:`conv_stem` (in CVN and twin alike:
+    the MLP activations are the ones that lwta.compete, as in DISCOVER's DeiT)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=img_size, patch_size=patch_size, num_classes=num_classes,
+                              embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                              act_layer=_act_factory(U, act, conv=False, tau=tau))
+    if stem == "conv":
+        model.patch_embed.proj = conv_stem(embed_dim, patch_size)
+    for i, blk in enumerate(model.blocks):
+        if isinstance(blk.mlp.act, lwta.LWTABase):
+            blk.mlp.act.name = f"blocks.{i}.mlp.act"
+            blk.mlp.act._check_width(blk.mlp.fc1.out_features)
+    return model
+
+
+class CompetitiveBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock`` with one activation module per site (``act1``, ``act2``).
+
+    torchvision calls one ``relu`` module twice per block, which would make forward hooks fire
+    twice and let two sites share one lwta.LWTA state. Parameter names are torchvision's, so its state
+    dicts load unchanged.
+    """
+
+    def __init__(self, block: nn.Module, act: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
+        self.downsample = block.downsample
+        self.act1, self.act2 = act(), act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + identity)
+
+
+def _resnet(U: int | None, act: str | None, tau: float, *, num_classes: int, img_size: int,
+            layers: tuple[int, ...], small_stem: bool, width: int = 64) -> nn.Module:
+    """torchvision's ResNet with BasicBlocks; ``width`` is the first stage's channel count (64 in
+    ResNet-18; the stages double it), ``small_stem`` a 3x3 stride-2 stem without max-pool."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, list(layers), num_classes=num_classes)
+    if width != 64:  # rebuild the stages with torchvision's own _make_layer at the new width
+        model.inplanes = width
+        model.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        model.bn1 = nn.BatchNorm2d(width)
+        for i, n in enumerate(layers):
+            setattr(model, f"layer{i + 1}", model._make_layer(BasicBlock, width * 2 ** i, n, stride=1 if i == 0 else 2))
+        model.fc = nn.Linear(width * 2 ** (len(layers) - 1), num_classes)
+        for m in model.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if small_stem:  # 64x64 world images: 3x3 stride-2 stem, no max-pool (32x32 into layer1)
+        model.conv1 = nn.Conv2d(3, width, 3, 2, 1, bias=False)
+        model.maxpool = nn.Identity()
+    make_act = _act_factory(U, act, conv=True, tau=tau)
+    model.relu = make_act()
+    for lname in ("layer1", "layer2", "layer3", "layer4"):
+        stage = getattr(model, lname)
+        for i in range(len(stage)):
+            stage[i] = CompetitiveBasicBlock(stage[i], make_act)
+    for name, m in lwta.lwta_modules(model).items():
+        m.name = name
+    if U is not None:
+        model.relu._check_width(model.bn1.num_features)
+        for name, m in model.named_modules():
+            if isinstance(m, CompetitiveBasicBlock):
+                m.act1._check_width(m.bn1.num_features)
+                m.act2._check_width(m.bn2.num_features)
+    return model
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str  # "deit" or "resnet": picks the training recipe
+    builder: Callable[..., nn.Module]
+    num_classes: int
+    img_size: int
+    kwargs: dict[str, Any]
+
+
+ARCHS: dict[str, Arch] = {
+    "deit_tiny": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
+    "deit_small": Arch("deit", _vit, 1000, 224, dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
+    "resnet18": Arch("resnet", _resnet, 365, 224, dict(layers=(2, 2, 2, 2), small_stem=False)),
+    "deit_world": Arch("deit", _vit, 64, 64, dict(patch_size=8, embed_dim=96, depth=4, num_heads=4, stem="conv")),
+    "resnet18_world": Arch("resnet", _resnet, 64, 64, dict(layers=(1, 1, 1, 1), small_stem=True, width=16)),
+}
+
+
+def build(arch: str, U: int | None = None, act: str | None = None, num_classes: int | None = None,
+          img_size: int | None = None, tau: float = 0.67) -> nn.Module:
+    """Build ``arch`` as a CVN (``U`` competitors per block) or as its plain twin (``act``).
+
+    ``U=None`` with ``act="gelu"``/``"relu"`` (or None: the family's own) builds the twin. lwta.LWTA has no
+    parameters, so a CVN has exactly its twin's parameter count.
+    """
+    if arch not in ARCHS:
+        raise DiscoverError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if U is not None and act is not None:
+        raise DiscoverError("give either --U (a CVN) or --act (its plain twin), not both")
+    if U is not None and (isinstance(U, bool) or not isinstance(U, int) or U < 2):
+        raise DiscoverError(f"--U must be an integer >= 2, got {U!r}")
+    if act is not None and act not in ("gelu", "relu"):
+        raise DiscoverError(f"--act must be gelu or relu, got {act!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise DiscoverError(f"--num-classes must be an integer >= 1, got {num_classes!r}")
+    spec = ARCHS[arch]
+    return spec.builder(U, act, tau, num_classes=num_classes or spec.num_classes,
+                        img_size=img_size or spec.img_size, **spec.kwargs)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def save(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``meta.json`` (arch, U, act, classes, img size, metrics, ...)
+    into ``out_dir``, each atomically. ``meta`` must name ``arch`` so that :func:`load` can rebuild."""
+    from safetensors.torch import save_file
+
+    if "arch" not in meta:
+        raise ValueError("lwta.save: meta must contain 'arch'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"arch": str(meta["arch"])})
+    write_json_atomic(out / "meta.json", meta)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` or third-party ``.pth`` file (``weights_only=True``).
+
+    Unwraps timm/DeiT-style ``{'model': ...}`` / ``{'state_dict': ...}`` and strips DataParallel
+    ``module.`` prefixes. A corrupt or unreadable file is a :class:`DiscoverError`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DiscoverError(f"checkpoint {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state: Any = load_file(str(path))
+        else:
+            with warnings.catch_warnings():  # torch warns on pickle protocols it reads fine
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt pickle, truncated zip, bad header ...
+        raise DiscoverError(f"checkpoint {path}: cannot be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else 'corrupt'})") from e
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DiscoverError(f"checkpoint {path}: not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Load ``state`` strictly; a mismatch is one line naming the first few offending keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise DiscoverError(f"checkpoint {source} does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict(state)
+    return model
+
+
+def load(path: str | Path, **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a model: a run directory (``model.safetensors`` + ``meta.json``), or a weights file
+    (``.safetensors``/``.pth``) with the architecture given as ``build_kwargs`` (arch, U, act, ...).
+
+    Returns ``(model, meta)``; the model is in eval mode.
+    """
+    path = Path(path)
+    if path.is_dir():
+        meta_path, weights = path / "meta.json", path / "model.safetensors"
+        for f in (meta_path, weights):
+            if not f.is_file():
+                raise DiscoverError(f"model directory {path}: missing {f.name}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DiscoverError(f"{meta_path}: not valid JSON ({e.msg}, line {e.lineno})") from e
+        kwargs = {k: meta.get(k) for k in ("arch", "U", "act", "num_classes", "img_size")}
+        kwargs.update(build_kwargs)
+    else:
+        meta, kwargs, weights = {}, dict(build_kwargs), path
+        if "arch" not in kwargs:
+            raise DiscoverError(f"{path}: a weights file needs its architecture (arch=...)")
+        meta.update({k: v for k, v in kwargs.items()})
+    arch = kwargs.pop("arch")
+    model = build(arch, **{k: v for k, v in kwargs.items() if v is not None})
+    load_state(model, read_state_dict(weights), str(weights))
+    meta.setdefault("arch", arch)
+    return model.eval(), meta
 
 
 def load_model(spec: str, class_names: str | Path | None = None,
@@ -50,7 +303,7 @@ def load_model(spec: str, class_names: str | Path | None = None,
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            model, meta = lwta.load(path, **kwargs)
+            model, meta = load(path, **kwargs)
         elif path.is_file():
             model, meta = _load_weights_file(path, kwargs)
         else:
@@ -91,14 +344,14 @@ def _load_weights_file(path: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, d
     if "arch" not in kwargs:
         raise DiscoverError(f"--model {path}: a weights file needs its architecture: --arch NAME "
                             "and --U N (a CVN) or --act gelu|relu (its twin)")
-    state = lwta.read_state_dict(path)
-    model = lwta.build(**kwargs)
+    state = read_state_dict(path)
+    model = build(**kwargs)
     widths = _classifier_width(model, state)
     if "num_classes" not in kwargs and widths and widths[0] != widths[1]:
         kwargs = {**kwargs, "num_classes": widths[1]}  # a head of another width: build to fit it
-        model = lwta.build(**kwargs)
-    lwta.load_state(model, state, str(path))
-    arch = lwta.ARCHS[kwargs["arch"]]
+        model = build(**kwargs)
+    load_state(model, state, str(path))
+    arch = ARCHS[kwargs["arch"]]
     meta = {"arch": kwargs["arch"], "U": kwargs.get("U"), "act": kwargs.get("act"),
             "num_classes": kwargs.get("num_classes", arch.num_classes),
             "img_size": kwargs.get("img_size", arch.img_size)}
@@ -143,7 +396,7 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
         with _seeded_init(spec, weights):
             model = timm.create_model(name, pretrained=False, **tkw)
         if weights:
-            state = lwta.read_state_dict(Path(weights).expanduser())
+            state = read_state_dict(Path(weights).expanduser())
             widths = _classifier_width(model, state)
             if "num_classes" not in tkw and widths and widths[0] != widths[1]:
                 model = timm.create_model(name, pretrained=False, **{**tkw, "num_classes": widths[1]})
@@ -188,7 +441,7 @@ def _load_timm_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     """Strict load; on a mismatch retry through the model family's ``checkpoint_filter_fn`` (timm's
     one place for foreign layouts: original DeiT/BiT/CLIP checkpoints)."""
     try:
-        lwta.load_state(model, state, source)
+        load_state(model, state, source)
         return
     except DiscoverError as first:
         filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
@@ -199,7 +452,7 @@ def _load_timm_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
         except Exception:
             raise first from None  # the filter's own failure says less than the direct load's
         try:
-            lwta.load_state(model, filtered, source)
+            load_state(model, filtered, source)
         except DiscoverError:
             raise first from None
 
@@ -238,11 +491,11 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
         with _seeded_init(spec, weights):
             model = tvm.get_model(name, weights=None, **tkw)
         if weights:
-            state = lwta.read_state_dict(path)
+            state = read_state_dict(path)
             widths = _classifier_width(model, state)
             if "num_classes" not in tkw and widths and widths[0] != widths[1]:
                 model = tvm.get_model(name, weights=None, num_classes=widths[1])
-            lwta.load_state(model, state, str(path))
+            load_state(model, state, str(path))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     meta["num_classes"] = getattr(model, "num_classes", None) or (linears[-1].out_features if linears else None)
     if meta.get("classes") is None and meta["num_classes"] == 1000:  # torchvision's classifiers are ImageNet-1k's

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lwta
+import models
 import world
 from common import DiscoverError, atomic_path, progress_bar, sha256_json, write_json_atomic, write_text_atomic
 
@@ -120,9 +121,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the unset hyper-parameters from the arch family's recipe; validate the rest."""
-    if cfg.arch not in lwta.ARCHS:
-        raise DiscoverError(f"--arch: unknown {cfg.arch!r}; choose one of {', '.join(lwta.ARCHS)}")
-    family = lwta.ARCHS[cfg.arch].family + ("_world" if cfg.arch.endswith("_world") else "")
+    if cfg.arch not in models.ARCHS:
+        raise DiscoverError(f"--arch: unknown {cfg.arch!r}; choose one of {', '.join(models.ARCHS)}")
+    family = models.ARCHS[cfg.arch].family + ("_world" if cfg.arch.endswith("_world") else "")
     recipe = RECIPES[family]
     c = dataclasses.replace(cfg)
     for key in ("optimizer", "weight_decay", "epochs", "warmup_epochs", "schedule", "batch_size", "crop_scale",
@@ -132,7 +133,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if c.lr is None:
         c.lr = recipe["lr"] * (c.batch_size / 512 if recipe["lr_scaled"] else 1.0)
     if c.img_size is None:
-        c.img_size = lwta.ARCHS[c.arch].img_size
+        c.img_size = models.ARCHS[c.arch].img_size
     checks = [(c.epochs >= 1, "--epochs must be >= 1"), (c.batch_size >= 1, "--batch-size must be >= 1"),
               (c.lr > 0, "--lr must be > 0"), (c.samples >= 1, "--samples must be >= 1"),
               (c.optimizer in ("adamw", "sgd"), "--optimizer must be adamw or sgd"),
@@ -391,7 +392,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], cfg: TrainConfig, data: Da
     model.eval()
     has_lwta = bool(lwta.lwta_modules(model))
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # sampled-correct, argmax-correct, n
-    meter = lwta.CertaintyMeter(lwta.unwrap(model))
+    meter = lwta.CertaintyMeter(models.unwrap(model))
     for batch in loader:
         x, y = _to_device(batch, cfg, data, device, epoch=None)
         with _autocast(cfg, device):
@@ -436,7 +437,7 @@ def elbo_loss(model: nn.Module, logits: torch.Tensor, y: torch.Tensor, kl_weight
     """Negative ELBO per example (Eq. 3): mean CE (against targets smoothed by ``label_smoothing``,
     as the DISCOVER release trains DeiT) + kl_weight * KL (per example). Returns (loss, ce, kl)."""
     ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-    kl = lwta.kl_divergence(lwta.unwrap(model)).to(ce.device)
+    kl = lwta.kl_divergence(models.unwrap(model)).to(ce.device)
     return ce + kl_weight * kl, ce, kl
 
 
@@ -456,7 +457,7 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sca
     """One atomic file per epoch (model, optimizer, scaler, RNG, epoch, config); kept are the
     newest (the one ``--resume`` continues from) and that of epoch ``best`` (the best validation
     score so far), nothing older. Then ``model.safetensors`` and ``meta.json``, also atomically."""
-    state = {"model": lwta.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+    state = {"model": models.unwrap(model).state_dict(), "optimizer": opt.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
              "config": dataclasses.asdict(cfg), "rng_cpu": torch.get_rng_state(),
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -467,7 +468,7 @@ def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, sca
     for old in _ckpt_dir(out).glob("epoch_*.pt"):
         if old.name not in keep:
             old.unlink()
-    lwta.save(model, out, meta)
+    models.save(model, out, meta)
 
 
 _NOT_KEYED = ("stop_after", "workers", "test_size")  # free to change on --resume
@@ -527,7 +528,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
 
     torch.manual_seed(cfg.seed)
     data = load_data(cfg)
-    model = lwta.build(cfg.arch, U=cfg.U, act=cfg.act, num_classes=len(data.classes), img_size=cfg.img_size,
+    model = models.build(cfg.arch, U=cfg.U, act=cfg.act, num_classes=len(data.classes), img_size=cfg.img_size,
                        tau=cfg.tau)
     scaled = init_responses(model, cfg.response_std) if cfg.response_std is not None and cfg.U is not None else []
     model = model.to(device)
@@ -632,7 +633,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                 bar.console.print(f"epoch {epoch + 1}: val top-1 {ev['val_top1']:.2f}% "
                                   f"(argmax {ev['val_top1_argmax']:.2f}%), {record['epoch_seconds']:.0f} s{sure}")
     if d.main and end_epoch == cfg.epochs and cfg.data.startswith("world:") and cfg.test_size:
-        meta["test"] = test_metrics(lwta.unwrap(model), cfg, device, progress=progress)
+        meta["test"] = test_metrics(models.unwrap(model), cfg, device, progress=progress)
         write_json_atomic(out / "meta.json", meta)
     if d.world_size > 1:
         dist.barrier()

@@ -69,12 +69,12 @@ def main(quick: bool, threads: int, models: str) -> None:
     if unknown := set(chosen) - {c[0] for c in CASES}:
         raise click.BadParameter(f"unknown models {sorted(unknown)}", param_hint="--models")
     for arch, U, act, batch in [c for c in CASES if c[0] in chosen]:
-        spec = lwta.ARCHS[arch]
+        spec = models.ARCHS[arch]
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=g)
         y = torch.randint(0, spec.num_classes, (batch,), generator=g)
         torch.manual_seed(0)
-        cvn, twin = lwta.build(arch, U=U), lwta.build(arch, act=act)
+        cvn, twin = models.build(arch, U=U), models.build(arch, act=act)
         twin.load_state_dict(cvn.state_dict())
         for train, goal in ((True, 1.10), (False, 1.05)):
             a, b, r = _paired(_step_fn(cvn, x, y, train), _step_fn(twin, x, y, train), reps)

@@ -92,7 +92,7 @@ def timing(device: torch.device, arch: str, U: int, batch: int, size: int, steps
     """Median train-step and inference time of the CVN against its twin, interleaved, with peak memory."""
     def build(kind: dict) -> torch.nn.Module:
         torch.manual_seed(0)
-        return lwta.build(arch, num_classes=1000 if arch.startswith("deit_t") else 64, img_size=size, **kind).to(device)
+        return models.build(arch, num_classes=1000 if arch.startswith("deit_t") else 64, img_size=size, **kind).to(device)
 
     models = {"cvn": build({"U": U}), "twin": build({"act": "gelu"})}
     x = torch.randn(batch, 3, size, size, device=device)

@@ -39,7 +39,7 @@ def test_layers_prints_the_parameter_count_and_the_lwta_layers() -> None:
 
     ref = timm.models.vision_transformer.VisionTransformer(img_size=64, patch_size=8, num_classes=64, embed_dim=96,
                                                            depth=4, num_heads=4)
-    n_stem = sum(p.numel() for p in demo.train.lwta.conv_stem(96, 8).parameters())
+    n_stem = sum(p.numel() for p in demo.train.models.conv_stem(96, 8).parameters())
     n_linear_stem = sum(p.numel() for p in ref.patch_embed.parameters())
     expected = sum(p.numel() for p in ref.parameters()) - n_linear_stem + n_stem
     flat = [" ".join(t.split()) for t in (cvn, twin)]  # the title may wrap

@@ -16,6 +16,7 @@ import torch
 import dissect
 import dissect_kernels
 import lwta
+import models
 import world
 import world_clip
 from common import DiscoverError
@@ -32,8 +33,8 @@ def setup(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("dissect")
     torch.manual_seed(0)
-    model = lwta.build("deit_world", U=4, num_classes=64)
-    lwta.save(model, tmp / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64,
+    model = models.build("deit_world", U=4, num_classes=64)
+    models.save(model, tmp / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64,
                                    "classes": world.TASKS["object"], "mean": [0.485, 0.456, 0.406],
                                    "std": [0.229, 0.224, 0.225]})
     world_clip.register()
@@ -53,7 +54,7 @@ def _cfg(setup: Path, **kw) -> dissect.DissectConfig:
 
 def _reference_scores(setup: Path) -> dict[str, np.ndarray]:
     """A and P computed by hand (plain forward hooks; the CLIP's own encoders), then SoftWPMI."""
-    model, _ = lwta.load(setup / "run")
+    model, _ = models.load(setup / "run")
     lwta.set_mode(model, "argmax")
     images, _ = world.render_batch(2, 0, 48)  # world:48 = seed 2
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
@@ -270,7 +271,7 @@ def test_random_copy_is_an_untrained_seeded_twin_of_the_architecture() -> None:
     import models
 
     torch.manual_seed(5)
-    model = lwta.build("resnet18_world", U=2, num_classes=64)
+    model = models.build("resnet18_world", U=2, num_classes=64)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -283,7 +284,7 @@ def test_random_copy_is_an_untrained_seeded_twin_of_the_architecture() -> None:
     bn = next(m for m in a.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert float(bn.running_mean.abs().max()) == 0 and float((bn.running_var - 1).abs().max()) == 0
     assert not a.training and model.conv1.weight.data_ptr() != a.conv1.weight.data_ptr()
-    vit = lwta.build("deit_world", U=8, num_classes=64)
+    vit = models.build("deit_world", U=8, num_classes=64)
     with torch.no_grad():
         vit.cls_token.fill_(1.0)
     r = models.random_copy(vit)

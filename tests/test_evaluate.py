@@ -156,7 +156,7 @@ def test_sentence_metric_is_optional(monkeypatch) -> None:
 
 
 def test_comparison_rows_and_model_checks(tmp_path: Path) -> None:
-    import lwta
+    import models
 
     A, labels = hidden_layer()
     a = write_run(tmp_path, "a", {"blocks.0.mlp.act": (A, labels, False)})
@@ -166,8 +166,8 @@ def test_comparison_rows_and_model_checks(tmp_path: Path) -> None:
     with pytest.raises(DiscoverError, match="--model given 3 times"):
         evaluate.evaluate([str(a), str(b)], ["m1", "m2", "m3"])
     # labels from another model
-    model = lwta.build("deit_world", U=4, num_classes=64)
-    lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
+    model = models.build("deit_world", U=4, num_classes=64)
+    models.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
     with pytest.raises(DiscoverError, match="another model"):
         evaluate.evaluate([str(a)], [str(tmp_path / "run")])
     # the activations file is gone and the provenance model cannot be loaded: one line, naming it
@@ -177,13 +177,12 @@ def test_comparison_rows_and_model_checks(tmp_path: Path) -> None:
 
 
 def test_missing_activations_are_recorded_again(tmp_path: Path) -> None:
-    import lwta
-    import record
     import models
+    import record
     import probes
 
-    model = lwta.build("deit_world", U=4, num_classes=64)
-    lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
+    model = models.build("deit_world", U=4, num_classes=64)
+    models.save(model, tmp_path / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
     model, meta = models.load_model(str(tmp_path / "run"))
     layer = "blocks.1.mlp.act"
     ref = record.record_layers(model, meta, [layer], probes.load_probe("world:64"), tmp_path / "ref",

@@ -145,8 +145,8 @@ def test_world_reference_and_errors(tmp_path: Path) -> None:
 def deit(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("explain")
     torch.manual_seed(0)
-    model = lwta.build("deit_world", U=4, num_classes=64)
-    lwta.save(model, tmp / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
+    model = models.build("deit_world", U=4, num_classes=64)
+    models.save(model, tmp / "run", {"arch": "deit_world", "U": 4, "num_classes": 64, "img_size": 64})
     model, meta = models.load_model(str(tmp / "run"))
     layer = "blocks.3.mlp.act"
     neurons = [{"layer": layer, "unit": k, "description": f"concept {k}", "similarity": 0.2, "dead": False,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lwta
+import models
 from common import DiscoverError
 
 # Upper 0.1 % points of the chi-square distribution (statistics tables), by degrees of freedom.
@@ -229,7 +230,7 @@ def test_conv_competition_is_per_position() -> None:
     ("resnet18", 2, "torchvision"),
 ])
 def test_cvn_has_its_twins_parameter_count(arch: str, U: int, reference: str) -> None:
-    cvn, twin = lwta.build(arch, U=U), lwta.build(arch)
+    cvn, twin = models.build(arch, U=U), models.build(arch)
     if reference == "timm":
         import timm
         stock = timm.create_model("deit_tiny_patch16_224", pretrained=False)
@@ -244,7 +245,7 @@ def test_cvn_has_its_twins_parameter_count(arch: str, U: int, reference: str) ->
 
 
 def test_resnet_sites_fire_once_each() -> None:
-    model = lwta.build("resnet18_world", U=2).eval()
+    model = models.build("resnet18_world", U=2).eval()
     calls: dict[str, int] = {}
     for name, m in lwta.lwta_modules(model).items():
         m.register_forward_hook(lambda mod, i, o, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
@@ -253,17 +254,17 @@ def test_resnet_sites_fire_once_each() -> None:
 
 
 def test_set_mode_and_bad_arguments() -> None:
-    model = lwta.build("deit_world", U=4)
+    model = models.build("deit_world", U=4)
     lwta.set_mode(model, "argmax")
     assert {m.mode for m in lwta.lwta_modules(model).values()} == {"argmax"}
     with pytest.raises(DiscoverError, match="mode"):
         lwta.set_mode(model, "greedy")
     with pytest.raises(DiscoverError, match=r"blocks\.0\.mlp\.act.*K=384.*U=5"):
-        lwta.build("deit_world", U=5)
+        models.build("deit_world", U=5)
     with pytest.raises(DiscoverError, match="U must be"):
-        lwta.build("deit_world", U=1)
+        models.build("deit_world", U=1)
     with pytest.raises(DiscoverError, match="unknown arch"):
-        lwta.build("vgg16", U=2)
+        models.build("vgg16", U=2)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -276,9 +277,9 @@ def _outputs_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_save_load_roundtrip(tmp_path) -> None:
-    model = lwta.build("deit_world", U=8, num_classes=10)
-    lwta.save(model, tmp_path / "run", {"arch": "deit_world", "U": 8, "num_classes": 10, "classes": list("abcdefghij")})
-    loaded, meta = lwta.load(tmp_path / "run")
+    model = models.build("deit_world", U=8, num_classes=10)
+    models.save(model, tmp_path / "run", {"arch": "deit_world", "U": 8, "num_classes": 10, "classes": list("abcdefghij")})
+    loaded, meta = models.load(tmp_path / "run")
     assert meta["U"] == 8 and meta["classes"][0] == "a"
     assert _outputs_equal(model, loaded)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
@@ -286,32 +287,32 @@ def test_save_load_roundtrip(tmp_path) -> None:
 
 @pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module_prefix"])
 def test_third_party_pth_variants(tmp_path, wrap: str) -> None:
-    model = lwta.build("resnet18_world", act="relu", num_classes=5)
+    model = models.build("resnet18_world", act="relu", num_classes=5)
     sd = model.state_dict()
     obj = {"plain": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd},
            "module_prefix": {f"module.{k}": v for k, v in sd.items()}}[wrap]
     torch.save(obj, tmp_path / "w.pth")
-    loaded, _ = lwta.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=5)
+    loaded, _ = models.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=5)
     assert _outputs_equal(model, loaded)
 
 
 def test_mismatched_and_corrupt_checkpoints(tmp_path) -> None:
-    model = lwta.build("resnet18_world", act="relu", num_classes=5)
+    model = models.build("resnet18_world", act="relu", num_classes=5)
     torch.save(model.state_dict(), tmp_path / "w.pth")
     with pytest.raises(DiscoverError, match=r"shape mismatch: fc\.weight \(5, 128\) vs \(7, 128\)"):
-        lwta.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=7)
+        models.load(tmp_path / "w.pth", arch="resnet18_world", act="relu", num_classes=7)
     sd = model.state_dict()
     sd.pop("fc.bias")
     sd["extra.weight"] = torch.zeros(1)
     torch.save(sd, tmp_path / "m.pth")
     with pytest.raises(DiscoverError, match=r"missing: fc\.bias; unexpected: extra\.weight"):
-        lwta.load(tmp_path / "m.pth", arch="resnet18_world", act="relu", num_classes=5)
+        models.load(tmp_path / "m.pth", arch="resnet18_world", act="relu", num_classes=5)
     (tmp_path / "bad.pth").write_bytes(b"\x80\x04 not a checkpoint")
     with pytest.raises(DiscoverError, match="cannot be read"):
-        lwta.load(tmp_path / "bad.pth", arch="resnet18_world")
+        models.load(tmp_path / "bad.pth", arch="resnet18_world")
     (tmp_path / "run").mkdir()
     with pytest.raises(DiscoverError, match="missing meta.json"):
-        lwta.load(tmp_path / "run")
+        models.load(tmp_path / "run")
 
 
 # --- half precision: the noise and the competition run in float32 ------------------------------------

@@ -38,7 +38,7 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 def _save_run(path: Path, model: nn.Module, arch: str, **meta) -> Path:
-    lwta.save(model, path, {"arch": arch, "num_classes": 10, "img_size": 64, "classes": list("abcdefghij"),
+    models.save(model, path, {"arch": arch, "num_classes": 10, "img_size": 64, "classes": list("abcdefghij"),
                             "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD), **meta})
     return path
 
@@ -46,7 +46,7 @@ def _save_run(path: Path, model: nn.Module, arch: str, **meta) -> Path:
 @pytest.fixture(scope="module")
 def deit_run(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return _save_run(tmp_path_factory.mktemp("deit") / "run", lwta.build("deit_world", U=4, num_classes=10),
+    return _save_run(tmp_path_factory.mktemp("deit") / "run", models.build("deit_world", U=4, num_classes=10),
                      "deit_world", U=4)
 
 
@@ -54,7 +54,7 @@ def deit_run(tmp_path_factory) -> Path:
 def resnet_run(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return _save_run(tmp_path_factory.mktemp("resnet") / "run",
-                     lwta.build("resnet18_world", act="relu", num_classes=10), "resnet18_world", act="relu")
+                     models.build("resnet18_world", act="relu", num_classes=10), "resnet18_world", act="relu")
 
 
 def _record(model, meta, layers, probe, out, **kw) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -127,7 +127,7 @@ def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
 @pytest.mark.parametrize("U", [2, 4])
 def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> None:
     torch.manual_seed(1)
-    model = lwta.build("deit_world", U=U, num_classes=10).eval()
+    model = models.build("deit_world", U=U, num_classes=10).eval()
     meta = {"img_size": 64, "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)}
     probe = probes.load_probe(str(image_dir))
     last = len(model.blocks) - 1
@@ -140,7 +140,7 @@ def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> No
 
 def test_lwta_conv_spatial_mean_is_not_sparse(image_dir, tmp_path) -> None:
     torch.manual_seed(0)
-    model = lwta.build("resnet18_world", U=2, num_classes=10).eval()
+    model = models.build("resnet18_world", U=2, num_classes=10).eval()
     meta = {"img_size": 64, "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)}
     acts, _ = _record(model, meta, ["layer1.0.act1"], probes.load_probe(str(image_dir)), tmp_path, signal="sample")
     assert (acts["layer1.0.act1"] != 0).mean() > 0.9  # every position has its own winner
@@ -280,8 +280,8 @@ def test_cache_is_reused_and_invalidated(resnet_run, tmp_path) -> None:
 
 def test_cvn_and_twin_never_share_an_entry() -> None:
     torch.manual_seed(0)
-    cvn = lwta.build("deit_world", U=4, num_classes=10)
-    twin = lwta.build("deit_world", act="gelu", num_classes=10)
+    cvn = models.build("deit_world", U=4, num_classes=10)
+    twin = models.build("deit_world", act="gelu", num_classes=10)
     twin.load_state_dict(cvn.state_dict())
     assert models.model_hash(cvn) != models.model_hash(twin)
     assert models.model_hash(cvn) == models.model_hash(cvn)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import lwta
+import models
 import train
 from common import DiscoverError
 import world
@@ -130,7 +131,7 @@ def test_held_out_test_score_matches_a_manual_count(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "test top-1 on 50 held-out world images" in r.stdout
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
-    model = lwta.load(tmp_path / "t")[0].eval()
+    model = models.load(tmp_path / "t")[0].eval()
     images, attrs = world.render_batch(train.WORLD_TEST_SEED, 0, 50)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
@@ -161,7 +162,7 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
                          text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "ddp")
-    init = lwta.build("deit_tiny", act="gelu", num_classes=64, img_size=64).state_dict()
+    init = models.build("deit_tiny", act="gelu", num_classes=64, img_size=64).state_dict()
     moved = 0
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6)
@@ -282,7 +283,7 @@ def test_response_init_and_its_parameter_groups() -> None:
     size); each changed parameter trains in a group whose lr is multiplied and weight decay divided
     by its scale; every parameter is in exactly one group."""
     torch.manual_seed(0)
-    model = lwta.build("deit_world", U=8, num_classes=64)
+    model = models.build("deit_world", U=8, num_classes=64)
     old = {i: (float(b.mlp.fc1.weight.std()), b.mlp.fc2.weight.detach().clone()) for i, b in enumerate(model.blocks)}
     changed = train.init_responses(model, 6.0)
     want = [p for b in model.blocks for p in (b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight)]
@@ -303,7 +304,7 @@ def test_response_init_and_its_parameter_groups() -> None:
         assert g["lr_scale"] == scale
         assert g["weight_decay"] == (pytest.approx(0.02 / scale) if p.ndim >= 2 else 0.0)
     assert all(g["lr_scale"] == 1.0 for g in groups[:2])
-    twin = lwta.build("deit_world", act="gelu", num_classes=64)
+    twin = models.build("deit_world", act="gelu", num_classes=64)
     assert train.init_responses(twin, 6.0) == []  # nothing competes in a twin
 
 
