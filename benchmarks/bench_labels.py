@@ -65,19 +65,19 @@ def _precision(exs: list[dict[str, Any]], labels: list[str], attrs: list[dict[st
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
 
 
-def run(models: dict[str, str], probes: list[str], concept_sets: list[str], signals: list[str],
+def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], signals: list[str],
         similarities: list[str], n_explain: int, gallery_share: float) -> list[dict[str, Any]]:
     clip = clip_backend.load_clip()
     check = gallery_share > 0 and clip.truth_threshold is not None
     by_name = {m.name: m for m in demo.demo_models()}
     rows = []
-    for probe_spec in probes:
+    for probe_spec in probe_specs:
         probe = probes.load_probe(probe_spec)
         values, Y, _ = evaluate.world_attributes(probe_spec)
         _, attrs = world.render_batch(probe.world_seed, 0, min(n_explain, probe.n), size=16)
         Ps = {c: clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(c), progress=False)
               for c in concept_sets}
-        for name, spec in models.items():
+        for name, spec in specs.items():
             model, meta = models.load_model(spec)
             hidden, output = by_name[name].layers if name in by_name else (
                 list(lwta.lwta_modules(model))[-1], dissect.output_layer(model))

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import lwta
+import models
 
 CASES = [  # arch, U, twin activation, batch
     ("deit_tiny", 16, "gelu", 16),
@@ -57,15 +58,15 @@ def _paired(fa, fb, reps: int) -> tuple[float, float, float]:
 @click.command()
 @click.option("--quick", is_flag=True, help="3 repetitions instead of 9.")
 @click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--models", default=",".join(c[0] for c in CASES), show_default=True,
+@click.option("--models", "archs", default=",".join(c[0] for c in CASES), show_default=True,
               help="Comma-separated archs to run.")
-def main(quick: bool, threads: int, models: str) -> None:
+def main(quick: bool, threads: int, archs: str) -> None:
     torch.set_num_threads(threads)
     reps = 3 if quick else 9
     table = Table(title=f"CVN vs twin, CPU, {threads} threads, median of {reps} interleaved pairs")
     for col in ("model", "batch", "pass", "CVN s", "twin s", "ratio", "goal"):
         table.add_column(col, justify="right" if col not in ("model", "pass") else "left")
-    chosen = [m for m in models.split(",") if m]
+    chosen = [m for m in archs.split(",") if m]
     if unknown := set(chosen) - {c[0] for c in CASES}:
         raise click.BadParameter(f"unknown models {sorted(unknown)}", param_hint="--models")
     for arch, U, act, batch in [c for c in CASES if c[0] in chosen]:

@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 import lwta
+import models
 
 CHI2_999_DF3 = 16.266  # upper 0.1 % point of chi-square with 3 degrees of freedom
 LOGITS = (1.0, -0.5, 0.3, 2.0)
@@ -94,15 +95,15 @@ def timing(device: torch.device, arch: str, U: int, batch: int, size: int, steps
         torch.manual_seed(0)
         return models.build(arch, num_classes=1000 if arch.startswith("deit_t") else 64, img_size=size, **kind).to(device)
 
-    models = {"cvn": build({"U": U}), "twin": build({"act": "gelu"})}
+    nets = {"cvn": build({"U": U}), "twin": build({"act": "gelu"})}
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 64, (batch,), device=device)
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else \
         (lambda: torch.autocast(device.type, enabled=False))
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in nets.items()}
 
     def train_step(k: str) -> None:
-        m = models[k].train()
+        m = nets[k].train()
         opts[k].zero_grad(set_to_none=True)
         with ctx():
             loss = torch.nn.functional.cross_entropy(m(x), y)
@@ -110,7 +111,7 @@ def timing(device: torch.device, arch: str, U: int, batch: int, size: int, steps
         opts[k].step()
 
     def infer(k: str) -> None:
-        m = models[k].eval()
+        m = nets[k].eval()
         with torch.inference_mode(), ctx():
             m(x)
 
@@ -125,18 +126,18 @@ def timing(device: torch.device, arch: str, U: int, batch: int, size: int, steps
 
     peak = {}
     for name, fn in (("train step", train_step), ("inference", infer)):
-        for k in models:  # warm-up
+        for k in nets:  # warm-up
             for _ in range(2):
                 fn(k)
         ratios = []
         for _ in range(steps):
-            t = {k: clock(fn, k) for k in models}
+            t = {k: clock(fn, k) for k in nets}
             ratios.append(t["cvn"] / t["twin"])
         goal = 1.10 if name == "train step" else 1.05
         print(f"      {arch}/{U} batch {batch} {size}px {'bf16' if amp else 'fp32'} {name}: "
               f"CVN / twin {statistics.median(ratios):.3f} (goal <= {goal}; {steps} pairs)", flush=True)
     if device.type == "cuda":
-        for k in models:
+        for k in nets:
             torch.cuda.reset_peak_memory_stats()
             train_step(k)
             torch.cuda.synchronize()

@@ -56,3 +56,22 @@ def test_module_level_imports_form_no_cycle() -> None:
     for n in MODULES:
         if n not in state:
             visit(n, [])
+
+
+def test_no_function_shadows_a_project_module_it_uses() -> None:
+    """A parameter or local named like a project module (``models``, ``probes``) hides the module
+    inside that function: ``models.build`` there is an attribute of the local."""
+    bad = []
+    for path in [*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            local = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+            local |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            for mod in local & set(MODULES):
+                used = {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
+                        and isinstance(n.value, ast.Name) and n.value.id == mod}
+                module_names = {a for a in dir(__import__(mod)) if not a.startswith("__")}
+                if used & module_names - {"items", "split", "keys", "values", "get", "append"}:
+                    bad.append(f"{path.name}:{fn.lineno} {fn.name}: {mod} ({', '.join(sorted(used))})")
+    assert bad == []
