@@ -252,19 +252,11 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
 
     stochastic = mode == "sample" and bool(lwta.lwta_modules(model))
     n_draws = samples if stochastic else 1  # argmax / no LWTA: every draw is the same
-    was_training = model.training
-    old_modes = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
-    model.eval()
-    lwta.set_mode(model, mode)
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode():
-            torch.manual_seed(seed)
-            signal = linfo.get("signal") or labels["provenance"].get("signal") or "sample"
-            d = _draws(model, module, x, n_draws, summary, signal if signal in record.SIGNALS else "sample")
-    finally:
-        for n, m in lwta.lwta_modules(model).items():
-            m.mode = old_modes[n]
-        model.train(was_training)
+    with lwta.inference(model, mode), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            torch.inference_mode():
+        torch.manual_seed(seed)
+        signal = linfo.get("signal") or labels["provenance"].get("signal") or "sample"
+        d = _draws(model, module, x, n_draws, summary, signal if signal in record.SIGNALS else "sample")
 
     values, mask, logits = d["values"], d["active"], d["logits"]
     K = values.shape[1]
@@ -403,15 +395,9 @@ def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], imag
     module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
     pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
     device = models.device_of(model)
-    old_modes = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
-    lwta.set_mode(model, mode)
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
-    finally:
-        for n, mod in lwta.lwta_modules(model).items():
-            mod.mode = old_modes[n]
+    with lwta.inference(model, mode), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(name)).name.replace(":", "-"))

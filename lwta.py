@@ -24,8 +24,9 @@ Usage (the networks that use these layers are built by ``models.build``)::
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -202,6 +203,22 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     for m in lwta_modules(model).values():
         m.mode = mode
     return model
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module, mode: str) -> Iterator[nn.Module]:
+    """``model`` in eval mode with every LWTA module in ``mode`` (winners sampled from pi or the
+    argmax) inside the block; its train flag and each LWTA module's mode as they were after it."""
+    was_training = model.training
+    old = {n: m.mode for n, m in lwta_modules(model).items()}
+    model.eval()
+    set_mode(model, mode)
+    try:
+        yield model
+    finally:
+        for n, m in lwta_modules(model).items():
+            m.mode = old[n]
+        model.train(was_training)
 
 
 def kl_divergence(model: nn.Module) -> torch.Tensor:

@@ -367,14 +367,11 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
                 raise _Stop
         return fn
 
-    was_training = model.training
-    old_modes = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
-    model.eval()
-    lwta.set_mode(model, mode)
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     size, interp = int(meta["img_size"]), meta.get("interpolation", "bilinear")
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(lwta.inference(model, mode))
             tmps = {n: stack.enter_context(atomic_path(paths[n])) for n in modules}
             writers = {n: _StreamWriter(tmps[n], probe.n, base[n]) for n in modules}
             stack.callback(lambda: [w.close() for w in writers.values()])  # before the renames
@@ -413,9 +410,6 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
     finally:
         for h in handles:
             h.remove()
-        for n, m in lwta.lwta_modules(model).items():
-            m.mode = old_modes[n]
-        model.train(was_training)
 
 
 def activation_cache(model_digest: str, probe: Probe, *, signal: str, mode: str, seed: int) -> Path:

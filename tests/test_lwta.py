@@ -378,3 +378,13 @@ def test_straight_through_gradient_in_bfloat16_matches_hand_derivation() -> None
     assert h.grad.dtype == torch.bfloat16
     np.testing.assert_array_equal(rows(y), ref_y)
     np.testing.assert_allclose(rows(h.grad), ref_grad, rtol=2e-2, atol=2e-2)
+
+
+def test_inference_sets_and_restores_modes_and_the_train_flag() -> None:
+    model = models.build("deit_world", U=8, num_classes=64).train()
+    list(lwta.lwta_modules(model).values())[1].mode = "argmax"  # mixed modes come back as they were
+    before = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
+    with pytest.raises(RuntimeError), lwta.inference(model, "argmax"):
+        assert not model.training and {m.mode for m in lwta.lwta_modules(model).values()} == {"argmax"}
+        raise RuntimeError("inside")
+    assert model.training and {n: m.mode for n, m in lwta.lwta_modules(model).items()} == before
