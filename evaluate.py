@@ -35,6 +35,7 @@ import contextlib
 import math
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -347,16 +348,10 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
     import lwta
     import models
 
-    old = {n: m.mode for n, m in lwta.lwta_modules(model).items()}
     meter = lwta.CertaintyMeter(model)
-    lwta.set_mode(model, "argmax")
-    try:
-        with torch.inference_mode(), meter:
-            for images in probe.batches(batch_size, int(meta["img_size"]), meta.get("interpolation", "bilinear")):
-                model(models.to_input(images, meta, models.device_of(model)))
-    finally:
-        for n, m in lwta.lwta_modules(model).items():
-            m.mode = old[n]
+    with lwta.inference(model, "argmax"), torch.inference_mode(), meter:
+        for images in probe.batches(batch_size, int(meta["img_size"]), meta.get("interpolation", "bilinear")):
+            model(models.to_input(images, meta, models.device_of(model)))
     return meter.means()
 
 
@@ -366,7 +361,7 @@ class LabelsRun:
     """One labels directory with its model, loaded only when needed (and then checked)."""
 
     def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu",
-                 model_args: dict[str, Any] | None = None) -> None:
+                 model_args: dict[str, Any] | None = None, clips: dict[str, Any] | None = None) -> None:
         import dissect
 
         self.dir = str(labels_dir)
@@ -382,6 +377,7 @@ class LabelsRun:
         self._model: tuple[Any, dict[str, Any]] | None = None
         self._certainty: dict[str, dict[str, float]] | None = None
         self._P: np.ndarray | None = None
+        self.clips = {} if clips is None else clips  # CLIP spec -> loaded model, shared by an evaluation's runs
         self.paths: dict[str, Path] = {}  # the activation file each layer was read from
         self.explicit = bool(model_spec)
         self.device = device
@@ -454,6 +450,15 @@ class LabelsRun:
                 and (meta.get("lwta") != "yes" or meta.get("signal", "sample") == info.get("signal", "sample"))
                 and (not stochastic or meta.get("seed") == str(p.get("seed"))))
 
+    def clip(self) -> Any:
+        """The labels' CLIP (``provenance.clip``), loaded once for every run of an evaluation."""
+        import clip_backend
+
+        spec = self.prov["clip"]
+        if spec not in self.clips:
+            self.clips[spec] = clip_backend.load_clip(spec, self.device)
+        return self.clips[spec]
+
     def similarities(self) -> np.ndarray:
         """P (N x M) of the labels' probe and concepts under the labels' CLIP (content-cached)."""
         if self._P is None:
@@ -464,7 +469,7 @@ class LabelsRun:
             p = self.prov
             if not p.get("clip") or not p.get("concepts"):
                 raise DiscoverError(f"--labels {self.dir}: the provenance names no CLIP or concept set")
-            clip = clip_backend.load_clip(p["clip"], self.device)
+            clip = self.clip()
             if p.get("clip_fingerprint") and clip.fingerprint != p["clip_fingerprint"]:
                 raise DiscoverError(f"--labels {self.dir}: the CLIP {p['clip']} changed since the dissection")
             probe = probes.load_probe(p["probe"], skip_bad=bool(p.get("skip_bad")))
@@ -601,9 +606,8 @@ def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
     return layer.split(".")[-1] in OUTPUT_LAYERS and bool(classes) and len(classes) == K
 
 
-def evaluate_run(run: LabelsRun, clip_encoders: dict[str, tuple[Callable, str]], sentence: Callable | None,
-                 sentence_name: str, world_cache: dict[str, Any], explain_n: int = 0,
-                 localise_n: int = 0) -> list[dict[str, Any]]:
+def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, world_cache: dict[str, Any],
+                 explain_n: int = 0, localise_n: int = 0) -> list[dict[str, Any]]:
     """One row of figures per labelled layer of ``run``."""
     import clip_backend
 
@@ -645,12 +649,9 @@ def evaluate_run(run: LabelsRun, clip_encoders: dict[str, tuple[Callable, str]],
             spec = prov.get("clip")
             clip_encode = None
             if spec:
-                if spec not in clip_encoders:
-                    clip = clip_backend.load_clip(spec)
-                    clip_encoders[spec] = (lambda t, c=clip: clip_backend.embed_texts(c, t, progress=False),
-                                           clip.fingerprint)
-                clip_encode, fingerprint = clip_encoders[spec]
-                if prov.get("clip_fingerprint") and fingerprint != prov["clip_fingerprint"]:
+                clip = run.clip()
+                clip_encode = partial(clip_backend.embed_texts, clip, progress=False)
+                if prov.get("clip_fingerprint") and clip.fingerprint != prov["clip_fingerprint"]:
                     row["notes"].append("the CLIP's weights differ from the dissection's")
             row["output_layer"] = {**final_layer_metrics(labels, classes, clip_encode, sentence),
                                    "clip": spec, "sentence_model": sentence_name}
@@ -712,19 +713,19 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     from common import resolve_device
 
     dev = str(resolve_device(device))
-    runs = [LabelsRun(d, m, dev, model_args) for d, m in zip(labels_dirs, specs)]
+    clips: dict[str, Any] = {}
+    runs = [LabelsRun(d, m, dev, model_args, clips) for d, m in zip(labels_dirs, specs)]
     sentence, sentence_name = (None, SENTENCE_NA)
     needs_output = any(_is_output_layer(layer, info.get("K", -1), r.classes)
                        for r in runs for layer, info in r.labels["layers"].items())
     if needs_output or sentence_model:
         sentence, sentence_name = load_sentence_model(sentence_model)
-    clip_encoders: dict[str, tuple[Callable, str]] = {}
     world_cache: dict[str, Any] = {}
     rows = []
     for r in runs:
         if log:
             log(f"evaluating {r.dir}")
-        rows += evaluate_run(r, clip_encoders, sentence, sentence_name, world_cache, explain_images, localise_images)
+        rows += evaluate_run(r, sentence, sentence_name, world_cache, explain_images, localise_images)
     return {"sentence_model": sentence_name, "selective_auroc": SELECTIVE_AUROC, "runs": rows}
 
 

@@ -137,7 +137,7 @@ def test_output_layer_accuracy_and_cosines(tmp_path: Path, monkeypatch) -> None:
     A[:, 2] = 0.0  # a dead output neuron: no label, counted wrong
     run = write_run(tmp_path, "head", {"head": (A, ["red circle", "blue", "", "Striped "], False)},
                     classes=classes, clip="fake-clip")
-    monkeypatch.setattr(clip_backend, "load_clip", lambda spec: type("C", (), {"fingerprint": "x"})())
+    monkeypatch.setattr(clip_backend, "load_clip", lambda spec, device="cpu": type("C", (), {"fingerprint": "x"})())
     monkeypatch.setattr(clip_backend, "embed_texts", lambda clip, texts, progress=True: fake_encoder(texts))
     monkeypatch.setattr(evaluate, "load_sentence_model", lambda name: (fake_encoder, "fake"))
     res = evaluate.evaluate([str(run)])
