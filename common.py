@@ -199,6 +199,14 @@ def _line_progress_class() -> type:
     return LineProgress
 
 
+def slug(text: str) -> str:
+    """``text`` as a file name: every run of characters other than letters, digits, ``_``, ``.``
+    and ``-`` becomes one ``_`` (none at the ends; "x" if nothing is left)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -390,7 +390,7 @@ def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], imag
     import maps
     import record
     import models
-    from common import atomic_path
+    from common import atomic_path, slug
 
     module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
     pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
@@ -400,7 +400,7 @@ def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], imag
         m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(name)).name.replace(":", "-"))
+    stem = slug(Path(str(name)).name.replace(":", "-"))
     written = {}
     for n in res["neurons"][:n_units]:
         k = n["unit"]

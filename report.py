@@ -24,12 +24,11 @@ the Jinja2 templates in ``templates/``, charts from matplotlib.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import DEMO_MARKER, REPO_DIR, DiscoverError, atomic_dir, progress_bar, sha256_file, sha256_json
+from common import DEMO_MARKER, REPO_DIR, DiscoverError, atomic_dir, progress_bar, sha256_file, sha256_json, slug
 
 TEMPLATES = REPO_DIR / "templates"
 MARKER = ".discover-report"  # identifies a directory as a report (safe to replace)
@@ -49,10 +48,6 @@ class Source:
     labels: dict[str, Any]
     explanations: list[dict[str, Any]] = field(default_factory=list)
     root: Path = Path(".")  # the results directory its explanations' map paths are relative to
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
 
 
 def _read_json(path: Path) -> Any:
@@ -85,8 +80,8 @@ def collect(root: Path) -> tuple[list[Source], dict[str, Any] | None, dict[str, 
                             "no demo output)")
     names: list[str] = []
     for d in dirs:  # unique short names: the directory name, or its path below root
-        name = _slug(d.name if d != root else root.resolve().name)
-        names.append(name if name not in names else _slug(str(d.relative_to(root))))
+        name = slug(d.name if d != root else root.resolve().name)
+        names.append(name if name not in names else slug(str(d.relative_to(root))))
     sources = [Source(n, d, dissect.read_labels(d)) for n, d in zip(names, dirs)]
     summary = _read_json(root / "summary.json") if (root / "summary.json").is_file() else None
     evaluation = _read_json(root / "evaluation.json") if (root / "evaluation.json").is_file() else None
@@ -147,7 +142,7 @@ class Thumbnails:
         """Relative URL of a picture file copied into the site (e.g. a winner map)."""
         import shutil
 
-        rel = f"img/maps/{_slug(key)}{path.suffix}"
+        rel = f"img/maps/{slug(key)}{path.suffix}"
         if rel not in self.written:
             (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, self.site / rel)
@@ -159,7 +154,7 @@ class Thumbnails:
         import explain
         from PIL import Image
 
-        rel = f"img/explain/{_slug(key)}.png"
+        rel = f"img/explain/{slug(key)}.png"
         if rel not in self.written:
             pixels, _ = explain.load_image(ref, size)
             (self.site / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -256,7 +251,7 @@ def _env() -> Any:
 
 
 def _layer_page(src: Source, layer: str) -> str:
-    return f"layers/{_slug(src.name)}--{_slug(layer)}.html"
+    return f"layers/{slug(src.name)}--{slug(layer)}.html"
 
 
 def _eval_rows(evaluation: dict[str, Any] | None, sources: list[Source]) -> list[dict[str, Any]]:
@@ -318,7 +313,7 @@ def _explanation(src: Source, j: int, e: dict[str, Any], thumbs: Thumbnails) -> 
                          map=thumbs.copy(where, f"{src.name}-{j}-{n['unit']}") if where and where.is_file() else None))
     top = rows[:TOP]
     bottom = rows[TOP:][-BOTTOM:] if len(rows) > TOP else []
-    return dict(e, index=j, page=f"explain/{_slug(src.name)}-{j}.html", run=src.name,
+    return dict(e, index=j, page=f"explain/{slug(src.name)}-{j}.html", run=src.name,
                 image_url=thumbs.image(e["image"], f"{src.name}-{j}"), top=top, bottom=bottom, all=rows,
                 layer_page=_layer_page(src, e["layer"]))
 
