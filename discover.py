@@ -306,8 +306,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
                    "0.67); the forward sample is exact for any.")
 @click.option("--label-smoothing", type=float, default=None, help="Cross-entropy label smoothing (recipe default).")
 @click.option("--response-std", type=float, default=None,
-              help="CVN: initial std of the competing unit responses (each fc1 feeding an LWTA re-drawn "
-                   "N(0, s^2/fan_in)); recipe default.")
+              help="CVN: initial std of the competing unit responses (a ViT's fc1 re-drawn N(0, s^2/fan_in), "
+                   "a ResNet's BatchNorms before each LWTA scaled by s); recipe default.")
 @click.option("--fresh/--no-fresh", default=None,
               help="World: new training images every epoch (recipe default) or one set rendered once.")
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")

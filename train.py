@@ -152,14 +152,26 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def init_responses(model: nn.Module, std: float) -> list[tuple[nn.Parameter, float]]:
-    """Re-draw the weights of every ``nn.Linear`` whose output competes in an LWTA (a ViT block's
-    ``fc1``) from N(0, std^2 / fan_in), bias 0, so that on unit-variance inputs (the block's
-    LayerNorm output) each unit response h of Eq. 1 starts with standard deviation ~``std``:
-    pi = softmax(h) (Eq. 2) is unchanged in form, only its starting spread. The layer that reads the
-    winners' outputs xi * h (the block's ``fc2``) has its weight divided by the same scale, so the
-    block's output starts as large as with the default initialisation. Returns each parameter
-    changed with its scale, the new weight std over the old one (fc1) or its inverse (fc2)."""
+    """Give every unit response h that competes in an LWTA (Eq. 1) a starting standard deviation of
+    ~``std``, so that pi = softmax(h) (Eq. 2) starts sharper, unchanged in form; the layer that reads
+    the winners' outputs xi * h is scaled back, so the network's output starts as by default.
+
+    - A ViT block's ``fc1`` is re-drawn from N(0, std^2 / fan_in), bias 0 (its inputs, the block's
+      LayerNorm output, have unit variance); its ``fc2`` weight is divided by the same scale.
+    - A ResNet's BatchNorms that feed a ConvLWTA (the stem's ``bn1``; each block's ``bn1``, ``bn2`` and
+      the shortcut's BatchNorm) have gamma and beta multiplied by ``std`` (a BatchNorm's output has
+      std gamma); every convolution that reads a winner is followed by a BatchNorm, so only the
+      classifier ``fc``, which reads the last block's winners, is divided by ``std``.
+
+    Returns each parameter changed with its scale: the new size over the old one."""
     changed: list[tuple[nn.Parameter, float]] = []
+
+    def scale_(p: nn.Parameter | None, scale: float) -> None:
+        if p is not None:
+            with torch.no_grad():
+                p.mul_(scale)
+            changed.append((p, scale))
+
     for mod in model.modules():
         fc1, act, fc2 = getattr(mod, "fc1", None), getattr(mod, "act", None), getattr(mod, "fc2", None)
         if isinstance(fc1, nn.Linear) and isinstance(act, lwta.LWTABase):
@@ -174,22 +186,34 @@ def init_responses(model: nn.Module, std: float) -> list[tuple[nn.Parameter, flo
                 if isinstance(fc2, nn.Linear):
                     fc2.weight.div_(scale)
                     changed.append((fc2.weight, 1.0 / scale))
+        elif isinstance(mod, models.CompetitiveBasicBlock) and isinstance(mod.act2, lwta.LWTABase):
+            bns = [mod.bn1, mod.bn2] + ([mod.downsample[1]] if mod.downsample is not None else [])
+            for bn in bns:
+                scale_(bn.weight, std)
+                scale_(bn.bias, std)
+    if isinstance(getattr(model, "relu", None), lwta.LWTABase) and isinstance(getattr(model, "fc", None), nn.Linear):
+        scale_(model.bn1.weight, std)
+        scale_(model.bn1.bias, std)
+        scale_(model.fc.weight, 1.0 / std)
     return changed
 
 
 def param_groups(model: nn.Module, weight_decay: float,
-                 scaled: list[tuple[nn.Parameter, float]] = ()) -> list[dict[str, Any]]:
+                 scaled: list[tuple[nn.Parameter, float]] = (), power: int = 1) -> list[dict[str, Any]]:
     """Optimizer groups: weight matrices with ``weight_decay``, vectors without; the parameters of
     :func:`init_responses` in groups of their own whose learning rate is multiplied (``lr_scale``)
-    and weight decay divided by their init scale, so that their relative updates match the default
+    and weight decay divided by their init scale to the ``power`` (1 for Adam, whose steps do not
+    grow with the gradient; 2 for SGD, where a parameter s times larger whose output is renormalised
+    also gets an s times smaller gradient), so that their relative updates match the default
     initialisation's."""
     own = {id(p) for p, _ in scaled}
     rest = [p for p in model.parameters() if id(p) not in own]
     groups = [{"params": [p for p in rest if p.ndim >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
               {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
     for p, scale in scaled:
-        groups.append({"params": [p], "weight_decay": weight_decay / scale if p.ndim >= 2 else 0.0,
-                       "lr_scale": scale})
+        factor = scale ** power
+        groups.append({"params": [p], "weight_decay": weight_decay / factor if p.ndim >= 2 else 0.0,
+                       "lr_scale": factor})
     return groups
 
 
@@ -532,7 +556,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                        tau=cfg.tau)
     scaled = init_responses(model, cfg.response_std) if cfg.response_std is not None and cfg.U is not None else []
     model = model.to(device)
-    groups = param_groups(model, cfg.weight_decay, scaled)
+    groups = param_groups(model, cfg.weight_decay, scaled, power=1 if cfg.optimizer == "adamw" else 2)
     opt = (torch.optim.AdamW(groups, lr=cfg.lr) if cfg.optimizer == "adamw"
            else torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum))
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None

@@ -308,6 +308,47 @@ def test_response_init_and_its_parameter_groups() -> None:
     assert train.init_responses(twin, 6.0) == []  # nothing competes in a twin
 
 
+def test_response_init_of_a_resnet_cvn() -> None:
+    """--response-std for ConvLWTA: the input of every LWTA (a BatchNorm output, or a sum of two, in
+    training mode) has std ~s per channel at initialisation, against ~1 (or ~sqrt(2) for a sum) by
+    default; the classifier reading the last winners is divided by s; with SGD (power 2) each group's
+    lr is multiplied, and weight decay divided, by scale^2."""
+    torch.manual_seed(0)
+    model = models.build("resnet18_world", U=2, num_classes=64)
+    fc_old = model.fc.weight.detach().clone()
+    inputs: dict[str, list[float]] = {}
+
+    def hook(mod, args, _out) -> None:
+        inputs.setdefault(mod.name, []).append(float(args[0].std(dim=(0, 2, 3)).mean()))
+
+    acts = lwta.lwta_modules(model)
+    handles = [m.register_forward_hook(hook) for m in acts.values()]
+    x = torch.randn(32, 3, 64, 64)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    before = {k: v[-1] for k, v in inputs.items()}
+    changed = train.init_responses(model, 3.0)
+    with torch.no_grad():
+        model(x)
+    after = {k: v[-1] for k, v in inputs.items()}
+    for h in handles:
+        h.remove()
+    assert len(acts) == 9 and set(after) == set(acts)
+    for name in acts:  # BatchNorm outputs (or sums of them) scaled by exactly s
+        assert after[name] == pytest.approx(3.0 * before[name], rel=0.02), name
+    np.testing.assert_allclose(model.fc.weight.detach().numpy(), fc_old.numpy() / 3.0, rtol=1e-6)
+    bns = [model.bn1] + [m for b in model.modules() if isinstance(b, models.CompetitiveBasicBlock)
+                         for m in (b.bn1, b.bn2, *(b.downsample[1:2] if b.downsample is not None else ()))]
+    assert {id(p) for p, _ in changed} == {id(p) for bn in bns for p in (bn.weight, bn.bias)} | {id(model.fc.weight)}
+    groups = train.param_groups(model, 1e-4, changed, power=2)
+    for p, scale in changed:
+        (g,) = [g for g in groups if len(g["params"]) == 1 and g["params"][0] is p]
+        assert g["lr_scale"] == pytest.approx(scale ** 2)
+        assert g["weight_decay"] == (pytest.approx(1e-4 / scale ** 2) if p.ndim >= 2 else 0.0)
+    assert train.init_responses(models.build("resnet18_world", act="relu", num_classes=64), 3.0) == []
+
+
 def _image_folder(root: Path, n_train: int, n_val: int) -> Path:
     """A tiny ImageFolder root (train/ and val/) of world images by shape."""
     from PIL import Image
