@@ -80,18 +80,18 @@ def load_clip(spec: str = DEFAULT, device: str = "cpu") -> ClipModel:
         models = open_clip.list_models()
         if name not in models:
             close = _close_names(name, models)
-            raise DiscoverError(f"--clip {spec}: open_clip has no model {name!r}"
+            raise DiscoverError(f"`clip` {spec}: open_clip has no model {name!r}"
                                 + (f"; close names: {', '.join(close)}" if close else "")
                                 + " (open_clip.list_models() lists them all)")
         if not sep or not pretrained:
             tags = open_clip.list_pretrained_tags_by_model(name)
-            raise DiscoverError(f"--clip {spec}: give NAME:PRETRAINED, PRETRAINED a tag"
+            raise DiscoverError(f"`clip` {spec}: give NAME:PRETRAINED, PRETRAINED a tag"
                                 + (f" ({', '.join(tags[:6])})" if tags else "") + " or a weights file path")
         model, preprocess, tokenizer, weights = _load_open_clip(spec, name, pretrained)
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as e:  # cuda missing, a bad device string
-        raise DiscoverError(f"--device {device}: {str(e).splitlines()[0][:120]}") from e
+        raise DiscoverError(f"`device` {device}: {str(e).splitlines()[0][:120]}") from e
     fingerprint = sha256_json(["clip", weights_sha256(weights), spec, str(preprocess)])
     return ClipModel(model.float().eval(), preprocess, tokenizer, name, fingerprint, spec, Path(weights),
                      truth_threshold(spec))
@@ -116,7 +116,7 @@ def _close_names(name: str, choices: Sequence[str], n: int = 5) -> list[str]:
 
 
 def _offline_error(spec: str, name: str, tag: str, why: str) -> DiscoverError:
-    return DiscoverError(f"--clip {spec}: the {name} weights {tag!r} could not be downloaded ({why}); "
+    return DiscoverError(f"`clip` {spec}: the {name} weights {tag!r} could not be downloaded ({why}); "
                          f"copy the weights file to this machine and pass {name}:/path/to/weights")
 
 
@@ -150,12 +150,12 @@ def _load_open_clip(spec: str, name: str, pretrained: str) -> tuple[Any, Any, An
     else:
         weights = Path(pretrained).expanduser()
         if weights.is_dir():
-            raise DiscoverError(f"--clip {spec}: {weights} is a folder; give the weights file itself")
+            raise DiscoverError(f"`clip` {spec}: {weights} is a folder; give the weights file itself")
         if not weights.is_file():
             if os.sep in pretrained or "/" in pretrained or weights.suffix in WEIGHT_SUFFIXES:
-                raise DiscoverError(f"--clip {spec}: weights file {weights}: no such file")
+                raise DiscoverError(f"`clip` {spec}: weights file {weights}: no such file")
             tags = open_clip.list_pretrained_tags_by_model(name)
-            raise DiscoverError(f"--clip {spec}: {name} has no pretrained tag {pretrained!r}"
+            raise DiscoverError(f"`clip` {spec}: {name} has no pretrained tag {pretrained!r}"
                                 + (f"; its tags: {', '.join(tags)}" if tags else "")
                                 + f" (or give a weights file: {name}:/path/to/weights)")
         source = str(weights)
@@ -164,12 +164,12 @@ def _load_open_clip(spec: str, name: str, pretrained: str) -> tuple[Any, Any, An
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=source)
         except Exception as e:  # corrupt file, foreign tensors, a tower that needs a download
             first = (str(e).splitlines() or [""])[0][:120]
-            raise DiscoverError(f"--clip {spec}: weights file {weights} cannot be loaded as {name} "
+            raise DiscoverError(f"`clip` {spec}: weights file {weights} cannot be loaded as {name} "
                                 f"({type(e).__name__}{': ' + first if first else ''})") from e
         try:
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as e:
-            raise DiscoverError(f"--clip {spec}: the {name} tokenizer cannot be loaded ({type(e).__name__}"
+            raise DiscoverError(f"`clip` {spec}: the {name} tokenizer cannot be loaded ({type(e).__name__}"
                                 + ("; offline" if offline else "") + ")") from e
     return model, preprocess, tokenizer, weights
 
@@ -242,7 +242,7 @@ def embed_images(clip: ClipModel, images: Probe | Sequence[Any], *, key: str | N
     thread pool (``workers``), each at its own size, through the CLIP's own transform.
     """
     if batch_size < 1:
-        raise DiscoverError(f"--batch-size must be at least 1, got {batch_size}")
+        raise DiscoverError(f"`batch_size` must be at least 1, got {batch_size}")
     if isinstance(images, Probe):
         n, get = images.n, images.get_image
         what: Any = ["probe", images.fingerprint, key]
@@ -284,7 +284,7 @@ def embed_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 64, pro
     if not all(isinstance(t, str) for t in texts):
         raise DiscoverError("embed_texts: every text must be a string")
     if batch_size < 1 or chunk < 1:
-        raise DiscoverError(f"--batch-size must be at least 1, got {min(batch_size, chunk)}")
+        raise DiscoverError(f"`batch_size` must be at least 1, got {min(batch_size, chunk)}")
     parts: list[np.ndarray | None] = []
     paths = []
     for start in range(0, len(texts), chunk):
@@ -337,7 +337,7 @@ def zeroshot(clip: ClipModel, n: int = 1000, seed: int = world_clip.EVAL_SEED, b
     images of ``seed``: ``world_clip.zeroshot`` for world-clip on the CPU; for any other CLIP the same
     prompt ensembles (``world_clip.PROMPTS``), the images going through that CLIP's own transform."""
     if n < 1:
-        raise DiscoverError(f"--n must be at least 1, got {n}")
+        raise DiscoverError(f"`n` must be at least 1, got {n}")
     if clip.name == world_clip.NAME and clip.device.type == "cpu":
         return world_clip.zeroshot(clip.model, clip.tokenizer, n=n, seed=seed, batch_size=batch_size)
     return _zeroshot_any(clip, n, seed, batch_size)

@@ -42,7 +42,7 @@ def cache_dir() -> Path:
     return root
 
 
-def resolve_device(spec: str, flag: str = "--device"):
+def resolve_device(spec: str, flag: str = "`device`"):
     """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:1`` ... as a
     ``torch.device``; a bad or unavailable one is a one-line :class:`DiscoverError`."""
     import torch
@@ -234,7 +234,7 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str, force: bool = False,
         foreign = [p.name for p in path.iterdir() if p.name not in allowed]
         if foreign and not force:
             raise DiscoverError(f"{flag}: {path} is not empty ({len(foreign)} entries); "
-                                "pass --force to overwrite")
+                                "pass `force` to overwrite")
     parent = path if path.is_dir() else path.parent
     while not parent.exists():
         parent = parent.parent

@@ -132,7 +132,7 @@ def imagenet_class_names(model: Any) -> list[str] | None:
     return [_first_lemma(d) for d in ImageNetInfo(subset).label_descriptions()] if subset else None
 
 
-def read_class_names(path: str | Path, n: int | None, flag: str = "--class-names") -> list[str]:
+def read_class_names(path: str | Path, n: int | None, flag: str = "`class_names`") -> list[str]:
     """Class names from a file, one per line in the order of the model's outputs (blank lines
     dropped); there must be exactly ``n`` of them when the output width ``n`` is known."""
     names = [line.strip() for line in read_lines(path, f"{flag} {path}")]

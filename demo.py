@@ -210,7 +210,7 @@ def summarise(cfg: DemoConfig, metas: dict[str, dict[str, Any]], evaluation: dic
 def run(cfg: DemoConfig, force: bool = False) -> dict[str, Any]:
     out = cfg.out
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists() and not force:
-        raise DiscoverError(f"--out {out} is not empty and not a demo directory; pass --force to use it")
+        raise DiscoverError(f"`out` {out} is not empty and not a demo directory; pass `force` to use it")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by python discover.py demo\n")
     metas = train_models(cfg)

@@ -12,6 +12,7 @@ Bad input raises :class:`common.DiscoverError`, printed as one line with a non-z
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 
@@ -26,6 +27,28 @@ err_console = Console(stderr=True)
 for _c in (console, err_console):  # a pipe or CI log: full rows, not the 80 columns rich assumes there
     if not _c.is_terminal and "COLUMNS" not in os.environ:
         _c.width = 200
+
+
+def option_flags(command: click.Command) -> dict[str, str]:
+    """Each option's argument name (``batch_size``, and the flag's own words, ``clip`` for ``--clip``
+    whose argument is ``clip_spec``) -> its flag (``--batch-size``), over ``command`` and every command
+    under it."""
+    flags: dict[str, str] = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            flag = max(param.opts, key=len)
+            flags.setdefault(param.name, flag)
+            flags.setdefault(flag.lstrip("-").replace("-", "_"), flag)
+    for sub in getattr(command, "commands", {}).values():
+        for name, flag in option_flags(sub).items():
+            flags.setdefault(name, flag)
+    return flags
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message, which names arguments as ```name```, in the CLI's words: ```batch_size```
+    becomes ``--batch-size``; a quoted name that is no option stays as it is."""
+    return re.sub(r"`([A-Za-z_][A-Za-z0-9_]*)`", lambda m: flags.get(m[1], m[0]), message)
 
 
 class DiscoverGroup(click.Group):
@@ -56,7 +79,8 @@ class DiscoverGroup(click.Group):
                 raise
             if isinstance(e, OSError):  # the file system said no: name the file and the reason
                 e = DiscoverError(f"{e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}")
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            message = in_flags(str(e), option_flags(ctx.find_root().command))
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
 

@@ -217,7 +217,7 @@ def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, 
 def dissect(cfg: DissectConfig, log: Any = print) -> dict[str, Any]:
     """Run the whole pipeline; returns the summary (layers, neurons, dead units, seconds per stage).
     ``cfg.out`` is locked for the run: a second dissect into it fails at once."""
-    with output_lock(cfg.out, "--out"):
+    with output_lock(cfg.out, "`out`"):
         return _dissect(cfg, log)
 
 
@@ -230,9 +230,9 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
     import probes
 
     if not 0 <= cfg.gallery_share <= 1:
-        raise DiscoverError(f"--gallery-share must be in [0, 1], got {cfg.gallery_share}")
+        raise DiscoverError(f"`gallery_share` must be in [0, 1], got {cfg.gallery_share}")
     if cfg.similarity not in SIMILARITY_NAMES:
-        raise DiscoverError(f"--similarity: unknown {cfg.similarity!r}; choose one of {', '.join(SIMILARITY_NAMES)}")
+        raise DiscoverError(f"`similarity`: unknown {cfg.similarity!r}; choose one of {', '.join(SIMILARITY_NAMES)}")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     concept_list = concepts_mod.load_concepts(cfg.concepts)
@@ -324,7 +324,7 @@ def read_labels(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     f = path / "labels.json" if path.is_dir() else path
     if not f.is_file():
-        raise DiscoverError(f"--labels {path}: no labels.json (run python discover.py dissect first)")
+        raise DiscoverError(f"`labels` {path}: no labels.json (run python discover.py dissect first)")
     try:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:

@@ -157,7 +157,7 @@ def load_sentence_model(name: str | None) -> tuple[Callable[[list[str]], np.ndar
     """
     explicit = name is not None
     name = name or DEFAULT_SENTENCE_MODEL
-    flag = f"--sentence-model {name}"
+    flag = f"`sentence_model` {name}"
     try:
         import sentence_transformers  # noqa: F401
     except ImportError as exc:
@@ -368,7 +368,7 @@ class LabelsRun:
         self.labels = dissect.read_labels(labels_dir)
         self.prov = self.labels.get("provenance") or {}
         if "layers" not in self.labels or "neurons" not in self.labels:
-            raise DiscoverError(f"--labels {labels_dir}: labels.json lacks layers/neurons (not a dissection)")
+            raise DiscoverError(f"`labels` {labels_dir}: labels.json lacks layers/neurons (not a dissection)")
         self.model_spec = model_spec or self.prov.get("model")
         # what completes the spec (a weights file's arch/U/act, a class-names file): the dissection's, then the flags'
         self.model_args = {**(self.prov.get("model_args") or {}),
@@ -391,9 +391,9 @@ class LabelsRun:
             import models
 
             if not self.model_spec:
-                raise DiscoverError(f"--labels {self.dir}: no model in the provenance; pass --model")
+                raise DiscoverError(f"`labels` {self.dir}: no model in the provenance; pass `model`")
             model, meta = models.load_model(self.model_spec, **self.model_args)
-            explain.check_labels(model, self.labels, where=f"--labels {self.dir}")
+            explain.check_labels(model, self.labels, where=f"`labels` {self.dir}")
             self._model = (model.to(self.device), meta)
         return self._model
 
@@ -468,10 +468,10 @@ class LabelsRun:
 
             p = self.prov
             if not p.get("clip") or not p.get("concepts"):
-                raise DiscoverError(f"--labels {self.dir}: the provenance names no CLIP or concept set")
+                raise DiscoverError(f"`labels` {self.dir}: the provenance names no CLIP or concept set")
             clip = self.clip()
             if p.get("clip_fingerprint") and clip.fingerprint != p["clip_fingerprint"]:
-                raise DiscoverError(f"--labels {self.dir}: the CLIP {p['clip']} changed since the dissection")
+                raise DiscoverError(f"`labels` {self.dir}: the CLIP {p['clip']} changed since the dissection")
             probe = probes.load_probe(p["probe"], skip_bad=bool(p.get("skip_bad")))
             self._P = clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(p["concepts"]), progress=False)
         return self._P
@@ -556,7 +556,7 @@ class LabelsRun:
         model, meta = self.model()
         probe = probes.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
         if probe.fingerprint != self.prov.get("probe_fingerprint"):
-            raise DiscoverError(f"--labels {self.dir}: the probe {self.prov['probe']} changed since the dissection")
+            raise DiscoverError(f"`labels` {self.dir}: the probe {self.prov['probe']} changed since the dissection")
         summary = self.labels["layers"][layer].get("summary") or self.prov.get("summary") or "auto"
         mode, seed, signal = self.prov.get("mode", "sample"), int(self.prov.get("seed", 0)), self.signal
         cache = record.activation_cache(self.prov["model_hash"], probe, signal=signal, mode=mode, seed=seed)
@@ -622,7 +622,7 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
         A, ameta = run.activations(layer)
         K = A.shape[1]
         if len(neurons) != K:
-            raise DiscoverError(f"--labels {run.dir}: layer {layer} has {len(neurons)} labelled neurons "
+            raise DiscoverError(f"`labels` {run.dir}: layer {layer} has {len(neurons)} labelled neurons "
                                 f"but {K} activation columns")
         labels = [n.get("description") or "" for n in neurons]
         U = info.get("U")
@@ -704,10 +704,10 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     name or "n/a (...)", "runs": [row per dir x layer]}`` (see the module docstring for the figures).
     """
     if not labels_dirs:
-        raise DiscoverError("--labels: give at least one labels directory")
+        raise DiscoverError("`labels`: give at least one labels directory")
     models = list(models)
     if len(models) not in (0, 1, len(labels_dirs)):
-        raise DiscoverError(f"--model given {len(models)} times for {len(labels_dirs)} labels directories: "
+        raise DiscoverError(f"`model` given {len(models)} times for {len(labels_dirs)} labels directories: "
                             "give it once, once per directory, or not at all (the labels' own model)")
     specs = models * len(labels_dirs) if len(models) == 1 else models or [None] * len(labels_dirs)
     from common import resolve_device

@@ -105,7 +105,7 @@ def _resample(interpolation: str):
 
 # --- labels ---------------------------------------------------------------------------------------
 
-def check_labels(model: nn.Module, labels: dict[str, Any], where: str = "--labels") -> None:
+def check_labels(model: nn.Module, labels: dict[str, Any], where: str = "`labels`") -> None:
     """A :class:`DiscoverError` unless ``labels`` were computed for exactly this model."""
     import models
 
@@ -115,14 +115,14 @@ def check_labels(model: nn.Module, labels: dict[str, Any], where: str = "--label
         raise DiscoverError(f"{where}: labels.json has no provenance model_hash (not a dissection?)")
     if want != models.model_hash(model):
         raise DiscoverError(f"{where}: these labels come from another model ({prov.get('model')}, "
-                            f"hash {want[:12]}); dissect this model first or pass the matching --model")
+                            f"hash {want[:12]}); dissect this model first or pass the matching `model`")
 
 
 def default_layer(model: nn.Module, labels: dict[str, Any]) -> str:
     """The last LWTA layer (in the model's module order) that the labels cover, else their first layer."""
     layers = list(labels.get("layers") or {})
     if not layers:
-        raise DiscoverError("--labels: labels.json lists no layer")
+        raise DiscoverError("`labels`: labels.json lists no layer")
     competitive = [n for n in lwta.lwta_modules(model) if n in layers]
     return competitive[-1] if competitive else layers[0]
 
@@ -130,7 +130,7 @@ def default_layer(model: nn.Module, labels: dict[str, Any]) -> str:
 def check_layer(labels: dict[str, Any], layer: str) -> None:
     layers = list(labels.get("layers") or {})
     if layer not in layers:
-        raise DiscoverError(f"--layer {layer}: not in the labels (they cover {', '.join(layers) or 'no layer'})")
+        raise DiscoverError(f"`layer` {layer}: not in the labels (they cover {', '.join(layers) or 'no layer'})")
 
 
 # --- the explanation ------------------------------------------------------------------------------
@@ -235,11 +235,11 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     import models
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise DiscoverError(f"--samples must be at least 1, got {samples}")
+        raise DiscoverError(f"`samples` must be at least 1, got {samples}")
     if mode not in lwta.MODES:
-        raise DiscoverError(f"--mode must be one of {', '.join(lwta.MODES)}, got {mode!r}")
+        raise DiscoverError(f"`mode` must be one of {', '.join(lwta.MODES)}, got {mode!r}")
     if sort not in SORTS:
-        raise DiscoverError(f"--sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        raise DiscoverError(f"`sort` must be one of {', '.join(SORTS)}, got {sort!r}")
     check_labels(model, labels)
     layer = layer or default_layer(model, labels)
     check_layer(labels, layer)
@@ -261,7 +261,7 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     values, mask, logits = d["values"], d["active"], d["logits"]
     K = values.shape[1]
     if linfo.get("K") not in (None, K):
-        raise DiscoverError(f"--layer {layer}: the labels have {linfo['K']} neurons, the model's layer {K}")
+        raise DiscoverError(f"`layer` {layer}: the labels have {linfo['K']} neurons, the model's layer {K}")
     by_unit = {int(n["unit"]): n for n in labels.get("neurons", []) if n.get("layer") == layer}
     U = getattr(module, "U", None) if isinstance(module, lwta.LWTABase) else None
     wins = mask.sum(0)
@@ -277,7 +277,7 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
         act = np.where(mask, values, 0.0).mean(0)  # the mean output over the draws
     when_active = np.where(wins > 0, np.where(mask, values, 0.0).sum(0) / np.maximum(wins, 1), 0.0)
     if sort == "z" and not any("signal_std" in n for n in by_unit.values()):
-        raise DiscoverError(f"--sort z: the labels of {layer} have no per-neuron signal statistics "
+        raise DiscoverError(f"`sort` z: the labels of {layer} have no per-neuron signal statistics "
                             "(made before labels.json format 2); run dissect again")
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
     mu = np.array([_num(by_unit.get(k, {}).get("signal_mean")) or 0.0 for k in range(K)])

@@ -169,14 +169,14 @@ def build(arch: str, U: int | None = None, act: str | None = None, num_classes: 
     if arch not in ARCHS:
         raise DiscoverError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if U is not None and act is not None:
-        raise DiscoverError("give either --U (a CVN) or --act (its plain twin), not both")
+        raise DiscoverError("give either `U` (a CVN) or `act` (its plain twin), not both")
     if U is not None and (isinstance(U, bool) or not isinstance(U, int) or U < 2):
-        raise DiscoverError(f"--U must be an integer >= 2, got {U!r}")
+        raise DiscoverError(f"`U` must be an integer >= 2, got {U!r}")
     if act is not None and act not in ("gelu", "relu"):
-        raise DiscoverError(f"--act must be gelu or relu, got {act!r}")
+        raise DiscoverError(f"`act` must be gelu or relu, got {act!r}")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
-        raise DiscoverError(f"--num-classes must be an integer >= 1, got {num_classes!r}")
+        raise DiscoverError(f"`num_classes` must be an integer >= 1, got {num_classes!r}")
     spec = ARCHS[arch]
     return spec.builder(U, act, tau, num_classes=num_classes or spec.num_classes,
                         img_size=img_size or spec.img_size, **spec.kwargs)
@@ -307,7 +307,7 @@ def load_model(spec: str, class_names: str | Path | None = None,
         elif path.is_file():
             model, meta = _load_weights_file(path, kwargs)
         else:
-            raise DiscoverError(f"--model {spec}: no such run directory or weights file "
+            raise DiscoverError(f"`model` {spec}: no such run directory or weights file "
                                 "(or give timm:NAME[:WEIGHTS] / torchvision:NAME[:WEIGHTS])")
     meta = dict(meta)
     meta.setdefault("img_size", 224)
@@ -328,7 +328,7 @@ def load_model(spec: str, class_names: str | Path | None = None,
 def _split_weights(rest: str) -> tuple[str, str | None]:
     name, _, weights = rest.partition(":")
     if not name:
-        raise DiscoverError("--model: give a model name after timm: / torchvision:")
+        raise DiscoverError("`model`: give a model name after timm: / torchvision:")
     return name, weights or None
 
 
@@ -342,8 +342,8 @@ def _classifier_width(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple
 
 def _load_weights_file(path: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     if "arch" not in kwargs:
-        raise DiscoverError(f"--model {path}: a weights file needs its architecture: --arch NAME "
-                            "and --U N (a CVN) or --act gelu|relu (its twin)")
+        raise DiscoverError(f"`model` {path}: a weights file needs its architecture: `arch` NAME "
+                            "and `U` N (a CVN) or `act` gelu|relu (its twin)")
     state = read_state_dict(path)
     model = build(**kwargs)
     widths = _classifier_width(model, state)
@@ -360,7 +360,7 @@ def _load_weights_file(path: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, d
 
 def _hub_offline_error(spec: str, what: str, e: BaseException | None = None) -> DiscoverError:
     why = f" ({type(e).__name__})" if e else ""
-    return DiscoverError(f"--model {spec}: {what}{why}; without internet, copy the weights file to this machine "
+    return DiscoverError(f"`model` {spec}: {what}{why}; without internet, copy the weights file to this machine "
                          f"and pass {spec.rsplit(':', 1)[0]}:/path/to/weights")
 
 
@@ -379,7 +379,7 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
 
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        raise DiscoverError(f"--model {spec}: timm has no model {name!r}"
+        raise DiscoverError(f"`model` {spec}: timm has no model {name!r}"
                             + (f"; close names: {', '.join(close)}" if close else ""))
     tkw = {k: v for k, v in kwargs.items() if k in ("num_classes", "img_size")}
     if weights == "pretrained":
@@ -462,7 +462,7 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
 
     if name not in tvm.list_models():
         close = difflib.get_close_matches(name, tvm.list_models(), n=5, cutoff=0.6)
-        raise DiscoverError(f"--model {spec}: torchvision has no model {name!r}"
+        raise DiscoverError(f"`model` {spec}: torchvision has no model {name!r}"
                             + (f"; close names: {', '.join(close)}" if close else ""))
     tkw = {k: v for k, v in kwargs.items() if k == "num_classes"}
     meta: dict[str, Any] = {"arch": f"torchvision:{name}", "img_size": kwargs.get("img_size", 224),
@@ -473,7 +473,7 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
         enum = tvm.get_model_weights(name)
         member = "DEFAULT" if weights == "pretrained" else weights
         if member not in enum.__members__:
-            raise DiscoverError(f"--model {spec}: no weights {weights!r} for {name} "
+            raise DiscoverError(f"`model` {spec}: no weights {weights!r} for {name} "
                                 f"(choose {', '.join(enum.__members__)}, pretrained or a file)")
         w = enum[member]
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)

@@ -130,9 +130,9 @@ def load_probe(spec: str, skip_bad: bool = False) -> Probe:
         return _world_probe(spec)
     root = Path(spec).expanduser()
     if not root.exists():
-        raise DiscoverError(f"--probe {spec}: no such folder (give an image folder or world:N[:SEED])")
+        raise DiscoverError(f"`probe` {spec}: no such folder (give an image folder or world:N[:SEED])")
     if not root.is_dir():
-        raise DiscoverError(f"--probe {spec}: not a folder (give an image folder or world:N[:SEED])")
+        raise DiscoverError(f"`probe` {spec}: not a folder (give an image folder or world:N[:SEED])")
     entries = []
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
@@ -140,17 +140,17 @@ def load_probe(spec: str, skip_bad: bool = False) -> Probe:
             st = p.stat()
             entries.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
     if not entries:
-        raise DiscoverError(f"--probe {spec}: no images ({', '.join(e[1:] for e in IMAGE_EXTS)}) in {root}")
+        raise DiscoverError(f"`probe` {spec}: no images ({', '.join(e[1:] for e in IMAGE_EXTS)}) in {root}")
     listing = sha256_json(entries)
     bad = _bad_images(root, entries, listing)
     if bad and not skip_bad:
         rel, why = next(iter(bad.items()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise DiscoverError(f"--probe {spec}: corrupt image {rel} ({why}){more}; "
-                            "pass --skip-bad to leave unreadable images out")
+        raise DiscoverError(f"`probe` {spec}: corrupt image {rel} ({why}){more}; "
+                            "pass `skip_bad` to leave unreadable images out")
     kept = [e for e in entries if e[0] not in bad]
     if not kept:
-        raise DiscoverError(f"--probe {spec}: none of its {len(entries)} images can be read")
+        raise DiscoverError(f"`probe` {spec}: none of its {len(entries)} images can be read")
     return Probe(spec=spec, names=[e[0] for e in kept], fingerprint=sha256_json(["folder", kept]),
                  root=root, skipped=sorted(bad))
 
@@ -175,8 +175,8 @@ def _world_probe(spec: str) -> Probe:
         n = int(parts[1])
         seed = int(parts[2]) if len(parts) == 3 else WORLD_PROBE_SEED
     except ValueError as exc:
-        raise DiscoverError(f"--probe {spec}: expected world:N or world:N:SEED (integers)") from exc
+        raise DiscoverError(f"`probe` {spec}: expected world:N or world:N:SEED (integers)") from exc
     if n < 1:
-        raise DiscoverError(f"--probe {spec}: N must be at least 1")
+        raise DiscoverError(f"`probe` {spec}: N must be at least 1")
     return Probe(spec=spec, names=[f"world:{seed}:{i}" for i in range(n)],
                  fingerprint=sha256_json(["world", n, seed, world.VERSION]), world_seed=seed)

@@ -89,7 +89,7 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
         if name == "lwta" and name not in modules:
             found = lwta.lwta_modules(model)
             if not found:
-                raise DiscoverError("--layers lwta: the model has no LWTA layers")
+                raise DiscoverError("`layers` lwta: the model has no LWTA layers")
             out.update(found)
         elif name in modules:
             out[name] = modules[name]
@@ -97,9 +97,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
             close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
             hint = (f"close names: {', '.join(close)}" if close else
                     f"the model has {len(modules)} named modules, e.g. {', '.join(list(modules)[:4])}")
-            raise DiscoverError(f"unknown layer {name!r}; {hint} (--list-layers prints them all)")
+            raise DiscoverError(f"unknown layer {name!r}; {hint} (`list_layers` prints them all)")
     if not out:
-        raise DiscoverError("--layers: give at least one layer (--list-layers prints them)")
+        raise DiscoverError("`layers`: give at least one layer (`list_layers` prints them)")
     return out
 
 
@@ -108,7 +108,7 @@ def neuron_signal(module: nn.Module, h: torch.Tensor, out: torch.Tensor, signal:
     LWTA layer pi, pi * h, its output (``sample``) or the argmax winner's output, each with the
     output's shape; for any other layer its output."""
     if signal not in SIGNALS:
-        raise DiscoverError(f"--signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
+        raise DiscoverError(f"`signal` must be one of {', '.join(SIGNALS)}, got {signal!r}")
     if not isinstance(module, lwta.LWTABase) or signal == "sample":
         return out
     dim = 1 if isinstance(module, lwta.ConvLWTA) else -1
@@ -155,7 +155,7 @@ def layer_signal(module: nn.Module, signal: str) -> str:
 def summarise(out: torch.Tensor, summary: str, has_cls: bool = True) -> tuple[torch.Tensor, str, str]:
     """Reduce a layer output to ``N x K``; returns (values, summary applied, shape meaning)."""
     if summary not in SUMMARIES:
-        raise DiscoverError(f"--summary must be one of {', '.join(SUMMARIES)}, got {summary!r}")
+        raise DiscoverError(f"`summary` must be one of {', '.join(SUMMARIES)}, got {summary!r}")
     d = out.dim()
     if d == 2:
         return out, "identity", "N x K: probe images x units"
@@ -173,7 +173,7 @@ def summarise(out: torch.Tensor, summary: str, has_cls: bool = True) -> tuple[to
             return out.mean((2, 3)), how, "N x C: probe images x channels (spatial mean of N x C x H x W)"
         if how == "max":
             return out.amax((2, 3)), how, "N x C: probe images x channels (spatial max of N x C x H x W)"
-    raise DiscoverError(f"--summary {summary} does not apply to an output of shape "
+    raise DiscoverError(f"`summary` {summary} does not apply to an output of shape "
                         f"{tuple(out.shape)} (tokens: auto|cls|mean|max; maps: auto|mean|max)")
 
 
@@ -296,17 +296,17 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
     reused (``log`` gets "<layer>: cached"). Also writes ``out_dir/record.json``. Returns the paths.
     """
     if mode not in lwta.MODES:
-        raise DiscoverError(f"--mode must be one of {', '.join(lwta.MODES)}, got {mode!r}")
+        raise DiscoverError(f"`mode` must be one of {', '.join(lwta.MODES)}, got {mode!r}")
     if batch_size < 1:
-        raise DiscoverError(f"--batch-size must be at least 1, got {batch_size}")
+        raise DiscoverError(f"`batch_size` must be at least 1, got {batch_size}")
     if signal not in SIGNALS:
-        raise DiscoverError(f"--signal must be one of {', '.join(SIGNALS)}, got {signal!r}")
+        raise DiscoverError(f"`signal` must be one of {', '.join(SIGNALS)}, got {signal!r}")
     log = log or (lambda _msg: None)
     modules = resolve_layers(model, layers)
     summaries = {name: summary if isinstance(summary, str) else summary.get(name, "auto") for name in modules}
     for s in summaries.values():
         if s not in SUMMARIES:
-            raise DiscoverError(f"--summary must be one of {', '.join(SUMMARIES)}, got {s!r}")
+            raise DiscoverError(f"`summary` must be one of {', '.join(SUMMARIES)}, got {s!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device_of(model)
@@ -396,7 +396,7 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
                         if c != 1:
                             raise DiscoverError(f"layer {n} runs {c} times per forward "
                                                 f"({'never' if not c else 'a shared module'}); "
-                                                "record another layer (--list-layers shows the calls)")
+                                                "record another layer (`list_layers` shows the calls)")
                     early[0] = True
                 for n, (values, how, meaning) in results.items():
                     blocks = {"activations": values.cpu().numpy()}

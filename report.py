@@ -341,7 +341,7 @@ def build(root: str | Path, out: str | Path | None = None, force: bool = False,
     sources, summary, evaluation = collect(root)
     out = Path(out) if out is not None else root / "report"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())) and not force:
-        raise DiscoverError(f"--out {out} exists and is not a report directory; pass --force to replace it")
+        raise DiscoverError(f"`out` {out} exists and is not a report directory; pass `force` to replace it")
     digest = _inputs_digest(root, sources)
     marker = out / MARKER
     if (out / "index.html").is_file() and marker.is_file():

@@ -122,7 +122,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill the unset hyper-parameters from the arch family's recipe; validate the rest."""
     if cfg.arch not in models.ARCHS:
-        raise DiscoverError(f"--arch: unknown {cfg.arch!r}; choose one of {', '.join(models.ARCHS)}")
+        raise DiscoverError(f"`arch`: unknown {cfg.arch!r}; choose one of {', '.join(models.ARCHS)}")
     family = models.ARCHS[cfg.arch].family + ("_world" if cfg.arch.endswith("_world") else "")
     recipe = RECIPES[family]
     c = dataclasses.replace(cfg)
@@ -134,17 +134,17 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         c.lr = recipe["lr"] * (c.batch_size / 512 if recipe["lr_scaled"] else 1.0)
     if c.img_size is None:
         c.img_size = models.ARCHS[c.arch].img_size
-    checks = [(c.epochs >= 1, "--epochs must be >= 1"), (c.batch_size >= 1, "--batch-size must be >= 1"),
-              (c.lr > 0, "--lr must be > 0"), (c.samples >= 1, "--samples must be >= 1"),
-              (c.optimizer in ("adamw", "sgd"), "--optimizer must be adamw or sgd"),
-              (c.schedule in ("cosine", "step"), "--schedule must be cosine or step"),
-              (c.amp in ("bf16", "fp16", "off"), "--amp must be bf16, fp16 or off"),
-              (c.kl_weight >= 0, "--kl-weight must be >= 0"),
-              (0 <= c.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-              (c.tau > 0, "--tau must be > 0"),
-              (c.response_std is None or c.response_std > 0, "--response-std must be > 0"),
-              (c.train_size >= 1 and c.val_size >= 1, "--train-size/--val-size must be >= 1"),
-              (c.test_size >= 0, "--test-size must be >= 0")]
+    checks = [(c.epochs >= 1, "`epochs` must be >= 1"), (c.batch_size >= 1, "`batch_size` must be >= 1"),
+              (c.lr > 0, "`lr` must be > 0"), (c.samples >= 1, "`samples` must be >= 1"),
+              (c.optimizer in ("adamw", "sgd"), "`optimizer` must be adamw or sgd"),
+              (c.schedule in ("cosine", "step"), "`schedule` must be cosine or step"),
+              (c.amp in ("bf16", "fp16", "off"), "`amp` must be bf16, fp16 or off"),
+              (c.kl_weight >= 0, "`kl_weight` must be >= 0"),
+              (0 <= c.label_smoothing < 1, "`label_smoothing` must be in [0, 1)"),
+              (c.tau > 0, "`tau` must be > 0"),
+              (c.response_std is None or c.response_std > 0, "`response_std` must be > 0"),
+              (c.train_size >= 1 and c.val_size >= 1, "`train_size`/`val_size` must be >= 1"),
+              (c.test_size >= 0, "`test_size` must be >= 0")]
     for ok, msg in checks:
         if not ok:
             raise DiscoverError(msg)
@@ -256,7 +256,7 @@ class _UInt8Images(torch.utils.data.Dataset):
 def _render_world(task: str, n: int, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
     if task not in world.TASKS:
-        raise DiscoverError(f"--data world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
+        raise DiscoverError(f"`data` world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
     images, attrs = world.render_batch(seed, 0, n, size=size)
     labels = torch.tensor([world.label(a, task) for a in attrs], dtype=torch.int64)
     return torch.from_numpy(images), labels, list(world.TASKS[task])
@@ -271,7 +271,7 @@ class FreshWorld(torch.utils.data.Dataset):
     def __init__(self, task: str, n: int, seed: int, size: int) -> None:
 
         if task not in world.TASKS:
-            raise DiscoverError(f"--data world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
+            raise DiscoverError(f"`data` world:{task}: unknown task; choose one of {', '.join(world.TASKS)}")
         self.task, self.n, self.seed, self.size, self.epoch = task, n, seed, size, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -333,7 +333,7 @@ def load_data(cfg: TrainConfig) -> Data:
     root = Path(cfg.data)
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
-            raise DiscoverError(f"--data {root}: expected an ImageFolder root with {sub}/ inside "
+            raise DiscoverError(f"`data` {root}: expected an ImageFolder root with {sub}/ inside "
                                 "(or world:TASK)")
     norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(cfg.img_size, scale=(cfg.crop_scale, 1.0)),
@@ -344,14 +344,14 @@ def load_data(cfg: TrainConfig) -> Data:
         train = datasets.ImageFolder(str(root / "train"), train_tf)
         val = datasets.ImageFolder(str(root / "val"), val_tf)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DiscoverError(f"--data {root}: {str(e).splitlines()[0]}") from e
+        raise DiscoverError(f"`data` {root}: {str(e).splitlines()[0]}") from e
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
 
         def few(names: list[str]) -> str:
             return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise DiscoverError(f"--data {root}: train/ and val/ have different class folders: "
+        raise DiscoverError(f"`data` {root}: train/ and val/ have different class folders: "
                             + "; ".join([*([f"only in train/: {few(only_train)}"] if only_train else []),
                                          *([f"only in val/: {few(only_val)}"] if only_val else [])]))
     return Data(SeededAugment(train, cfg.seed), val, train.classes, False)
@@ -518,7 +518,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     if resume:
         last = latest_checkpoint(out)
         if last is None:
-            raise DiscoverError(f"--resume: {out} has no checkpoint to resume from")
+            raise DiscoverError(f"`resume`: {out} has no checkpoint to resume from")
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         stored = {k: v for k, v in ckpt["config"].items() if k in TrainConfig.__dataclass_fields__}
         saved = resolve(TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in _NOT_KEYED}}))
@@ -532,10 +532,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             cfg = dataclasses.replace(cfg, response_std=saved.response_std)
         if _config_key(saved) != _config_key(cfg):
             old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
-            diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+            diff = [f"`{k}` {old.get(k)!r} -> {v!r}" for k, v in new.items()
                     if k not in _NOT_KEYED and old.get(k) != v]
-            raise DiscoverError(f"--resume: options differ from the run in {out}: {'; '.join(diff)} "
-                                "(give the run's own options; --epochs may grow)")
+            raise DiscoverError(f"`resume`: options differ from the run in {out}: {'; '.join(diff)} "
+                                "(give the run's own options; `epochs` may grow)")
         start_epoch = ckpt["epoch"] + 1
         if start_epoch >= cfg.epochs:
             print(f"{out}: already trained all {cfg.epochs} epochs (pass a larger --epochs to train on)")
@@ -546,7 +546,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             print(f"--epochs {ckpt['config']['epochs']} -> {cfg.epochs}: the learning-rate schedule now ends "
                   f"at epoch {cfg.epochs}")
     elif out.exists() and any(out.iterdir()) and not force:
-        raise DiscoverError(f"--out {out} is not empty; pass --resume to continue or --force to overwrite")
+        raise DiscoverError(f"`out` {out} is not empty; pass `resume` to continue or `force` to overwrite")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -588,7 +588,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                             num_workers=0 if data.on_gpu_augment else workers)
     iters = len(loader)
     if iters == 0:
-        raise DiscoverError(f"--batch-size {cfg.batch_size} is larger than the training set ({len(data.train)})")
+        raise DiscoverError(f"`batch_size` {cfg.batch_size} is larger than the training set ({len(data.train)})")
 
     meta = {"arch": cfg.arch, "U": cfg.U, "act": None if cfg.U else (cfg.act or ("relu" if "resnet" in cfg.arch else "gelu")),
             "num_classes": len(data.classes), "img_size": cfg.img_size, "classes": data.classes,

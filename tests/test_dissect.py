@@ -206,7 +206,7 @@ def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatc
     assert lab["layers"]["blocks.3.mlp.act"]["gallery_share"] == 0.8 and lab["layers"]["head"]["gallery_share"] is None
     hidden = [n for n in lab["neurons"] if n["layer"] == "blocks.3.mlp.act" and not n["dead"]]
     assert hidden and all(n["gallery_checked"] for n in hidden)
-    with pytest.raises(DiscoverError, match="--gallery-share must be in"):
+    with pytest.raises(DiscoverError, match="`gallery_share` must be in"):
         dissect.dissect(_cfg(setup, out=str(setup / "bad"), gallery_share=1.5))
 
 
@@ -219,7 +219,7 @@ def test_skip_bad_leaves_unreadable_probe_images_out(setup: Path, tmp_path: Path
     for i, im in enumerate(images):
         Image.fromarray(im).save(folder / f"{i}.png")
     (folder / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DiscoverError, match="--skip-bad"):
+    with pytest.raises(DiscoverError, match="`skip_bad`"):
         dissect.dissect(_cfg(setup, probe=str(folder), out=str(tmp_path / "a"), layers=["head"]))
     assert not (tmp_path / "a").exists()
     dissect.dissect(_cfg(setup, probe=str(folder), out=str(tmp_path / "b"), layers=["head"], skip_bad=True))

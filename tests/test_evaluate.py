@@ -163,7 +163,7 @@ def test_comparison_rows_and_model_checks(tmp_path: Path) -> None:
     b = write_run(tmp_path, "b", {"blocks.0.mlp.act": (A, ["red", "star", "", "large"], False)})
     res = evaluate.evaluate([str(a), str(b)])
     assert [(r["labels"], r["world"]["correct"]) for r in res["runs"]] == [(str(a), 2), (str(b), 2)]
-    with pytest.raises(DiscoverError, match="--model given 3 times"):
+    with pytest.raises(DiscoverError, match="`model` given 3 times"):
         evaluate.evaluate([str(a), str(b)], ["m1", "m2", "m3"])
     # labels from another model
     model = models.build("deit_world", U=4, num_classes=64)

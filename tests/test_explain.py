@@ -240,7 +240,7 @@ def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path)
     g = nn.functional.gelu(torch.tensor(h)).numpy()
     zt = {k: (g[k] - mean[k]) / std[k] for k in (2, 3)}  # the positive units
     assert [n["unit"] for n in res["neurons"]] == sorted(zt, key=lambda k: -zt[k])
-    with pytest.raises(DiscoverError, match="--sort must be one of"):
+    with pytest.raises(DiscoverError, match="`sort` must be one of"):
         explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0, sort="rank")
     with pytest.raises(DiscoverError, match="no per-neuron signal statistics"):
         explain.explain_image(model, META, labels_for(model), "act", img, 1, "argmax", 0, sort="z")

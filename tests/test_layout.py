@@ -75,3 +75,34 @@ def test_no_function_shadows_a_project_module_it_uses() -> None:
                 if used & module_names - {"items", "split", "keys", "values", "get", "append"}:
                     bad.append(f"{path.name}:{fn.lineno} {fn.name}: {mod} ({', '.join(sorted(used))})")
     assert bad == []
+
+
+def _message_texts(node: ast.Call) -> list[str]:
+    """The literal text of an error's message (the constant parts of its f-strings)."""
+    return [n.value for arg in node.args for n in ast.walk(arg) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_library_errors_name_arguments_and_the_cli_turns_them_into_flags() -> None:
+    """Library code speaks of arguments (```batch_size```), never of flags (``--batch-size``); every
+    argument an error names is an option of the CLI, which prints it as that option's flag."""
+    import re
+
+    import discover
+
+    flags = discover.option_flags(discover.cli)
+    flag_words, unknown = [], []
+    for name in MODULES:
+        if name == "discover":
+            continue
+        for node in ast.walk(_tree(name)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DiscoverError":
+                for text in _message_texts(node):
+                    command = re.sub(r"python discover\.py [^`]*", "", text)  # a command to run has flags
+                    flag_words += [f"{name}.py:{node.lineno}: {w}" for w in re.findall(r"--[a-z][a-z-]*", command)]
+                    unknown += [f"{name}.py:{node.lineno}: {w}" for w in re.findall(r"`([A-Za-z_]\w*)`", text)
+                                if w not in flags]
+    assert flag_words == [] and unknown == []
+    assert flags["batch_size"] == "--batch-size" and flags["U"] == "--U" and flags["skip_bad"] == "--skip-bad"
+    assert (discover.in_flags("`batch_size` must be >= 1; pass `force` (`weights` stays)",
+                              {"batch_size": "--batch-size", "force": "--force"})
+            == "--batch-size must be >= 1; pass --force (`weights` stays)")

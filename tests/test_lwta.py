@@ -261,7 +261,7 @@ def test_set_mode_and_bad_arguments() -> None:
         lwta.set_mode(model, "greedy")
     with pytest.raises(DiscoverError, match=r"blocks\.0\.mlp\.act.*K=384.*U=5"):
         models.build("deit_world", U=5)
-    with pytest.raises(DiscoverError, match="U must be"):
+    with pytest.raises(DiscoverError, match="`U` must be"):
         models.build("deit_world", U=1)
     with pytest.raises(DiscoverError, match="unknown arch"):
         models.build("vgg16", U=2)

@@ -237,7 +237,7 @@ def test_signals_are_recorded_with_their_winners_and_never_share_a_cache_entry(d
     assert np.array_equal(wins["sample"], (got["sample"] != 0).astype(np.float32))
     again = record.record_layers(model, meta, [layer], probe, tmp_path, progress=False, signal="sample")
     assert np.array_equal(record.read_activations(again[layer])[0], got["sample"])  # the same file again
-    with pytest.raises(DiscoverError, match="--signal must be one of"):
+    with pytest.raises(DiscoverError, match="`signal` must be one of"):
         record.record_layers(model, meta, [layer], probe, tmp_path / "bad", progress=False, signal="probability")
     assert not (tmp_path / "bad").exists()
 
@@ -392,7 +392,7 @@ def test_empty_and_corrupt_probes(tmp_path) -> None:
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     data = (folder / "img01.jpg").read_bytes()
     (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG: header fine
-    with pytest.raises(DiscoverError, match=r"corrupt image broken\.png .*\(and 1 more\); pass --skip-bad"):
+    with pytest.raises(DiscoverError, match=r"corrupt image broken\.png .*\(and 1 more\); pass `skip_bad`"):
         probes.load_probe(str(folder))
     probe = probes.load_probe(str(folder), skip_bad=True)
     assert probe.skipped == ["broken.png", "cut.jpg"] and probe.n == 4

@@ -412,5 +412,5 @@ def test_a_run_from_before_a_recipe_default_changed_resumes_with_its_own(tmp_pat
     assert train.RECIPES["deit_world"]["response_std"] == 4.0
     meta = train.train(train.TrainConfig(**args), resume=True, progress=False)
     assert meta["epoch"] == 1 and "--response-std" not in meta["reproduce"]
-    with pytest.raises(DiscoverError, match="--response-std None -> 2.0"):
+    with pytest.raises(DiscoverError, match="`response_std` None -> 2.0"):
         train.train(train.TrainConfig(**{**args, "epochs": 3}, response_std=2.0), resume=True, progress=False)
