@@ -15,13 +15,13 @@ Stages (each reuses the output of an earlier run; an interrupted one resumes whe
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import train
 from common import DEMO_MARKER, REPO_DIR, DiscoverError, write_json_atomic
+from schema import LABELS_FORMAT, Labels, ModelMeta
 
 MARKER = DEMO_MARKER  # a demo output may be resumed into; a foreign directory is refused
 SHIPPED = REPO_DIR / "checkpoints"  # small world checkpoints made by `discover.py train` (see meta.json)
@@ -82,7 +82,7 @@ class DemoConfig:
 def _complete_meta(run: Path, epochs: int) -> dict[str, Any] | None:
     """The run's meta.json when it finished all ``epochs``, else None."""
     path = run / "meta.json"
-    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta = ModelMeta.read(path).to_dict() if path.is_file() else {}
     return meta if meta.get("epoch") == epochs - 1 else None
 
 
@@ -122,13 +122,13 @@ def dissect_models(cfg: DemoConfig) -> dict[str, dict[str, Any]]:
     for m in cfg.models:
         run, out = run_dir(cfg, m), cfg.out / "labels" / m.name
         if (out / "labels.json").is_file():
-            prov = dissect.read_labels(out)["provenance"]
-            same = (prov["model_hash"] == models.model_hash(models.load_model(str(run))[0])
-                    and prov["probe"] == cfg.probe and prov.get("signal") == defaults.signal
-                    and prov.get("similarity") == defaults.similarity
-                    and prov.get("gallery_share", defaults.gallery_share) in (defaults.gallery_share, None)
-                    and prov.get("format") == dissect.LABELS_FORMAT
-                    and prov.get("clip_fingerprint") == _clip_fingerprint())
+            prov = Labels.read(out).provenance
+            same = (prov.model_hash == models.model_hash(models.load_model(str(run))[0])
+                    and prov.probe == cfg.probe and prov.signal == defaults.signal
+                    and prov.similarity == defaults.similarity
+                    and prov.gallery_share in (defaults.gallery_share, None)
+                    and prov.format == LABELS_FORMAT
+                    and prov.clip_fingerprint == _clip_fingerprint())
             if same:
                 results[m.name] = {"out": str(out), "cached": True}
                 continue
@@ -157,7 +157,6 @@ def evaluate_models(cfg: DemoConfig) -> dict[str, Any]:
 def explain_images(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
     """Stage 4: the winners of each model's dissected hidden layer for ``explain_n`` probe images,
     with maps of where the first 7 of them act (``explain.write_maps``, in ``OUT/maps/MODEL``)."""
-    import dissect
     import explain
     import models
     import probes
@@ -166,7 +165,7 @@ def explain_images(cfg: DemoConfig) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for m in cfg.models:
         model, meta = models.load_model(str(run_dir(cfg, m)))
-        labels = dissect.read_labels(cfg.out / "labels" / m.name)
+        labels = Labels.read(cfg.out / "labels" / m.name)
         out[m.name] = []
         for i in range(cfg.explain_n):
             image = f"world:{seed}:{i}"

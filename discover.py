@@ -418,7 +418,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
                           f"(first: {pr.skipped[0]})", highlight=False)
     if list_layers:
         rows = record.describe_layers(model, meta, pr)
-        table = Table(title=f"{model_spec}: output shapes for one {meta['img_size']}px image")
+        table = Table(title=f"{model_spec}: output shapes for one {meta.img_size}px image")
         for col in ("layer", "type", "output shape", "U"):
             table.add_column(col, justify="right" if col == "U" else "left")
         for r in rows:
@@ -523,10 +523,10 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
     for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, info in res["layers"].items():
-        cells = [layer, str(info["K"]), str(info["U"] or "-"), info["signal"], info["similarity"],
-                 str(info["dead"]), "n/a" if info["cutoff"] is None else f"{info['cutoff']:.4g}", str(info["interpretable"])]
+        cells = [layer, str(info.K), str(info.U or "-"), info.signal, info.similarity,
+                 str(info.dead), "n/a" if info.cutoff is None else f"{info.cutoff:.4g}", str(info.interpretable)]
         if score:
-            s = info["simulation"]
+            s = info.simulation
             cells += ["n/a", "n/a"] if s["corr_mean"] is None else [f"{s['corr_mean']:.3f}", f"{s['significant_percent']:.0f}%"]
         table.add_row(*cells)
     if cutoff is None:
@@ -562,9 +562,9 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
     """Explain images (files or world:SEED:INDEX) by their active neurons and those neurons' concepts."""
     import json
 
-    import dissect
     import explain
     import models
+    import schema
 
     if samples < 1:
         raise DiscoverError(f"--samples must be at least 1, got {samples}")
@@ -573,7 +573,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
     from common import resolve_device
 
     dev = resolve_device(device)
-    labels = dissect.read_labels(labels_dir)
+    labels = schema.Labels.read(labels_dir)
     model, meta = models.load_model(model_spec, class_names=class_names, **build_kwargs(arch, U, act))
     explain.check_labels(model, labels)
     model.to(dev)
@@ -581,7 +581,7 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
     explain.check_layer(labels, layer)
     for img in images:  # bad paths before any work
         if not img.startswith("world:"):
-            explain.load_image(img, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+            explain.load_image(img, meta.img_size, meta.interpolation)
     if maps_dir:
         from common import ensure_writable_dir
 

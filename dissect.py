@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 
 import simulate
 from common import DiscoverError, atomic_dir, output_lock, resolve_device
+from schema import LABELS_FORMAT, Labels, LayerInfo, Neuron, Provenance, Simulation
 
 SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 # "auto": SoftWPMI on the output layer, WPMI on every other layer. SoftWPMI (lam = 1) scores a
@@ -36,10 +36,7 @@ SIMILARITY_NAMES = ("auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3")
 AUTO_SIMILARITY = {"output": "soft_wpmi", "hidden": "wpmi"}
 TOP_IMAGES = 20
 TOP_CONCEPTS = 5
-LABELS_FORMAT = 3  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
-# cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score)
 RANDOM_QUANTILE = 0.95  # interpretable: the label scores above this quantile of a random copy's neurons
-SOFT_WPMI_CUTOFF = 0.16  # CLIP-Dissect A.8's fixed cutoff, on SoftWPMI's scale (labels made before per-layer cutoffs)
 GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
 
 
@@ -146,7 +143,7 @@ def random_cutoff(S_random: np.ndarray, q: float = RANDOM_QUANTILE) -> float:
 
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
                 cutoff: float | None, wins: np.ndarray | None = None,
-                allowed: np.ndarray | None = None, top: np.ndarray | None = None) -> list[dict[str, Any]]:
+                allowed: np.ndarray | None = None, top: np.ndarray | None = None) -> list[Neuron]:
     """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M).
     A neuron is active on an image where it won its block (``wins`` > 0, LWTA layers) or where
     its activation is non-zero; a neuron active on no image is dead. ``interpretable``: the label's
@@ -163,53 +160,52 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
     rows = []
     for k in range(K):
         dead = bool(active[k] == 0)
-        rec: dict[str, Any] = {"layer": layer, "unit": k, "block": k // U if U else None,
-                               "competitor": k % U if U else None, "active_rate": float(active[k]) / N,
-                               "dead": dead, "top_images": [int(i) for i in top[k]],
-                               "signal_mean": float(mean[k]), "signal_std": float(std[k])}
+        rec = Neuron(layer=layer, unit=k, block=k // U if U else None, competitor=k % U if U else None,
+                     active_rate=float(active[k]) / N, dead=dead, top_images=[int(i) for i in top[k]],
+                     signal_mean=float(mean[k]), signal_std=float(std[k]))
         if dead or not np.isfinite(S[k]).any():
-            rec.update(description="", similarity=math.nan, top_concepts=[], interpretable=False, dead=True)
+            rec.interpretable, rec.dead = False, True
         else:
             order = np.argsort(-S[k], kind="stable")
             ok = allowed[k][order] if allowed is not None else None
             if ok is not None and ok.any():
                 order = np.concatenate([order[ok], order[~ok]])  # stable: by score within each group
             order = order[:TOP_CONCEPTS]
-            rec.update(description=concepts[order[0]], similarity=float(S[k, order[0]]),
-                       top_concepts=[[concepts[m], float(S[k, m])] for m in order],
-                       interpretable=None if cutoff is None else bool(S[k, order[0]] > cutoff),
-                       gallery_checked=None if ok is None else bool(ok.any()))
+            rec.description, rec.similarity = concepts[order[0]], float(S[k, order[0]])
+            rec.top_concepts = [[concepts[m], float(S[k, m])] for m in order]
+            rec.interpretable = None if cutoff is None else bool(S[k, order[0]] > cutoff)
+            rec.gallery_checked = None if ok is None else bool(ok.any())
         rows.append(rec)
     return rows
 
 
-def add_simulation(rows: list[dict[str, Any]], sim: dict[str, np.ndarray], concepts: list[str]) -> dict[str, Any]:
+def add_simulation(rows: list[Neuron], sim: dict[str, np.ndarray], concepts: list[str]) -> dict[str, Any]:
     """Put each live neuron's simulation scores (:func:`simulate.held_out_scores`) in its row as
     ``simulation`` (the label chosen on the choosing half, corr, auprc, p; None for a dead one) and
     return the layer's :func:`simulate.summary` over the live neurons."""
-    live = np.array([not r["dead"] for r in rows])
+    live = np.array([not r.dead for r in rows])
     for k, r in enumerate(rows):
         val = {key: float(sim[key][k]) if np.isfinite(sim[key][k]) else None for key in ("corr", "auprc", "p")}
-        r["simulation"] = None if r["dead"] else {"label": concepts[int(sim["label"][k])], **val}
+        r.simulation = None if r.dead else Simulation(concepts[int(sim["label"][k])], **val)
     return simulate.summary({key: np.where(live, v, np.nan) if key != "label" else v for key, v in sim.items()})
 
 
-def _csv(rows: list[dict[str, Any]], probe_names: list[str], signals: dict[str, str]) -> str:
+def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["layer", "unit", "description", "similarity", "block", "competitor", "active_rate",
                 "interpretable", "signal", "top_images", "simulation_label", "simulation_corr", "simulation_auprc",
                 "simulation_p"])
 
-    def sim(r: dict[str, Any], key: str) -> str:
-        v = (r.get("simulation") or {}).get(key)
+    def sim(r: Neuron, key: str) -> str:
+        v = None if r.simulation is None else getattr(r.simulation, key)
         return "" if v is None else v if isinstance(v, str) else f"{v:.6g}"
 
     for r in rows:
-        w.writerow([r["layer"], r["unit"], r["description"], f"{r['similarity']:.6g}",
-                    "" if r["block"] is None else r["block"], "" if r["competitor"] is None else r["competitor"],
-                    f"{r['active_rate']:.6g}", "" if r["interpretable"] is None else int(r["interpretable"]), signals.get(r["layer"], ""),
-                    ";".join(probe_names[i] for i in r["top_images"]),
+        w.writerow([r.layer, r.unit, r.description, f"{r.similarity:.6g}",
+                    "" if r.block is None else r.block, "" if r.competitor is None else r.competitor,
+                    f"{r.active_rate:.6g}", "" if r.interpretable is None else int(r.interpretable), signals.get(r.layer, ""),
+                    ";".join(probe_names[i] for i in r.top_images),
                     *(sim(r, key) for key in ("label", "corr", "auprc", "p"))])
     return buf.getvalue()
 
@@ -289,43 +285,26 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
                 A, P, lambda a, p: choose_labels(sim, a, p, threshold, cfg.gallery_share))
             simulation = add_simulation(layer_rows, sim_scores, concept_list)
         rows += layer_rows
-        layers_info[layer] = {"K": A.shape[1], "U": U, "summary": info.get("summary", cfg.summary),
-                              "signal": info.get("signal", "output"), "similarity": sim,
-                              "dead": sum(r["dead"] for r in layer_rows),
-                              "gallery_share": cfg.gallery_share if checked else None,
-                              "cutoff": cutoff if math.isfinite(cutoff) else None, "cutoff_from": "random copy" if cfg.cutoff is None else "fixed",
-                              "interpretable": sum(r["interpretable"] for r in layer_rows),
-                              "simulation": simulation, "activations": str(path)}
+        layers_info[layer] = LayerInfo(
+            K=A.shape[1], U=U, summary=info.get("summary", cfg.summary), signal=info.get("signal", "output"),
+            similarity=sim, dead=sum(r.dead for r in layer_rows), gallery_share=cfg.gallery_share if checked else None,
+            cutoff=cutoff if math.isfinite(cutoff) else None, cutoff_from="random copy" if cfg.cutoff is None else "fixed",
+            interpretable=sum(bool(r.interpretable) for r in layer_rows), simulation=simulation, activations=str(path))
     seconds["similarity"] = time.perf_counter() - t
 
     model_args = {k: v for k, v in cfg.build_kwargs.items() if v is not None}
     if cfg.class_names is not None:
         model_args["class_names"] = str(Path(cfg.class_names).expanduser().resolve())
-    provenance = {"format": LABELS_FORMAT, "model": cfg.model, "model_args": model_args,
-                  "model_hash": models.model_hash(model),
-                  "arch": meta.get("arch"), "classes": meta.get("classes"), "probe": cfg.probe, "probe_fingerprint": probe.fingerprint,
-                  "probe_n": probe.n, "probe_names": list(probe.names), "concepts": cfg.concepts,
-                  "n_concepts": len(concept_list), "clip": cfg.clip, "clip_fingerprint": clip.fingerprint,
-                  "similarity": cfg.similarity, "cutoff": cfg.cutoff if cfg.cutoff is not None else "random", "mode": cfg.mode, "signal": cfg.signal,
-                  "seed": cfg.seed, "summary": cfg.summary, "skip_bad": cfg.skip_bad,
-                  "gallery_share": cfg.gallery_share if gallery_check else None,
-                  "truth_threshold": clip.truth_threshold}
+    provenance = Provenance(
+        format=LABELS_FORMAT, model=cfg.model, model_args=model_args, model_hash=models.model_hash(model),
+        arch=meta.arch, classes=meta.classes, probe=cfg.probe, probe_fingerprint=probe.fingerprint, probe_n=probe.n,
+        probe_names=list(probe.names), concepts=cfg.concepts, n_concepts=len(concept_list), clip=cfg.clip,
+        clip_fingerprint=clip.fingerprint, similarity=cfg.similarity,
+        cutoff=cfg.cutoff if cfg.cutoff is not None else "random", mode=cfg.mode, signal=cfg.signal, seed=cfg.seed,
+        summary=cfg.summary, skip_bad=cfg.skip_bad, gallery_share=cfg.gallery_share if gallery_check else None,
+        truth_threshold=clip.truth_threshold)
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        (tmp / "descriptions.csv").write_text(_csv(rows, list(probe.names),
-                                                     {k: v["signal"] for k, v in layers_info.items()}))
-        (tmp / "labels.json").write_text(json.dumps({"provenance": provenance, "layers": layers_info,
-                                                     "neurons": rows}, allow_nan=True) + "\n")
+        (tmp / "descriptions.csv").write_text(_csv(rows, list(probe.names), {k: v.signal for k, v in layers_info.items()}))
+        (tmp / "labels.json").write_text(Labels(provenance, layers_info, rows).to_json())
     return {"out": str(out), "layers": layers_info, "seconds": seconds, "neurons": len(rows)}
-
-
-def read_labels(path: str | Path) -> dict[str, Any]:
-    """The ``labels.json`` of a dissection directory (one-line errors for a wrong path)."""
-    path = Path(path)
-    f = path / "labels.json" if path.is_dir() else path
-    if not f.is_file():
-        raise DiscoverError(f"`labels` {path}: no labels.json (run python discover.py dissect first)")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise DiscoverError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from e

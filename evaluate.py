@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from common import DiscoverError
+from schema import Labels, LayerInfo, ModelMeta, Neuron
 
 SELECTIVE_AUROC = 0.85
 EXPLAIN_IMAGES = 100  # world probes: explained images behind the explanation precision
@@ -339,7 +340,7 @@ def explanation_precision(explanations: Sequence[dict[str, Any]], attrs: Sequenc
             "precision_percent": 100.0 * fits / listed if listed else None}
 
 
-def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: int = 64) -> dict[str, dict[str, float]]:
+def winner_certainty(model: Any, meta: ModelMeta, probe: Any, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """Per LWTA layer, over every block of the probe images (the deterministic argmax forward, so
     pi depends on the image alone): mean max pi, mean entropy (nats) and ``agree4``, the mean chance
     that 4 posterior draws pick the same winner (sum_u pi_u^4)."""
@@ -350,7 +351,7 @@ def winner_certainty(model: Any, meta: dict[str, Any], probe: Any, batch_size: i
 
     meter = lwta.CertaintyMeter(model)
     with lwta.inference(model, "argmax"), torch.inference_mode(), meter:
-        for images in probe.batches(batch_size, int(meta["img_size"]), meta.get("interpolation", "bilinear")):
+        for images in probe.batches(batch_size, meta.img_size, meta.interpolation):
             model(models.to_input(images, meta, models.device_of(model)))
     return meter.means()
 
@@ -362,19 +363,14 @@ class LabelsRun:
 
     def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu",
                  model_args: dict[str, Any] | None = None, clips: dict[str, Any] | None = None) -> None:
-        import dissect
-
         self.dir = str(labels_dir)
-        self.labels = dissect.read_labels(labels_dir)
-        self.prov = self.labels.get("provenance") or {}
-        if "layers" not in self.labels or "neurons" not in self.labels:
-            raise DiscoverError(f"`labels` {labels_dir}: labels.json lacks layers/neurons (not a dissection)")
-        self.model_spec = model_spec or self.prov.get("model")
+        self.labels = Labels.read(labels_dir)
+        self.prov = self.labels.provenance
+        self.model_spec = model_spec or self.prov.model
         # what completes the spec (a weights file's arch/U/act, a class-names file): the dissection's, then the flags'
-        self.model_args = {**(self.prov.get("model_args") or {}),
-                           **{k: v for k, v in (model_args or {}).items() if v is not None}}
-        self.signal = self.prov.get("signal", "sample")  # labels older than the signal option: sampled
-        self._model: tuple[Any, dict[str, Any]] | None = None
+        self.model_args = {**self.prov.model_args, **{k: v for k, v in (model_args or {}).items() if v is not None}}
+        self.signal = self.prov.signal
+        self._model: tuple[Any, ModelMeta] | None = None
         self._certainty: dict[str, dict[str, float]] | None = None
         self._P: np.ndarray | None = None
         self.clips = {} if clips is None else clips  # CLIP spec -> loaded model, shared by an evaluation's runs
@@ -385,7 +381,7 @@ class LabelsRun:
         if model_spec:  # given explicitly: check now that the labels belong to it
             self.model()
 
-    def model(self) -> tuple[Any, dict[str, Any]]:
+    def model(self) -> tuple[Any, ModelMeta]:
         if self._model is None:
             import explain
             import models
@@ -397,7 +393,7 @@ class LabelsRun:
             self._model = (model.to(self.device), meta)
         return self._model
 
-    def model_or_none(self) -> tuple[Any, dict[str, Any]] | None:
+    def model_or_none(self) -> tuple[Any, ModelMeta] | None:
         """The model, or None when the provenance names one that cannot be loaded here (the
         figures that need it are then left out with a note); an explicit --model always loads."""
         try:
@@ -413,18 +409,18 @@ class LabelsRun:
         """The model's class names: the loaded model's, else a --class-names file's, else the dissection's."""
         import concepts
 
-        if self._model is not None and self._model[1].get("classes"):
-            return list(self._model[1]["classes"])
+        if self._model is not None and self._model[1].classes:
+            return list(self._model[1].classes)
         if self.model_args.get("class_names"):
             return concepts.readable_class_names(concepts.read_class_names(self.model_args["class_names"], None))
-        return concepts.readable_class_names(self.prov.get("classes"))
+        return concepts.readable_class_names(self.prov.classes)
 
     def activations(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         """The layer's recorded N x K activations; recorded again when the file is gone or stale."""
         import record
 
-        info = self.labels["layers"][layer]
-        path = info.get("activations")
+        info = self.labels.layers[layer]
+        path = info.activations
         if path and Path(path).is_file():
             with contextlib.suppress(DiscoverError):
                 A, meta = record.read_activations(path)
@@ -439,22 +435,23 @@ class LabelsRun:
 
         return record.read_wins(self.paths[layer]) if layer in self.paths else None
 
-    def _matches(self, meta: dict[str, str], info: dict[str, Any], A: np.ndarray) -> bool:
+    def _matches(self, meta: dict[str, str], info: LayerInfo, A: np.ndarray) -> bool:
+        """Whether a recorded activations file (its metadata ``meta``) is the layer's recording."""
         p = self.prov
         stochastic = meta.get("lwta_mode") == "sample"
-        return (meta.get("model_hash") == p.get("model_hash")
-                and meta.get("probe_fingerprint") == p.get("probe_fingerprint")
-                and A.shape[0] == p.get("probe_n", A.shape[0])
-                and meta.get("summary") == info.get("summary", meta.get("summary"))
-                and meta.get("lwta_mode") in ("none", p.get("mode"))
-                and (meta.get("lwta") != "yes" or meta.get("signal", "sample") == info.get("signal", "sample"))
-                and (not stochastic or meta.get("seed") == str(p.get("seed"))))
+        return (meta.get("model_hash") == p.model_hash
+                and meta.get("probe_fingerprint") == p.probe_fingerprint
+                and A.shape[0] == (p.probe_n or A.shape[0])
+                and meta.get("summary") == (info.summary or meta.get("summary"))
+                and meta.get("lwta_mode") in ("none", p.mode)
+                and (meta.get("lwta") != "yes" or meta.get("signal", "sample") == info.signal)
+                and (not stochastic or meta.get("seed") == str(p.seed)))
 
     def clip(self) -> Any:
         """The labels' CLIP (``provenance.clip``), loaded once for every run of an evaluation."""
         import clip_backend
 
-        spec = self.prov["clip"]
+        spec = self.prov.clip
         if spec not in self.clips:
             self.clips[spec] = clip_backend.load_clip(spec, self.device)
         return self.clips[spec]
@@ -467,38 +464,38 @@ class LabelsRun:
             import probes
 
             p = self.prov
-            if not p.get("clip") or not p.get("concepts"):
+            if not p.clip or not p.concepts:
                 raise DiscoverError(f"`labels` {self.dir}: the provenance names no CLIP or concept set")
             clip = self.clip()
-            if p.get("clip_fingerprint") and clip.fingerprint != p["clip_fingerprint"]:
-                raise DiscoverError(f"`labels` {self.dir}: the CLIP {p['clip']} changed since the dissection")
-            probe = probes.load_probe(p["probe"], skip_bad=bool(p.get("skip_bad")))
-            self._P = clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(p["concepts"]), progress=False)
+            if p.clip_fingerprint and clip.fingerprint != p.clip_fingerprint:
+                raise DiscoverError(f"`labels` {self.dir}: the CLIP {p.clip} changed since the dissection")
+            probe = probes.load_probe(p.probe, skip_bad=p.skip_bad)
+            self._P = clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(p.concepts), progress=False)
         return self._P
 
-    def simulation(self, layer: str, A: np.ndarray, neurons: list[dict[str, Any]]) -> dict[str, Any]:
+    def simulation(self, layer: str, A: np.ndarray, neurons: list[Neuron]) -> dict[str, Any]:
         """The layer's simulation scores (simulate.py): the dissection's own (``dissect --score``),
         else computed here with the dissection's label rule on the labels' probe and concepts.
         ``label``: the label each neuron was scored with (chosen on the choosing half; "" if dead)."""
         import simulate
 
-        live = [n for n in neurons if not n.get("dead")]
-        if live and all(n.get("simulation") for n in live):
+        live = [n for n in neurons if not n.dead]
+        if live and all(n.simulation for n in live):
             def get(key: str) -> np.ndarray:
-                return np.array([(n.get("simulation") or {}).get(key) if not n.get("dead") else None
+                return np.array([getattr(n.simulation, key) if n.simulation and not n.dead else None
                                  for n in neurons], dtype=np.float64)
             return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p"),
-                    "label": [(n.get("simulation") or {}).get("label", "") for n in neurons]}
+                    "label": [n.simulation.label if n.simulation else "" for n in neurons]}
         import concepts
         import dissect
 
-        info, P = self.labels["layers"][layer], self.similarities()
-        share = info.get("gallery_share")
-        threshold = self.prov.get("truth_threshold") if share else None
-        sim = simulate.held_out_scores(A, P, lambda a, p: dissect.choose_labels(info["similarity"], a, p, threshold,
+        info, P = self.labels.layers[layer], self.similarities()
+        share = info.gallery_share
+        threshold = self.prov.truth_threshold if share else None
+        sim = simulate.held_out_scores(A, P, lambda a, p: dissect.choose_labels(info.similarity, a, p, threshold,
                                                                                share or 0.0))
-        words = concepts.load_concepts(self.prov["concepts"])
-        dead = np.array([bool(n.get("dead")) for n in neurons])
+        words = concepts.load_concepts(self.prov.concepts)
+        dead = np.array([n.dead for n in neurons])
         return {**{key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p")},
                 "label": ["" if d else words[int(m)] for d, m in zip(dead, sim["label"])]}
 
@@ -509,12 +506,12 @@ class LabelsRun:
         import world
 
         model, meta = self.model()
-        seed, n = record_probe_seed(self.prov["probe"]), min(n, int(self.prov.get("probe_n", n)))
-        size = int(meta["img_size"])  # the size the dissection rendered the probe at
+        seed, n = record_probe_seed(self.prov.probe), min(n, self.prov.probe_n or n)
+        size = meta.img_size  # the size the dissection rendered the probe at
         images, _ = world.render_batch(seed, 0, n, size)
         try:
             return maps.probe_localisation(model, meta, layer, images, world.render_masks(seed, 0, n, size),
-                                           seed=int(self.prov.get("seed", 0)))
+                                           seed=self.prov.seed)
         except DiscoverError as e:
             if "no spatial map" in str(e):
                 return None
@@ -526,7 +523,7 @@ class LabelsRun:
             import probes
 
             model, meta = self.model()
-            probe = probes.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
+            probe = probes.load_probe(self.prov.probe, skip_bad=self.prov.skip_bad)
             self._certainty = winner_certainty(model, meta, probe)
         return self._certainty
 
@@ -539,13 +536,13 @@ class LabelsRun:
         import world
 
         model, meta = self.model()
-        seed = record_probe_seed(self.prov["probe"])
-        n = min(n, int(self.prov.get("probe_n", n)))
+        seed = record_probe_seed(self.prov.probe)
+        n = min(n, self.prov.probe_n or n)
         exs = [explain.explain_image(model, meta, self.labels, layer, f"world:{seed}:{i}", samples=samples,
-                                     mode=self.prov.get("mode", "sample"), seed=int(self.prov.get("seed", 0)))
+                                     mode=self.prov.mode, seed=self.prov.seed)
                for i in range(n)]
         _, attrs = world.render_batch(seed, 0, n, size=16)
-        has_z = any("signal_std" in r for r in self.labels["neurons"] if r.get("layer") == layer)
+        has_z = any(n.signal_std is not None for n in self.labels.neurons_of(layer))
         by_z = [dict(e, neurons=explain.sort_neurons(e["neurons"], "z")) for e in exs] if has_z else None
         return {"activation": explanation_precision(exs, attrs, values),
                 "z": explanation_precision(by_z, attrs, values) if by_z is not None else None}
@@ -554,12 +551,12 @@ class LabelsRun:
         import record
         import probes
         model, meta = self.model()
-        probe = probes.load_probe(self.prov["probe"], skip_bad=bool(self.prov.get("skip_bad")))
-        if probe.fingerprint != self.prov.get("probe_fingerprint"):
-            raise DiscoverError(f"`labels` {self.dir}: the probe {self.prov['probe']} changed since the dissection")
-        summary = self.labels["layers"][layer].get("summary") or self.prov.get("summary") or "auto"
-        mode, seed, signal = self.prov.get("mode", "sample"), int(self.prov.get("seed", 0)), self.signal
-        cache = record.activation_cache(self.prov["model_hash"], probe, signal=signal, mode=mode, seed=seed)
+        probe = probes.load_probe(self.prov.probe, skip_bad=self.prov.skip_bad)
+        if probe.fingerprint != self.prov.probe_fingerprint:
+            raise DiscoverError(f"`labels` {self.dir}: the probe {self.prov.probe} changed since the dissection")
+        summary = self.labels.layers[layer].summary or self.prov.summary or "auto"
+        mode, seed, signal = self.prov.mode, self.prov.seed, self.signal
+        cache = record.activation_cache(self.prov.model_hash, probe, signal=signal, mode=mode, seed=seed)
         paths = record.record_layers(model, meta, [layer], probe, cache, summary=summary, mode=mode, seed=seed,
                                      signal=signal, progress=False)
         self.paths[layer] = paths[layer]
@@ -590,18 +587,6 @@ def simulation_figures(sim: dict[str, Any], top_images: dict[str, Any] | None,
     return out
 
 
-def layer_cutoff(info: dict[str, Any], prov: dict[str, Any]) -> float | None:
-    """A layer's interpretability cutoff: its own (calibrated on a random copy, or the fixed number
-    it was dissected with); for labels from before per-layer cutoffs, the provenance's SoftWPMI
-    cutoff on SoftWPMI layers (CLIP-Dissect A.8's scale) and none on others."""
-    if "cutoff" in info:
-        return info["cutoff"]
-    soft = info.get("similarity", prov.get("similarity")) == "soft_wpmi"
-    import dissect
-
-    return float(prov.get("cutoff", dissect.SOFT_WPMI_CUTOFF)) if soft else None
-
-
 def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
     return layer.split(".")[-1] in OUTPUT_LAYERS and bool(classes) and len(classes) == K
 
@@ -612,30 +597,28 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
     import clip_backend
 
     prov = run.prov
-    probe = str(prov.get("probe", ""))
+    probe = prov.probe or ""
     if probe not in world_cache:
         world_cache[probe] = world_attributes(probe)
     world_gt = world_cache[probe]
     rows = []
-    for layer, info in run.labels["layers"].items():
-        neurons = sorted((n for n in run.labels["neurons"] if n.get("layer") == layer), key=lambda n: n["unit"])
+    for layer, info in run.labels.layers.items():
+        neurons = run.labels.neurons_of(layer)
         A, ameta = run.activations(layer)
         K = A.shape[1]
         if len(neurons) != K:
             raise DiscoverError(f"`labels` {run.dir}: layer {layer} has {len(neurons)} labelled neurons "
                                 f"but {K} activation columns")
-        labels = [n.get("description") or "" for n in neurons]
-        U = info.get("U")
+        labels = [n.description for n in neurons]
+        U = info.U
         competitive = ameta.get("lwta") == "yes" if "lwta" in ameta else U is not None
-        scores = np.array([n.get("similarity") if n.get("similarity") is not None else np.nan
-                           for n in neurons], np.float64)
-        dead = int(sum(bool(n.get("dead")) for n in neurons))
-        cutoff = layer_cutoff(info, prov)
+        scores = np.array([n.similarity for n in neurons], np.float64)
+        dead = sum(n.dead for n in neurons)
+        cutoff = info.cutoff
         interpretable = None if cutoff is None else int(np.sum(np.isfinite(scores) & (scores > cutoff)))
         wins = run.wins(layer)  # LWTA layers: who won, beside the recorded signal
         row: dict[str, Any] = {
-            "labels": run.dir, "model": run.model_spec, "similarity": info.get("similarity", prov.get("similarity")),
-            "signal": info.get("signal", prov.get("signal", "sample") if U else "output"),
+            "labels": run.dir, "model": run.model_spec, "similarity": info.similarity, "signal": info.signal,
             "probe": probe, "layer": layer, "K": K, "U": U, "lwta": bool(competitive),
             "dead": dead, "cutoff": cutoff, "interpretable": interpretable,
             "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K,
@@ -646,12 +629,12 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
         }
         classes = run.classes
         if _is_output_layer(layer, K, classes):
-            spec = prov.get("clip")
+            spec = prov.clip
             clip_encode = None
             if spec:
                 clip = run.clip()
                 clip_encode = partial(clip_backend.embed_texts, clip, progress=False)
-                if prov.get("clip_fingerprint") and clip.fingerprint != prov["clip_fingerprint"]:
+                if prov.clip_fingerprint and clip.fingerprint != prov.clip_fingerprint:
                     row["notes"].append("the CLIP's weights differ from the dissection's")
             row["output_layer"] = {**final_layer_metrics(labels, classes, clip_encode, sentence),
                                    "clip": spec, "sentence_model": sentence_name}
@@ -662,7 +645,7 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
             values, Y, fingerprint = world_gt
             if Y.shape[0] == A.shape[0]:
                 row["world"] = world_metrics(A, labels, values, Y)
-                row["top_images"] = top_image_metrics([n.get("top_images") or [] for n in neurons], labels,
+                row["top_images"] = top_image_metrics([n.top_images for n in neurons], labels,
                                                       values, Y)
                 if localise_n and not row["output_layer"] and run.model_or_none() is not None:
                     loc = run.localisation(layer, localise_n)
@@ -671,7 +654,7 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
                 if explain_n and not row["output_layer"] and run.model_or_none() is not None:
                     precision = run.explanation_precision(layer, explain_n, values)
                     row["explanations"], row["explanations_z"] = precision["activation"], precision["z"]
-            if fingerprint != prov.get("probe_fingerprint"):
+            if fingerprint != prov.probe_fingerprint:
                 row["notes"].append("the world generator's version changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
         try:
@@ -716,8 +699,7 @@ def evaluate(labels_dirs: Sequence[str], models: Sequence[str] = (), sentence_mo
     clips: dict[str, Any] = {}
     runs = [LabelsRun(d, m, dev, model_args, clips) for d, m in zip(labels_dirs, specs)]
     sentence, sentence_name = (None, SENTENCE_NA)
-    needs_output = any(_is_output_layer(layer, info.get("K", -1), r.classes)
-                       for r in runs for layer, info in r.labels["layers"].items())
+    needs_output = any(_is_output_layer(layer, info.K, r.classes) for r in runs for layer, info in r.labels.layers.items())
     if needs_output or sentence_model:
         sentence, sentence_name = load_sentence_model(sentence_model)
     world_cache: dict[str, Any] = {}

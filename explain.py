@@ -15,7 +15,7 @@ Usage::
 From Python::
 
     model, meta = models.load_model("runs/cvn8")
-    labels = dissect.read_labels("dissect_out")
+    labels = schema.Labels.read("dissect_out")
     res = explain.explain_image(model, meta, labels, None, "world:2:17", samples=16, mode="sample", seed=0)
     res["neurons"][0]          # {"unit", "block", "competitor", "concept", "score", "activation", "win_rate", ...}
 
@@ -38,6 +38,7 @@ import torch.nn as nn
 
 import lwta
 from common import DiscoverError
+from schema import Labels, ModelMeta, Neuron
 
 DRAW_BATCH = 32  # posterior draws per forward pass
 
@@ -105,30 +106,29 @@ def _resample(interpolation: str):
 
 # --- labels ---------------------------------------------------------------------------------------
 
-def check_labels(model: nn.Module, labels: dict[str, Any], where: str = "`labels`") -> None:
+def check_labels(model: nn.Module, labels: Labels, where: str = "`labels`") -> None:
     """A :class:`DiscoverError` unless ``labels`` were computed for exactly this model."""
     import models
 
-    prov = labels.get("provenance") or {}
-    want = prov.get("model_hash")
+    want = labels.provenance.model_hash
     if not want:
         raise DiscoverError(f"{where}: labels.json has no provenance model_hash (not a dissection?)")
     if want != models.model_hash(model):
-        raise DiscoverError(f"{where}: these labels come from another model ({prov.get('model')}, "
+        raise DiscoverError(f"{where}: these labels come from another model ({labels.provenance.model}, "
                             f"hash {want[:12]}); dissect this model first or pass the matching `model`")
 
 
-def default_layer(model: nn.Module, labels: dict[str, Any]) -> str:
+def default_layer(model: nn.Module, labels: Labels) -> str:
     """The last LWTA layer (in the model's module order) that the labels cover, else their first layer."""
-    layers = list(labels.get("layers") or {})
+    layers = list(labels.layers)
     if not layers:
         raise DiscoverError("`labels`: labels.json lists no layer")
     competitive = [n for n in lwta.lwta_modules(model) if n in layers]
     return competitive[-1] if competitive else layers[0]
 
 
-def check_layer(labels: dict[str, Any], layer: str) -> None:
-    layers = list(labels.get("layers") or {})
+def check_layer(labels: Labels, layer: str) -> None:
+    layers = list(labels.layers)
     if layer not in layers:
         raise DiscoverError(f"`layer` {layer}: not in the labels (they cover {', '.join(layers) or 'no layer'})")
 
@@ -210,7 +210,7 @@ def sort_neurons(neurons: list[dict[str, Any]], sort: str) -> list[dict[str, Any
     return sorted(neurons, key=lambda n: (-key(n), n["unit"]))
 
 
-def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any], layer: str | None,
+def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str | None,
                   image: Any, samples: int = 1, mode: str = "sample", seed: int = 0,
                   sort: str = "activation") -> dict[str, Any]:
     """The active neurons of ``layer`` for one image, with their concepts.
@@ -244,9 +244,9 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     layer = layer or default_layer(model, labels)
     check_layer(labels, layer)
     module = record.resolve_layers(model, [layer])[layer]
-    linfo = labels["layers"][layer]
-    summary = linfo.get("summary") or labels["provenance"].get("summary") or "auto"
-    pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+    linfo = labels.layers[layer]
+    summary = linfo.summary or labels.provenance.summary or "auto"
+    pixels, name = load_image(image, meta.img_size, meta.interpolation)
     device = models.device_of(model)
     x = models.to_input(pixels[None], meta, device)
 
@@ -255,14 +255,14 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     with lwta.inference(model, mode), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             torch.inference_mode():
         torch.manual_seed(seed)
-        signal = linfo.get("signal") or labels["provenance"].get("signal") or "sample"
+        signal = linfo.signal or labels.provenance.signal
         d = _draws(model, module, x, n_draws, summary, signal if signal in record.SIGNALS else "sample")
 
     values, mask, logits = d["values"], d["active"], d["logits"]
     K = values.shape[1]
-    if linfo.get("K") not in (None, K):
-        raise DiscoverError(f"`layer` {layer}: the labels have {linfo['K']} neurons, the model's layer {K}")
-    by_unit = {int(n["unit"]): n for n in labels.get("neurons", []) if n.get("layer") == layer}
+    if linfo.K != K:
+        raise DiscoverError(f"`layer` {layer}: the labels have {linfo.K} neurons, the model's layer {K}")
+    by_unit = {n.unit: n for n in labels.neurons_of(layer)}
     U = getattr(module, "U", None) if isinstance(module, lwta.LWTABase) else None
     wins = mask.sum(0)
     pi = d["pi"].mean(0) if "pi" in d else None
@@ -276,29 +276,27 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
         shown = np.flatnonzero(wins > 0)
         act = np.where(mask, values, 0.0).mean(0)  # the mean output over the draws
     when_active = np.where(wins > 0, np.where(mask, values, 0.0).sum(0) / np.maximum(wins, 1), 0.0)
-    if sort == "z" and not any("signal_std" in n for n in by_unit.values()):
+    if sort == "z" and not any(n.signal_std is not None for n in by_unit.values()):
         raise DiscoverError(f"`sort` z: the labels of {layer} have no per-neuron signal statistics "
                             "(made before labels.json format 2); run dissect again")
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
-    mu = np.array([_num(by_unit.get(k, {}).get("signal_mean")) or 0.0 for k in range(K)])
-    sd = np.array([_num(by_unit.get(k, {}).get("signal_std")) or 0.0 for k in range(K)])
+    mu = np.array([_num(by_unit[k].signal_mean if k in by_unit else None) or 0.0 for k in range(K)])
+    sd = np.array([_num(by_unit[k].signal_std if k in by_unit else None) or 0.0 for k in range(K)])
     z = np.where(sd > 0, (sig - mu) / np.where(sd > 0, sd, 1.0), 0.0)
     neurons = []
     for k in shown:
-        rec = by_unit.get(int(k), {})
-        top = rec.get("top_concepts") or []
+        rec = by_unit.get(int(k), Neuron(layer=layer, unit=int(k)))
         neurons.append({
             "unit": int(k), "block": int(k) // U if U else None, "competitor": int(k) % U if U else None,
-            "concept": rec.get("description", ""), "score": _num(rec.get("similarity")),
-            "interpretable": rec.get("interpretable"),
+            "concept": rec.description, "score": _num(rec.similarity), "interpretable": rec.interpretable,
             "activation": float(act[k]), "activation_when_active": float(when_active[k]),
             "pi": None if pi is None else float(pi[k]), "z": float(z[k]),
-            "win_rate": float(wins[k]) / n_draws, "top_concepts": top[:3]})
+            "win_rate": float(wins[k]) / n_draws, "top_concepts": rec.top_concepts[:3]})
     neurons = sort_neurons(neurons, sort)
 
     mean_logits = logits.mean(0)
     probs = torch.softmax(torch.from_numpy(mean_logits), 0).numpy()
-    classes = meta.get("classes") or labels["provenance"].get("classes")
+    classes = meta.classes or labels.provenance.classes
     top_classes = np.argsort(-probs, kind="stable")[:5]
 
     def cname(i: int) -> str:
@@ -307,7 +305,7 @@ def explain_image(model: nn.Module, meta: dict[str, Any], labels: dict[str, Any]
     return {
         "image": name, "layer": layer, "K": K, "U": U, "summary": summary, "mode": mode,
         "samples": samples, "draws": n_draws, "seed": seed if stochastic else None, "sort": sort,
-        "per_block": per_block, "signal": linfo.get("signal"),
+        "per_block": per_block, "signal": linfo.signal,
         "prediction": {"index": int(top_classes[0]), "class": cname(int(top_classes[0])),
                        "probability": float(probs[top_classes[0]])},
         "top_classes": [{"index": int(i), "class": cname(int(i)), "probability": float(probs[i])}
@@ -378,7 +376,7 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     return t
 
 
-def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], image: Any, out_dir: str | Path,
+def write_maps(model: nn.Module, meta: ModelMeta, res: dict[str, Any], image: Any, out_dir: str | Path,
                n_units: int = 7, seed: int = 0, mode: str = "sample") -> dict[int, str]:
     """Where the first ``n_units`` neurons of explanation ``res`` act on ``image``, as PNG overlays
     in ``out_dir`` (``maps.py``): for an LWTA layer, where the unit won (red) beside its winning
@@ -393,7 +391,7 @@ def write_maps(model: nn.Module, meta: dict[str, Any], res: dict[str, Any], imag
     from common import atomic_path, slug
 
     module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
-    pixels, name = load_image(image, int(meta["img_size"]), meta.get("interpolation", "bilinear"))
+    pixels, name = load_image(image, meta.img_size, meta.interpolation)
     device = models.device_of(model)
     with lwta.inference(model, mode), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import lwta
 from common import DiscoverError
+from schema import ModelMeta
 
 TOP_QUANTILE = 0.995  # Network Dissection: a unit's map is thresholded at its top 0.5 % over the probe
 IOU_DETECTOR = 0.04  # Network Dissection: IoU above which a unit detects (localises) the concept
@@ -131,7 +132,7 @@ def top_thresholds(unit_maps: np.ndarray, q: float = TOP_QUANTILE) -> np.ndarray
     return np.quantile(np.moveaxis(unit_maps, 1, 0).reshape(K, -1), q, axis=1)
 
 
-def probe_localisation(model: nn.Module, meta: dict[str, Any], layer: str, images: np.ndarray, objects: np.ndarray,
+def probe_localisation(model: nn.Module, meta: ModelMeta, layer: str, images: np.ndarray, objects: np.ndarray,
                        batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
     """:func:`localisation` of every unit of ``layer`` on probe ``images`` (N x S x S x 3 uint8)
     with object masks ``objects`` (N x S x S): ``iou_top`` (top 0.5 % quantile of the unit's

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import json
 import math
 import os
 import sys
@@ -34,10 +33,9 @@ import torch.nn as nn
 
 import concepts
 import lwta
-from common import DiscoverError, atomic_path, write_json_atomic
+from common import DiscoverError, atomic_path
+from schema import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --- builders ------------------------------------------------------------------------------------
@@ -184,19 +182,18 @@ def build(arch: str, U: int | None = None, act: str | None = None, num_classes: 
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
-def save(model: nn.Module, out_dir: str | Path, meta: dict[str, Any]) -> None:
-    """Write ``model.safetensors`` and ``meta.json`` (arch, U, act, classes, img size, metrics, ...)
-    into ``out_dir``, each atomically. ``meta`` must name ``arch`` so that :func:`load` can rebuild."""
+def save(model: nn.Module, out_dir: str | Path, meta: ModelMeta | dict[str, Any]) -> None:
+    """Write ``model.safetensors`` and ``meta.json`` (:class:`schema.ModelMeta`: arch, U, act, classes,
+    img size, the training record, ...) into ``out_dir``, each atomically."""
     from safetensors.torch import save_file
 
-    if "arch" not in meta:
-        raise ValueError("lwta.save: meta must contain 'arch'")
+    meta = meta if isinstance(meta, ModelMeta) else ModelMeta.from_dict(meta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
     with atomic_path(out / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"arch": str(meta["arch"])})
-    write_json_atomic(out / "meta.json", meta)
+        save_file(state, str(tmp), metadata={"arch": str(meta.arch)})
+    meta.write(out / "meta.json")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -253,7 +250,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     return model
 
 
-def load(path: str | Path, **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+def load(path: str | Path, **build_kwargs: Any) -> tuple[nn.Module, ModelMeta]:
     """Load a model: a run directory (``model.safetensors`` + ``meta.json``), or a weights file
     (``.safetensors``/``.pth``) with the architecture given as ``build_kwargs`` (arch, U, act, ...).
 
@@ -265,10 +262,7 @@ def load(path: str | Path, **build_kwargs: Any) -> tuple[nn.Module, dict[str, An
         for f in (meta_path, weights):
             if not f.is_file():
                 raise DiscoverError(f"model directory {path}: missing {f.name}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DiscoverError(f"{meta_path}: not valid JSON ({e.msg}, line {e.lineno})") from e
+        meta = ModelMeta.read(meta_path).to_dict()
         kwargs = {k: meta.get(k) for k in ("arch", "U", "act", "num_classes", "img_size")}
         kwargs.update(build_kwargs)
     else:
@@ -280,20 +274,23 @@ def load(path: str | Path, **build_kwargs: Any) -> tuple[nn.Module, dict[str, An
     model = build(arch, **{k: v for k, v in kwargs.items() if v is not None})
     load_state(model, read_state_dict(weights), str(weights))
     meta.setdefault("arch", arch)
-    return model.eval(), meta
+    if meta.get("img_size") is None:  # the size the arch was built for
+        meta["img_size"] = ARCHS[arch].img_size if arch in ARCHS else None
+    return model.eval(), ModelMeta.from_dict(meta)
 
 
 def load_model(spec: str, class_names: str | Path | None = None,
-               **build_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+               **build_kwargs: Any) -> tuple[nn.Module, ModelMeta]:
     """Resolve a model spec to ``(model in eval mode, meta)``.
 
     ``spec`` is a run directory (``model.safetensors`` + ``meta.json``), a ``.safetensors``/``.pth``
     weights file (``build_kwargs`` name the architecture: ``arch``, ``U`` or ``act``), ``timm:NAME``
     or ``torchvision:NAME``, each optionally followed by ``:WEIGHTS`` (a local file; ``pretrained``
     for the library's own weights, which need a download or a filled cache; torchvision also takes
-    enum names like ``IMAGENET1K_V1``). ``meta`` holds the preprocessing (``img_size``, ``mean``,
-    ``std``, ``interpolation``), ``U`` (None for a plain network), ``classes`` when known (from
-    ``class_names``, a file of one name per output, when given; synset ids read as words), ``spec``.
+    enum names like ``IMAGENET1K_V1``). ``meta`` (:class:`schema.ModelMeta`) holds the preprocessing
+    (``img_size``, ``mean``, ``std``, ``interpolation``), ``U`` (None for a plain network), ``classes``
+    when known (from ``class_names``, a file of one name per output, when given; synset ids read as
+    words), ``spec``.
     """
     kwargs = {k: v for k, v in build_kwargs.items() if v is not None}
     if spec.startswith("timm:"):
@@ -304,16 +301,15 @@ def load_model(spec: str, class_names: str | Path | None = None,
         path = Path(spec).expanduser()
         if path.is_dir():
             model, meta = load(path, **kwargs)
+            meta = meta.to_dict()
         elif path.is_file():
             model, meta = _load_weights_file(path, kwargs)
         else:
             raise DiscoverError(f"`model` {spec}: no such run directory or weights file "
                                 "(or give timm:NAME[:WEIGHTS] / torchvision:NAME[:WEIGHTS])")
-    meta = dict(meta)
-    meta.setdefault("img_size", 224)
-    meta.setdefault("mean", list(IMAGENET_MEAN))
-    meta.setdefault("std", list(IMAGENET_STD))
-    meta.setdefault("interpolation", "bilinear")
+    meta = dict(meta)  # else schema.ModelMeta's defaults: an ImageNet-normalised input
+    if meta.get("img_size") is None:
+        meta["img_size"] = 224
     meta.setdefault("classes", None)
     if class_names is not None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -322,7 +318,7 @@ def load_model(spec: str, class_names: str | Path | None = None,
     units = {m.U for m in lwta.lwta_modules(model).values()}
     meta["U"] = meta.get("U") or (units.pop() if len(units) == 1 else None)
     meta["spec"] = spec
-    return model.eval(), meta
+    return model.eval(), ModelMeta.from_dict(meta)
 
 
 def _split_weights(rest: str) -> tuple[str, str | None]:
@@ -548,9 +544,9 @@ def device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def to_input(images: np.ndarray, meta: dict[str, Any], device: torch.device) -> torch.Tensor:
+def to_input(images: np.ndarray, meta: ModelMeta, device: torch.device) -> torch.Tensor:
     """uint8 ``(B, S, S, 3)`` -> normalised float ``(B, 3, S, S)`` on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(meta["mean"], device=device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(meta["std"], device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(meta.mean, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(meta.std, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std

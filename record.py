@@ -69,6 +69,7 @@ import lwta
 from common import DiscoverError, atomic_path, cache_dir, progress_bar, sha256_json, write_json_atomic
 from models import device_of, model_hash, to_input
 from probes import Probe
+from schema import ModelMeta
 
 SUMMARIES = ("auto", "cls", "mean", "max", "identity")
 SIGNALS = ("pi", "expected", "sample", "argmax")  # what an LWTA layer's neuron vector is made of
@@ -177,11 +178,11 @@ def summarise(out: torch.Tensor, summary: str, has_cls: bool = True) -> tuple[to
                         f"{tuple(out.shape)} (tokens: auto|cls|mean|max; maps: auto|mean|max)")
 
 
-def describe_layers(model: nn.Module, meta: dict[str, Any], probe: Probe | None = None) -> list[dict[str, Any]]:
+def describe_layers(model: nn.Module, meta: ModelMeta, probe: Probe | None = None) -> list[dict[str, Any]]:
     """Every named module with its output shape for one probe image (a grey image without a probe),
     how often it runs per forward and its LWTA U: what ``--list-layers`` prints."""
-    size = int(meta["img_size"])
-    img = probe.images(0, 1, size, meta.get("interpolation", "bilinear")) if probe else \
+    size = meta.img_size
+    img = probe.images(0, 1, size, meta.interpolation) if probe else \
         np.full((1, size, size, 3), 128, np.uint8)
     shapes: dict[str, list[str]] = {}
 
@@ -284,7 +285,7 @@ def read_activations(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, str
         raise DiscoverError(f"activation file {path}: cannot be read ({type(e).__name__})") from e
 
 
-def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str], probe: Probe,
+def record_layers(model: nn.Module, meta: ModelMeta, layers: Sequence[str], probe: Probe,
                   out_dir: str | os.PathLike, summary: str | dict[str, str] = "auto",
                   mode: str = "sample", seed: int = 0, batch_size: int = 64, *, signal: str = DEFAULT_SIGNAL,
                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Path]:
@@ -313,8 +314,8 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
     stochastic = mode == "sample" and bool(lwta.lwta_modules(model))
     digest = model_hash(model)
     inputs = {"format": FORMAT_VERSION, "model_hash": digest, "probe_fingerprint": probe.fingerprint,
-              "probe_n": probe.n, "img_size": int(meta["img_size"]), "mean": list(meta["mean"]),
-              "std": list(meta["std"]), "interpolation": meta.get("interpolation", "bilinear"),
+              "probe_n": probe.n, "img_size": meta.img_size, "mean": list(meta.mean),
+              "std": list(meta.std), "interpolation": meta.interpolation,
               "lwta_mode": mode if lwta.lwta_modules(model) else "none",
               "seed": seed if stochastic else "none",
               "batch_size": batch_size if stochastic else "none",  # sample: the random stream
@@ -330,7 +331,7 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
     if todo:
         base = {name: {**{k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in inputs.items()},
                        "key": keys[name], "layer": name, "summary": summaries[name], "signal": signals[name],
-                       "model": str(meta.get("spec", meta.get("arch", "?"))), "probe": probe.spec,
+                       "model": str(meta.spec or meta.arch), "probe": probe.spec,
                        "U": str(getattr(modules[name], "U", "none")),
                        "lwta": "yes" if isinstance(modules[name], lwta.LWTABase) else "no"}
                 for name in todo}
@@ -342,7 +343,7 @@ def record_layers(model: nn.Module, meta: dict[str, Any], layers: Sequence[str],
     return paths
 
 
-def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module], probe: Probe,
+def _record(model: nn.Module, meta: ModelMeta, modules: dict[str, nn.Module], probe: Probe,
             paths: dict[str, Path], summaries: dict[str, str], base: dict[str, dict[str, str]],
             mode: str, seed: int, batch_size: int, progress: bool, signals: dict[str, str]) -> None:
     device = device_of(model)
@@ -368,7 +369,7 @@ def _record(model: nn.Module, meta: dict[str, Any], modules: dict[str, nn.Module
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    size, interp = int(meta["img_size"]), meta.get("interpolation", "bilinear")
+    size, interp = meta.img_size, meta.interpolation
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(lwta.inference(model, mode))
@@ -421,7 +422,7 @@ def activation_cache(model_digest: str, probe: Probe, *, signal: str, mode: str,
     return cache_dir() / "activations" / key
 
 
-def _write_record_json(out_dir: Path, meta: dict[str, Any], digest: str, probe: Probe,
+def _write_record_json(out_dir: Path, meta: ModelMeta, digest: str, probe: Probe,
                        paths: dict[str, Path], summaries: dict[str, str], mode: str, seed: int) -> None:
     """``record.json``: the model and probe specs, the probe image names and every layer recorded
     for this (model, probe) pair in ``out_dir`` (earlier runs' layers kept while their files last)."""
@@ -438,9 +439,9 @@ def _write_record_json(out_dir: Path, meta: dict[str, Any], digest: str, probe: 
                         "shape": info.get("shape"), "lwta_mode": info.get("lwta_mode"),
                         "seed": info.get("seed")}
     write_json_atomic(path, {
-        "model": meta.get("spec"), "model_hash": digest, "arch": meta.get("arch"), "U": meta.get("U"),
-        "img_size": meta["img_size"], "mean": list(meta["mean"]), "std": list(meta["std"]),
-        "classes": meta.get("classes"), "probe": probe.spec, "probe_fingerprint": probe.fingerprint,
+        "model": meta.spec, "model_hash": digest, "arch": meta.arch, "U": meta.U,
+        "img_size": meta.img_size, "mean": list(meta.mean), "std": list(meta.std),
+        "classes": meta.classes, "probe": probe.spec, "probe_fingerprint": probe.fingerprint,
         "n": probe.n, "skipped": probe.skipped, "mode": mode, "seed": seed,
         "requested_summaries": summaries, "layers": layers, "names": probe.names,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S")})

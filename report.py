@@ -24,11 +24,13 @@ the Jinja2 templates in ``templates/``, charts from matplotlib.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common import DEMO_MARKER, REPO_DIR, DiscoverError, atomic_dir, progress_bar, sha256_file, sha256_json, slug
+from schema import Labels
 
 TEMPLATES = REPO_DIR / "templates"
 MARKER = ".discover-report"  # identifies a directory as a report (safe to replace)
@@ -45,7 +47,7 @@ class Source:
 
     name: str
     path: Path
-    labels: dict[str, Any]
+    labels: Labels
     explanations: list[dict[str, Any]] = field(default_factory=list)
     root: Path = Path(".")  # the results directory its explanations' map paths are relative to
 
@@ -60,8 +62,6 @@ def _read_json(path: Path) -> Any:
 def collect(root: Path) -> tuple[list[Source], dict[str, Any] | None, dict[str, Any] | None]:
     """``(sources, summary, evaluation)`` of a results directory; one-line errors for a directory
     without results or a half-finished demo run (naming what is missing)."""
-    import dissect
-
     root = Path(root)
     if not root.is_dir():
         raise DiscoverError(f"report: {root} is not a directory")
@@ -82,7 +82,7 @@ def collect(root: Path) -> tuple[list[Source], dict[str, Any] | None, dict[str, 
     for d in dirs:  # unique short names: the directory name, or its path below root
         name = slug(d.name if d != root else root.resolve().name)
         names.append(name if name not in names else slug(str(d.relative_to(root))))
-    sources = [Source(n, d, dissect.read_labels(d)) for n, d in zip(names, dirs)]
+    sources = [Source(n, d, Labels.read(d)) for n, d in zip(names, dirs)]
     summary = _read_json(root / "summary.json") if (root / "summary.json").is_file() else None
     evaluation = _read_json(root / "evaluation.json") if (root / "evaluation.json").is_file() else None
     if (root / "explanations.json").is_file():
@@ -113,20 +113,20 @@ class Thumbnails:
         self.probes: dict[str, Any] = {}
         self.written: set[str] = set()
 
-    def probe(self, labels: dict[str, Any]) -> Any:
+    def probe(self, labels: Labels) -> Any:
         import probes
 
-        prov = labels["provenance"]
-        key = prov["probe_fingerprint"]
+        prov = labels.provenance
+        key = prov.probe_fingerprint
         if key not in self.probes:
-            probe = probes.load_probe(prov["probe"], skip_bad=bool(prov.get("skip_bad")))
+            probe = probes.load_probe(prov.probe, skip_bad=prov.skip_bad)
             if probe.fingerprint != key:
-                raise DiscoverError(f"report: probe {prov['probe']} changed since the dissection "
+                raise DiscoverError(f"report: probe {prov.probe} changed since the dissection "
                                     "(its fingerprint differs); dissect again to get its galleries")
             self.probes[key] = probe
         return self.probes[key]
 
-    def probe_image(self, labels: dict[str, Any], index: int) -> str:
+    def probe_image(self, labels: Labels, index: int) -> str:
         """Relative URL of probe image ``index`` of the labels' probe (written on first use)."""
         probe = self.probe(labels)
         rel = f"img/{probe.fingerprint[:12]}/{index}.png"
@@ -289,27 +289,25 @@ def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, An
     loc = (row or {}).get("localisation") or {}
     ious = loc.get("iou_win") or loc.get("iou_top") or []  # where a CVN unit wins; else its top 0.5 %
     cards = []
-    for n in src.labels["neurons"]:
-        if n["layer"] != layer:
-            continue
-        k, own = n["unit"], n.get("simulation") or {}
-        sim = own.get("corr") if own else (corr[k] if k < len(corr) else None)
-        label = own.get("label") if own else (scored[k] if k < len(scored) else None)
-        cards.append(dict(n, sim_corr=sim, sim_label=label if label and label != n.get("description") else None,
+    for n in src.labels.neurons_of(layer):
+        k, own = n.unit, n.simulation
+        sim = own.corr if own else (corr[k] if k < len(corr) else None)
+        label = own.label if own else (scored[k] if k < len(scored) else None)
+        cards.append(dict(n.to_dict(), sim_corr=sim, sim_label=label if label and label != n.description else None,
                           iou=ious[k] if k < len(ious) else None,
-                          images=[thumbs.probe_image(src.labels, i) for i in n["top_images"][:GALLERY]]))
+                          images=[thumbs.probe_image(src.labels, i) for i in n.top_images[:GALLERY]]))
     return cards
 
 
 def _explanation(src: Source, j: int, e: dict[str, Any], thumbs: Thumbnails) -> dict[str, Any]:
     """One explained image: its active neurons split as DISCOVER Table 4 (highest / lowest)."""
-    by_unit = {n["unit"]: n for n in src.labels["neurons"] if n["layer"] == e["layer"]}
+    by_unit = {n.unit: n for n in src.labels.neurons_of(e["layer"])}
     maps = e.get("maps") or {}  # unit -> a picture relative to the demo output (explain.write_maps)
     rows = []
     for n in e["neurons"]:
-        lab = by_unit.get(n["unit"], {})
+        top = by_unit[n["unit"]].top_images if n["unit"] in by_unit else []
         where = src.root / maps[str(n["unit"])] if str(n["unit"]) in maps else None
-        rows.append(dict(n, images=[thumbs.probe_image(src.labels, i) for i in lab.get("top_images", [])[:EXPLAIN_GALLERY]],
+        rows.append(dict(n, images=[thumbs.probe_image(src.labels, i) for i in top[:EXPLAIN_GALLERY]],
                          map=thumbs.copy(where, f"{src.name}-{j}-{n['unit']}") if where and where.is_file() else None))
     top = rows[:TOP]
     bottom = rows[TOP:][-BOTTOM:] if len(rows) > TOP else []
@@ -358,21 +356,21 @@ def build(root: str | Path, out: str | Path | None = None, force: bool = False,
     rows = _eval_rows(evaluation, sources)
     with atomic_dir(out) as site, progress_bar(progress, note="pages", transient=True, stderr=True) as bar:
         thumbs = Thumbnails(site)
-        layers = [(s, layer) for s in sources for layer in s.labels["layers"]]
+        layers = [(s, layer) for s in sources for layer in s.labels.layers]
         task = bar.add_task("report", total=len(layers) + sum(len(s.explanations) for s in sources) + 1)
         pages = 0
         layer_links = []
         for src, layer in layers:
-            info = src.labels["layers"][layer]
+            info = src.labels.layers[layer]
             row = next((r for r in rows if r["run"] == src.name and r["layer"] == layer), None)
             cards = _neuron_cards(src, layer, thumbs, row)
             html = env.get_template("layer.html").render(
                 root="../", src=src, layer=layer, info=info, cards=cards, row=row,
-                prov=src.labels["provenance"], gallery=GALLERY)
+                prov=src.labels.provenance, gallery=GALLERY)
             (site / _layer_page(src, layer)).parent.mkdir(parents=True, exist_ok=True)
             (site / _layer_page(src, layer)).write_text(html)
-            layer_links.append(dict(run=src.name, layer=layer, page=_layer_page(src, layer), K=info["K"],
-                                    U=info.get("U"), dead=info.get("dead"), interpretable=info.get("interpretable"),
+            layer_links.append(dict(run=src.name, layer=layer, page=_layer_page(src, layer), K=info.K,
+                                    U=info.U, dead=info.dead, interpretable=info.interpretable,
                                     row=row))
             pages += 1
             bar.advance(task)
@@ -407,11 +405,11 @@ def _models(summary: dict[str, Any] | None, sources: list[Source]) -> list[dict[
         return [dict(v, name=k) for k, v in summary.items()]
     seen: dict[str, dict[str, Any]] = {}
     for s in sources:
-        p = s.labels["provenance"]
-        units = [info.get("U") for info in s.labels["layers"].values() if info.get("U")]
-        seen.setdefault(p.get("model", s.name), {"name": p.get("model", s.name), "arch": p.get("arch"),
-                                                 "U": units[0] if units else None, "act": None, "test": None,
-                                                 "run": p.get("model", s.name)})
+        p = s.labels.provenance
+        units = [info.U for info in s.labels.layers.values() if info.U]
+        model = p.model or s.name
+        seen.setdefault(model, {"name": model, "arch": p.arch, "U": units[0] if units else None, "act": None,
+                                "test": None, "run": model})
     return list(seen.values())
 
 
@@ -430,18 +428,14 @@ def _charts(site: Path, sources: list[Source], rows: list[dict[str, Any]]) -> di
     if acc:
         chart_accuracy(acc, site / "charts" / "accuracy.png")
         charts["accuracy"] = "charts/accuracy.png"
-    layer_names = list(dict.fromkeys(layer for s in sources for layer in s.labels["layers"]))
+    layer_names = list(dict.fromkeys(layer for s in sources for layer in s.labels.layers))
     for i, layer in enumerate(layer_names):
-        series = [(s.name, [n["similarity"] for n in s.labels["neurons"]
-                            if n["layer"] == layer and not n.get("dead") and n.get("similarity") is not None])
-                  for s in sources if layer in s.labels["layers"]]
+        series = [(s.name, [n.similarity for n in s.labels.neurons_of(layer) if not n.dead and not math.isnan(n.similarity)])
+                  for s in sources if layer in s.labels.layers]
         series = [(n, v) for n, v in series if v]
         if not series:
             continue
-        import evaluate
-
-        cutoffs = {evaluate.layer_cutoff(s.labels["layers"][layer], s.labels["provenance"])
-                   for s in sources if layer in s.labels["layers"]}
+        cutoffs = {s.labels.layers[layer].cutoff for s in sources if layer in s.labels.layers}
         cutoff = cutoffs.pop() if len(cutoffs) == 1 else None  # one line only where every source has the same
         path = f"charts/scores-{i}.png"
         chart_scores(layer, series, cutoff, site / path)

@@ -34,10 +34,9 @@ import torch.nn.functional as F
 import lwta
 import models
 import world
-from common import DiscoverError, atomic_path, progress_bar, sha256_json, write_json_atomic, write_text_atomic
+from common import DiscoverError, atomic_path, progress_bar, sha256_json, write_text_atomic
+from schema import IMAGENET_MEAN, IMAGENET_STD, ModelMeta
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 WORLD_TRAIN_SEED, WORLD_VAL_SEED = world.SEEDS["train"], world.SEEDS["val"]
 WORLD_TEST_SEED = world.SEEDS["test"]  # the held-out test images of a finished world run
 
@@ -539,7 +538,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         start_epoch = ckpt["epoch"] + 1
         if start_epoch >= cfg.epochs:
             print(f"{out}: already trained all {cfg.epochs} epochs (pass a larger --epochs to train on)")
-            return json.loads((out / "meta.json").read_text())
+            return ModelMeta.read(out / "meta.json").to_dict()
         if d.main:
             print(f"resuming {out} from {last.name} (epoch {start_epoch} of {cfg.epochs} next)")
         if ckpt["config"]["epochs"] != cfg.epochs:
@@ -596,7 +595,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
             "config": dataclasses.asdict(cfg), "epoch": start_epoch - 1, "metrics": {},
             "reproduce": reproduce_command(cfg), "train_seconds": 0.0}
     if resume and (out / "meta.json").is_file():  # wall time of the epochs already done
-        meta["train_seconds"] = json.loads((out / "meta.json").read_text()).get("train_seconds", 0.0)
+        meta["train_seconds"] = ModelMeta.read(out / "meta.json").extra.get("train_seconds", 0.0)
     metrics_path = out / "metrics.jsonl"
     if d.main and resume and metrics_path.exists():  # drop lines of epochs after the checkpoint
         keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < start_epoch]
@@ -658,7 +657,7 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                                   f"(argmax {ev['val_top1_argmax']:.2f}%), {record['epoch_seconds']:.0f} s{sure}")
     if d.main and end_epoch == cfg.epochs and cfg.data.startswith("world:") and cfg.test_size:
         meta["test"] = test_metrics(models.unwrap(model), cfg, device, progress=progress)
-        write_json_atomic(out / "meta.json", meta)
+        ModelMeta.from_dict(meta).write(out / "meta.json")
     if d.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -40,6 +40,7 @@ import lwta
 import record
 import models
 import probes
+import schema
 import world
 
 SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
@@ -49,13 +50,15 @@ def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, all
             top: np.ndarray | None = None, wins: np.ndarray | None = None) -> list[str]:
     """Each neuron's label as ``dissect`` chooses it (``dissect.neuron_rows``; "" for a dead one)."""
     S = dissect.scores(similarity, A, P)
-    return [r["description"] for r in dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)]
+    return [r.description for r in dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)]
 
 
-def _explanations(model: Any, meta: dict[str, Any], layer: str, probe: probes.Probe, n: int) -> list[dict[str, Any]]:
+def _explanations(model: Any, meta: schema.ModelMeta, layer: str, probe: probes.Probe, n: int) -> list[dict[str, Any]]:
     """The winners of ``layer`` for the first ``n`` probe images (labels filled in later)."""
-    stub = {"provenance": {"model_hash": models.model_hash(model), "summary": "auto"},
-            "layers": {layer: {"summary": "auto"}}, "neurons": []}
+    dims = [int(d) for d in next(r for r in record.describe_layers(model, meta) if r["layer"] == layer)["shape"].split("x")]
+    K = dims[1] if len(dims) == 4 else dims[-1]  # a conv map's channels, else the last axis
+    stub = schema.Labels(schema.Provenance(model_hash=models.model_hash(model), summary="auto"),
+                         {layer: schema.LayerInfo(K=K, summary="auto")}, [])
     return [explain.explain_image(model, meta, stub, layer, f"world:{probe.world_seed}:{i}", samples=4)
             for i in range(min(n, probe.n))]
 
@@ -102,7 +105,7 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                         rows.append({
                             "probe": probe_spec, "concepts": cset, "model": name, "signal": signal, "similarity": sim,
                             "gallery": gallery_share if check else 0.0,
-                            "final_accuracy": evaluate.final_layer_metrics(lo, meta["classes"])["accuracy_percent"],
+                            "final_accuracy": evaluate.final_layer_metrics(lo, meta.classes)["accuracy_percent"],
                             "selective": ti["selective"], "named_right": ti["right_percent"],
                             "names_world": ti["world_percent"], "auroc_selective": wm["selective"],
                             "hidden_accuracy": wm["hidden_accuracy_percent"],

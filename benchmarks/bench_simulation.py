@@ -68,10 +68,9 @@ def sanity_table(dirs: list[tuple[str, Path, str]]) -> Table:
     for name, d, layer in dirs:
         run = evaluate.LabelsRun(str(d), None)
         A, _ = run.activations(layer)
-        neurons = sorted((n for n in run.labels["neurons"] if n["layer"] == layer), key=lambda n: n["unit"])
-        values, Y, _ = evaluate.world_attributes(run.prov["probe"])
-        ti = evaluate.top_image_metrics([n["top_images"] for n in neurons], [n["description"] for n in neurons],
-                                        values, Y)
+        neurons = run.labels.neurons_of(layer)
+        values, Y, _ = evaluate.world_attributes(run.prov.probe)
+        ti = evaluate.top_image_metrics([n.top_images for n in neurons], [n.description for n in neurons], values, Y)
         index = {v: j for j, (_, v) in enumerate(values)}
         units = [u for u in ti["units"]]
         As = A[:, [u["unit"] for u in units]].astype(np.float64)

@@ -17,6 +17,7 @@ import dissect
 import dissect_kernels
 import lwta
 import models
+import schema
 import world
 import world_clip
 from common import DiscoverError
@@ -180,12 +181,12 @@ def test_gallery_check_chooses_the_best_concept_that_holds_on_the_top_images() -
     for k, r in enumerate(rows):
         allowed = [m for m in range(M) if ref[k, m]]
         best = max(allowed, key=lambda m: S[k, m]) if allowed else int(np.argmax(S[k]))
-        assert r["description"] == words[best] and r["gallery_checked"] == bool(allowed)
-        assert r["similarity"] == pytest.approx(S[k, best])
-        assert [c for c, _ in r["top_concepts"][:len(allowed)]] == \
+        assert r.description == words[best] and r.gallery_checked == bool(allowed)
+        assert r.similarity == pytest.approx(S[k, best])
+        assert [c for c, _ in r.top_concepts[:len(allowed)]] == \
             [words[m] for m in sorted(allowed, key=lambda m: -S[k, m])][:5]
     plain = dissect.neuron_rows("l", A, S, words, None, None, None, None)
-    assert all(r["description"] == "zero" and r["gallery_checked"] is None for r in plain)
+    assert all(r.description == "zero" and r.gallery_checked is None for r in plain)
 
 
 def test_truth_threshold_comes_from_the_clip_manifest_only() -> None:
@@ -248,13 +249,13 @@ def test_a_random_network_gets_few_interpretable_units(setup: Path, tmp_path: Pa
     for sim in ("auto", "cos3"):
         res = dissect.dissect(_cfg(setup, **cfg, similarity=sim, out=str(tmp_path / sim)))
         for layer, info in res["layers"].items():
-            assert info["cutoff_from"] == "random copy"
-            assert info["interpretable"] <= 0.15 * info["K"], (sim, layer, info["interpretable"])
-            lab = dissect.read_labels(tmp_path / sim)
-            scores = np.array([n["similarity"] for n in lab["neurons"] if n["layer"] == layer], float)
-            assert info["interpretable"] == int(np.sum(scores > info["cutoff"]))
+            assert info.cutoff_from == "random copy"
+            assert info.interpretable <= 0.15 * info.K, (sim, layer, info.interpretable)
+            lab = schema.Labels.read(tmp_path / sim)
+            scores = np.array([n.similarity for n in lab.neurons_of(layer)], float)
+            assert info.interpretable == int(np.sum(scores > info.cutoff))
     fixed = dissect.dissect(_cfg(setup, **cfg, similarity="soft_wpmi", cutoff=0.16, out=str(tmp_path / "fixed")))
-    assert all(i["interpretable"] > 0.5 * i["K"] and i["cutoff_from"] == "fixed" for i in fixed["layers"].values())
+    assert all(i.interpretable > 0.5 * i.K and i.cutoff_from == "fixed" for i in fixed["layers"].values())
 
 
 def test_random_cutoff_is_the_quantile_of_the_best_scores() -> None:

@@ -24,6 +24,7 @@ import explain
 import lwta
 import models
 import probes
+import schema
 from common import DiscoverError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ C = np.array([2.0, -1.0, 1.0, 3.0])
 B = np.array([-2.0, -0.5, -0.3, -1.0])
 CONCEPTS = ["red", "blue", "striped", "circle"]
 SCORES = [0.5, 0.1, 0.3, 0.2]
-META = {"img_size": 2, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "classes": ["a", "b", "c"]}
+META = schema.ModelMeta(arch="tiny", img_size=2, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], classes=["a", "b", "c"])
 
 
 def tiny(act: nn.Module) -> nn.Module:
@@ -43,16 +44,17 @@ def tiny(act: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def labels_for(model: nn.Module, layers=("act", "head")) -> dict:
+def labels_for(model: nn.Module, layers=("act", "head")) -> schema.Labels:
     neurons = [{"layer": "act", "unit": k, "description": CONCEPTS[k], "similarity": SCORES[k],
                 "top_concepts": [[CONCEPTS[k], SCORES[k]]], "interpretable": SCORES[k] > 0.16, "dead": False}
                for k in range(4)]
     neurons += [{"layer": "head", "unit": k, "description": c, "similarity": 0.9, "dead": False}
-                for k, c in enumerate(META["classes"])]
-    return {"provenance": {"model": "tiny", "model_hash": models.model_hash(model), "classes": META["classes"],
-                           "summary": "auto", "cutoff": 0.16},
-            "layers": {name: {"K": 4 if name == "act" else 3, "summary": "auto"} for name in layers},
-            "neurons": neurons}
+                for k, c in enumerate(META.classes)]
+    return schema.Labels.from_dict(
+        {"provenance": {"model": "tiny", "model_hash": models.model_hash(model), "classes": META.classes,
+                        "summary": "auto", "cutoff": 0.16},
+         "layers": {name: {"K": 4 if name == "act" else 3, "summary": "auto"} for name in layers},
+         "neurons": neurons})
 
 
 def grey(tmp_path: Path, value: int) -> Path:
@@ -79,7 +81,7 @@ def test_cvn_lists_exactly_the_block_winners_sorted(tmp_path: Path, pixel: int, 
     assert res["n_active"] == 2 and res["K"] == 4 and res["U"] == 2
     with torch.no_grad():
         y = lwta.set_mode(model, "argmax")(torch.full((1, 3, 2, 2), pixel / 255))[0]
-    assert res["prediction"]["class"] == META["classes"][int(y.argmax())]
+    assert res["prediction"]["class"] == META.classes[int(y.argmax())]
     assert res["prediction"]["probability"] == pytest.approx(float(torch.softmax(y, 0).max()), abs=1e-5)
 
 
@@ -222,9 +224,9 @@ def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path)
     mean, std = [0.5, 0.2, 0.3, 0.7], [0.1, 0.2, 0.3, 0.01]
     model = tiny(lwta.LWTA(2))
     labels = labels_for(model)
-    labels["layers"]["act"]["signal"] = "pi"
-    for n in labels["neurons"][:4]:
-        n["signal_mean"], n["signal_std"] = mean[n["unit"]], std[n["unit"]]
+    labels.layers["act"].signal = "pi"
+    for n in labels.neurons[:4]:
+        n.signal_mean, n.signal_std = mean[n.unit], std[n.unit]
     by_act = explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0)
     by_z = explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0, sort="z")
     assert [n["unit"] for n in by_act["neurons"]] == [3, 0]
@@ -234,8 +236,8 @@ def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path)
         assert n["z"] == pytest.approx(z[n["unit"]], rel=1e-4)
     twin = tiny(nn.GELU())
     tl = labels_for(twin)
-    for n in tl["neurons"][:4]:
-        n["signal_mean"], n["signal_std"] = mean[n["unit"]], std[n["unit"]]
+    for n in tl.neurons[:4]:
+        n.signal_mean, n.signal_std = mean[n.unit], std[n.unit]
     res = explain.explain_image(twin, META, tl, "act", img, 1, "sample", 0, sort="z")
     g = nn.functional.gelu(torch.tensor(h)).numpy()
     zt = {k: (g[k] - mean[k]) / std[k] for k in (2, 3)}  # the positive units

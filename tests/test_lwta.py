@@ -280,7 +280,7 @@ def test_save_load_roundtrip(tmp_path) -> None:
     model = models.build("deit_world", U=8, num_classes=10)
     models.save(model, tmp_path / "run", {"arch": "deit_world", "U": 8, "num_classes": 10, "classes": list("abcdefghij")})
     loaded, meta = models.load(tmp_path / "run")
-    assert meta["U"] == 8 and meta["classes"][0] == "a"
+    assert meta.U == 8 and meta.classes[0] == "a" and meta.img_size == 64  # the arch's own size
     assert _outputs_equal(model, loaded)
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 

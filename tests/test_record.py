@@ -16,6 +16,7 @@ import lwta
 import record
 import models
 import probes
+import schema
 from common import DiscoverError
 
 N_IMAGES = 12
@@ -63,8 +64,8 @@ def _record(model, meta, layers, probe, out, **kw) -> tuple[dict[str, np.ndarray
     return {k: record.read_activations(p)[0] for k, p in paths.items()}, logs
 
 
-def _input(probe: probes.Probe, meta: dict) -> torch.Tensor:
-    return models.to_input(probe.images(0, probe.n, meta["img_size"]), meta, torch.device("cpu"))
+def _input(probe: probes.Probe, meta: schema.ModelMeta) -> torch.Tensor:
+    return models.to_input(probe.images(0, probe.n, meta.img_size), meta, torch.device("cpu"))
 
 
 # --- hooked layers against forwards run by hand ---------------------------------------------------
@@ -116,7 +117,7 @@ def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
     arr = probe.images(wide, wide + 1, 32)[0]
     assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8
     assert np.array_equal(arr, np.asarray(img.resize((32, 32), Image.BILINEAR, box=(16, 0, 64, 48))))
-    meta = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.5]}
+    meta = schema.ModelMeta(arch="-", mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.5])
     x = models.to_input(arr[None], meta, torch.device("cpu"))
     assert x.shape == (1, 3, 32, 32)
     assert x[0, 2, 5, 7].item() == pytest.approx((arr[5, 7, 2] / 255 - 0.3) / 0.5, abs=1e-6)
@@ -128,7 +129,7 @@ def test_preprocessing_resizes_crops_and_normalises(image_dir) -> None:
 def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> None:
     torch.manual_seed(1)
     model = models.build("deit_world", U=U, num_classes=10).eval()
-    meta = {"img_size": 64, "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)}
+    meta = schema.ModelMeta(arch="-", img_size=64)
     probe = probes.load_probe(str(image_dir))
     last = len(model.blocks) - 1
     acts, _ = _record(model, meta, ["blocks.1.mlp.act", f"blocks.{last}.mlp.act"], probe, tmp_path, signal="sample")
@@ -141,7 +142,7 @@ def test_lwta_class_token_has_one_winner_per_block(U, image_dir, tmp_path) -> No
 def test_lwta_conv_spatial_mean_is_not_sparse(image_dir, tmp_path) -> None:
     torch.manual_seed(0)
     model = models.build("resnet18_world", U=2, num_classes=10).eval()
-    meta = {"img_size": 64, "mean": list(models.IMAGENET_MEAN), "std": list(models.IMAGENET_STD)}
+    meta = schema.ModelMeta(arch="-", img_size=64)
     acts, _ = _record(model, meta, ["layer1.0.act1"], probes.load_probe(str(image_dir)), tmp_path, signal="sample")
     assert (acts["layer1.0.act1"] != 0).mean() > 0.9  # every position has its own winner
 
@@ -307,7 +308,7 @@ def test_pth_with_module_prefix_loads(deit_run, tmp_path) -> None:
     path = tmp_path / "ddp.pth"
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, path)
     loaded, meta = models.load_model(str(path), arch="deit_world", U=4)  # head width read from the file
-    assert meta["num_classes"] == 10 and meta["U"] == 4 and meta["img_size"] == 64
+    assert meta.num_classes == 10 and meta.U == 4 and meta.img_size == 64
     assert models.model_hash(loaded) == models.model_hash(model)
     with pytest.raises(DiscoverError, match="needs its architecture"):
         models.load_model(str(path))
@@ -320,12 +321,12 @@ def test_timm_and_torchvision_specs(tmp_path, monkeypatch) -> None:
     vit = timm.create_model("test_vit", num_classes=5)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     model, meta = models.load_model(f"timm:test_vit:{tmp_path / 'vit.pth'}")
-    assert meta["img_size"] == 160 and meta["mean"] == [0.5, 0.5, 0.5] and meta["num_classes"] == 5
+    assert meta.img_size == 160 and meta.mean == [0.5, 0.5, 0.5] and meta.num_classes == 5
     assert models.model_hash(model) == models.model_hash(vit)
     net = torchvision.models.get_model("mobilenet_v3_small", num_classes=7)
     torch.save(net.state_dict(), tmp_path / "mnv3.pth")
     model, meta = models.load_model(f"torchvision:mobilenet_v3_small:{tmp_path / 'mnv3.pth'}")
-    assert meta["img_size"] == 224 and meta["num_classes"] == 7
+    assert meta.img_size == 224 and meta.num_classes == 7
     # offline: one-line errors, no download attempt
     monkeypatch.setattr(models, "reachable", lambda host, timeout=3.0: False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
@@ -357,7 +358,7 @@ def test_shared_module_and_bad_summary_are_errors(image_dir, tmp_path) -> None:
         def forward(self, x):
             return self.fc(self.relu(self.relu(self.conv(x))).mean((2, 3)))
 
-    meta = {"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3}
+    meta = schema.ModelMeta(arch="-", img_size=16, mean=[0.5] * 3, std=[0.5] * 3)
     probe = probes.load_probe(str(image_dir))
     with pytest.raises(DiscoverError, match="layer relu runs 2 times per forward"):
         record.record_layers(Shared(), meta, ["relu"], probe, tmp_path, progress=False)
