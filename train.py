@@ -114,7 +114,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                        fresh=True, label_smoothing=0.0, response_std=4.0),  # CVN: decisive winners
     "resnet_world": dict(optimizer="sgd", lr=0.05, lr_scaled=False, weight_decay=1e-4, epochs=24,
                          warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0,
-                         fresh=True, label_smoothing=0.0),
+                         fresh=True, label_smoothing=0.0, response_std=2.0),  # CVN: decisive winners
 }
 
 
