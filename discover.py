@@ -631,6 +631,9 @@ def evaluate_cmd(labels_dirs: tuple[str, ...], more_labels: tuple[str, ...], mod
     res = evaluate.evaluate([*labels_dirs, *more_labels], models, sentence_model, explain_images=explain_images,
                             device=device, model_args={**build_kwargs(arch, U, act), "class_names": class_names},
                             localise_images=localise_images)
+    flags = option_flags(cli)
+    for row in res["runs"]:  # notes quote library errors: in the CLI's words
+        row["notes"] = [in_flags(note, flags) for note in row["notes"]]
     if as_json:
         click.echo(json.dumps(evaluate.jsonable(res), indent=2))
     else:

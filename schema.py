@@ -43,10 +43,16 @@ def _as_dict(record: Any) -> dict[str, Any]:
 class Simulation:
     """A neuron's held-out simulation scores (simulate.py): the label chosen on the choosing half of
     the probe, and its Pearson correlation, AUPRC and permutation p on the scoring half."""
-    label: str
+    label: str = ""
     corr: float | None = None
     auprc: float | None = None
     p: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Simulation:
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
 
 
 @dataclass
@@ -77,14 +83,17 @@ class Neuron:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Neuron:
         known, extra = _split(cls, d)
+        known = {k: v for k, v in known.items() if v is not None or k in _OPTIONAL_NEURON_FIELDS}  # null: the default
         if known.get("simulation") is not None:
-            known["simulation"] = Simulation(**known["simulation"])
-        if known.get("similarity") is None:
-            known["similarity"] = math.nan
+            known["simulation"] = Simulation.from_dict(known["simulation"])
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
+
+
+_OPTIONAL_NEURON_FIELDS = {"block", "competitor", "signal_mean", "signal_std", "interpretable", "gallery_checked",
+                           "simulation"}
 
 
 @dataclass
@@ -233,7 +242,7 @@ class ModelMeta:
         known, extra = _split(cls, d)
         known = {k: v for k, v in known.items() if v is not None or k not in ("mean", "std", "interpolation")}
         if "arch" not in known:
-            raise DiscoverError("model meta names no `arch`")
+            raise DiscoverError("a model's meta names no arch")
         return cls(**known, extra=extra)
 
     @classmethod

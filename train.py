@@ -523,6 +523,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
         saved = resolve(TrainConfig(**{**stored, **{k: getattr(cfg, k) for k in _NOT_KEYED}}))
         # what the run stored stays as stored (resolve fills only what older checkpoints lack)
         saved = dataclasses.replace(saved, **{k: v for k, v in stored.items() if k not in _NOT_KEYED})
+        if "response_std" not in stored:  # a run from before the option: default initialisation
+            saved = dataclasses.replace(saved, response_std=None)
         if given_epochs is None:  # not given: the run's own
             cfg = dataclasses.replace(cfg, epochs=saved.epochs)
         elif cfg.epochs > saved.epochs:  # extending a run: the schedule is stretched from here on
@@ -561,6 +563,10 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.amp == "fp16" else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        if len(ckpt["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise DiscoverError(f"`resume`: the checkpoint in {out} has {len(ckpt['optimizer']['param_groups'])} "
+                                f"optimizer groups, this code makes {len(opt.param_groups)} for its options "
+                                "(a run made before `response_std` applied to its architecture); train it afresh")
         opt.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])

@@ -269,3 +269,22 @@ def test_output_layer_names_match_across_underscores_and_hyphens() -> None:
     got = evaluate.final_layer_metrics(["yellow hexagon", "Red  circle", "blue star", ""],
                                        ["yellow_hexagon", "red-circle", "blue square", "green star"])
     assert got["correct"] == 2 and got["accuracy_percent"] == 50.0
+
+
+def test_cli_notes_quote_library_errors_in_flags(tmp_path: Path) -> None:
+    """A run whose provenance names no CLIP is evaluated without simulation scores, with a note that
+    quotes the library's error; through the CLI the note names flags (--labels), not arguments."""
+    from click.testing import CliRunner
+
+    import discover
+
+    A, labels = hidden_layer()
+    run = write_run(tmp_path, "gelu", {"blocks.0.mlp.act": (A, labels, False)})
+    res = CliRunner().invoke(discover.cli, ["evaluate", str(run), "--json", "--explain-images", "0",
+                                            "--localise-images", "0"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.output)["runs"]
+    notes = " ".join(row["notes"])
+    assert f"--labels {run}: the provenance names no CLIP" in notes and "`" not in notes
+    (lib,) = evaluate.evaluate([str(run)], explain_images=0, localise_images=0)["runs"]
+    assert f"`labels` {run}" in " ".join(lib["notes"])  # the library speaks of its argument

@@ -26,7 +26,8 @@ def _labels_json() -> dict:
     neurons = [{"layer": "blocks.3.mlp.act", "unit": 0, "block": 0, "competitor": 0, "active_rate": 0.5,
                 "dead": False, "top_images": [3, 1], "signal_mean": 0.4, "signal_std": 0.2, "description": "red",
                 "similarity": 0.12, "top_concepts": [["red", 0.12], ["blue", 0.01]], "interpretable": True,
-                "gallery_checked": True, "simulation": {"label": "red", "corr": 0.5, "auprc": 0.7, "p": 0.01}},
+                "gallery_checked": True,
+                "simulation": {"label": "red", "corr": 0.5, "auprc": 0.7, "p": 0.01, "future": 1}},
                {"layer": "blocks.3.mlp.act", "unit": 1, "block": 0, "competitor": 1, "active_rate": 0.0,
                 "dead": True, "top_images": [0, 2], "signal_mean": 0.0, "signal_std": 0.0, "description": "",
                 "similarity": None, "top_concepts": [], "interpretable": False, "simulation": None}]
@@ -41,7 +42,8 @@ def test_a_labels_file_reads_into_records_and_writes_back_unchanged(tmp_path: Pa
     info = lab.layers["blocks.3.mlp.act"]
     assert (info.K, info.U, info.cutoff, info.cutoff_from) == (2, 2, 0.05, "random copy")
     n0, n1 = lab.neurons_of("blocks.3.mlp.act")
-    assert n0.simulation == schema.Simulation("red", 0.5, 0.7, 0.01) and n0.top_concepts[0] == ["red", 0.12]
+    assert n0.simulation == schema.Simulation("red", 0.5, 0.7, 0.01, {"future": 1})
+    assert n0.top_concepts[0] == ["red", 0.12]
     assert n1.dead and math.isnan(n1.similarity) and n1.simulation is None
     back = json.loads(lab.to_json())
     d["neurons"][1]["similarity"] = math.nan  # a dead unit's score is NaN in memory and in the file
@@ -62,6 +64,10 @@ def test_old_formats_read_with_the_defaults_their_writers_implied() -> None:
     assert lab.layers["act"].similarity == "soft_wpmi"
     assert lab.layers["head"].cutoff is None and lab.layers["head"].signal == "output"
     assert lab.neurons[0].signal_std is None and lab.neurons[0].top_images == []
+    nulls = schema.Neuron.from_dict({"layer": "act", "unit": 1, "description": None, "top_images": None,
+                                     "dead": None, "similarity": None, "interpretable": None})
+    assert (nulls.description, nulls.top_images, nulls.dead, nulls.interpretable) == ("", [], False, None)
+    assert math.isnan(nulls.similarity)
     fixed = schema.Labels.from_dict({**old, "provenance": {**old["provenance"], "cutoff": 0.3}})
     assert fixed.layers["act"].cutoff == 0.3
 

@@ -401,6 +401,29 @@ def test_a_class_mismatch_names_the_folders(tmp_path: Path) -> None:
     assert f"only in train/: {shared[0]}" in r.stderr and "only in val/: zzz_extra" in r.stderr
 
 
+def test_a_resnet_run_from_before_the_option_resumes_and_a_mismatch_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A resnet18_world CVN checkpoint whose config has no response_std key (made before the option)
+    resumes with the default initialisation's groups, though the recipe now defaults to 2; a
+    checkpoint whose optimizer groups do not match this code's is a one-line error, not torch's."""
+    args = dict(arch="resnet18_world", U=2, data="world:object", out=str(tmp_path / "old"), epochs=2,
+                train_size=64, val_size=16, test_size=0, batch_size=32, workers=0)
+    monkeypatch.setitem(train.RECIPES["resnet_world"], "response_std", None)
+    train.train(train.TrainConfig(**args, stop_after=1), progress=False)
+    monkeypatch.undo()
+    (ckpt_path,) = (tmp_path / "old" / "checkpoints").glob("*.pt")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    del ckpt["config"]["response_std"]
+    torch.save(ckpt, ckpt_path)
+    meta = train.train(train.TrainConfig(**args), resume=True, progress=False)
+    assert meta["epoch"] == 1 and "--response-std" not in meta["reproduce"]
+    last = train.latest_checkpoint(tmp_path / "old")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt["config"]["response_std"] = 2.0  # stored as if scaled, yet its optimizer has the default groups
+    torch.save(ckpt, last)
+    with pytest.raises(DiscoverError, match="optimizer groups"):
+        train.train(train.TrainConfig(**{**args, "epochs": 3}), resume=True, progress=False)
+
+
 def test_a_run_from_before_a_recipe_default_changed_resumes_with_its_own(tmp_path: Path, monkeypatch) -> None:
     """A deit_world CVN checkpointed when the recipe had no --response-std (stored as None) resumes
     with None, though the recipe now defaults to 4: same optimizer groups, no options mismatch."""
