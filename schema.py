@@ -27,9 +27,11 @@ SOFT_WPMI_CUTOFF = 0.16  # CLIP-Dissect A.8: the fixed SoftWPMI interpretability
 
 
 def _split(cls: type, d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``d``'s keys that are fields of ``cls``, and the rest."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-    return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
+    """``d``'s keys that are fields of ``cls``, and the rest. A null in a file for a field that
+    cannot be None reads as the field's default (left out here)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+    known = {k: v for k, v in d.items() if k in fields and (v is not None or "None" in str(fields[k].type))}
+    return known, {k: v for k, v in d.items() if k not in fields}
 
 
 def _as_dict(record: Any) -> dict[str, Any]:
@@ -39,8 +41,20 @@ def _as_dict(record: Any) -> dict[str, Any]:
     return {**out, **getattr(record, "extra", {})}
 
 
+class _Record:
+    """A record of a JSON file: its fields, and ``extra`` for the keys it does not know."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        known, extra = _split(cls, d)
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_dict(self)
+
+
 @dataclass
-class Simulation:
+class Simulation(_Record):
     """A neuron's held-out simulation scores (simulate.py): the label chosen on the choosing half of
     the probe, and its Pearson correlation, AUPRC and permutation p on the scoring half."""
     label: str = ""
@@ -49,14 +63,9 @@ class Simulation:
     p: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Simulation:
-        known, extra = _split(cls, d)
-        return cls(**known, extra=extra)
-
 
 @dataclass
-class Neuron:
+class Neuron(_Record):
     """One unit's label record. ``block``/``competitor``: its LWTA block and place in it (None
     outside LWTA layers); ``active_rate``: the share of probe images it won (LWTA) or was non-zero
     on; ``top_images``: probe indices of its highest signals; ``description``: its label ("" when
@@ -83,21 +92,13 @@ class Neuron:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Neuron:
         known, extra = _split(cls, d)
-        known = {k: v for k, v in known.items() if v is not None or k in _OPTIONAL_NEURON_FIELDS}  # null: the default
         if known.get("simulation") is not None:
             known["simulation"] = Simulation.from_dict(known["simulation"])
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
-
-
-_OPTIONAL_NEURON_FIELDS = {"block", "competitor", "signal_mean", "signal_std", "interpretable", "gallery_checked",
-                           "simulation"}
-
 
 @dataclass
-class LayerInfo:
+class LayerInfo(_Record):
     """One dissected layer: K units in blocks of U (None: no LWTA); the per-image ``summary`` of its
     output, the ``signal`` recorded ("output" for a non-LWTA layer), the ``similarity`` that chose its
     labels, its ``dead`` and ``interpretable`` counts, the ``cutoff`` and where it came from ("random
@@ -128,12 +129,9 @@ class LayerInfo:
             known["cutoff"] = float(fixed) if known["similarity"] == "soft_wpmi" else None
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
-
 
 @dataclass
-class Provenance:
+class Provenance(_Record):
     """What a dissection dissected, with what: the model (its spec, the arguments that rebuild a
     bare weights file, its content hash, arch and class names), the probe (spec, fingerprint, size,
     image names), the concept set, the CLIP (spec, fingerprint, truth threshold), the similarity, the
@@ -163,15 +161,6 @@ class Provenance:
     gallery_share: float | None = None
     truth_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Provenance:
-        known, extra = _split(cls, d)
-        known = {k: v for k, v in known.items() if v is not None or k not in ("model_args", "probe_names")}
-        return cls(**known, extra=extra)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
 
 
 @dataclass
@@ -219,7 +208,7 @@ class Labels:
 
 
 @dataclass
-class ModelMeta:
+class ModelMeta(_Record):
     """What feeds and names a network: the architecture it was built as (``arch``, ``U`` for a CVN,
     ``act`` for a twin, ``num_classes``), its input (``img_size``, ``mean``, ``std``,
     ``interpolation``), its class names when known and the spec it was loaded from. A ``discover
@@ -240,7 +229,6 @@ class ModelMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelMeta:
         known, extra = _split(cls, d)
-        known = {k: v for k, v in known.items() if v is not None or k not in ("mean", "std", "interpolation")}
         if "arch" not in known:
             raise DiscoverError("a model's meta names no arch")
         return cls(**known, extra=extra)
@@ -256,9 +244,6 @@ class ModelMeta:
         if not isinstance(d, dict) or "arch" not in d:
             raise DiscoverError(f"{path}: names no arch (not a model's meta.json)")
         return cls.from_dict(d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return _as_dict(self)
 
     def write(self, path: str | Path) -> None:
         """Write it as a ``meta.json`` (atomically)."""
