@@ -301,24 +301,21 @@ def load_model(spec: str, class_names: str | Path | None = None,
         path = Path(spec).expanduser()
         if path.is_dir():
             model, meta = load(path, **kwargs)
-            meta = meta.to_dict()
         elif path.is_file():
             model, meta = _load_weights_file(path, kwargs)
         else:
             raise DiscoverError(f"`model` {spec}: no such run directory or weights file "
                                 "(or give timm:NAME[:WEIGHTS] / torchvision:NAME[:WEIGHTS])")
-    meta = dict(meta)  # else schema.ModelMeta's defaults: an ImageNet-normalised input
-    if meta.get("img_size") is None:
-        meta["img_size"] = 224
-    meta.setdefault("classes", None)
+    if meta.img_size is None:  # else schema.ModelMeta's defaults: an ImageNet-normalised input
+        meta.img_size = 224
     if class_names is not None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        meta["classes"] = concepts.read_class_names(class_names, linears[-1].out_features if linears else None)
-    meta["classes"] = concepts.readable_class_names(meta["classes"])
+        meta.classes = concepts.read_class_names(class_names, linears[-1].out_features if linears else None)
+    meta.classes = concepts.readable_class_names(meta.classes)
     units = {m.U for m in lwta.lwta_modules(model).values()}
-    meta["U"] = meta.get("U") or (units.pop() if len(units) == 1 else None)
-    meta["spec"] = spec
-    return model.eval(), ModelMeta.from_dict(meta)
+    meta.U = meta.U or (units.pop() if len(units) == 1 else None)
+    meta.spec = spec
+    return model.eval(), meta
 
 
 def _split_weights(rest: str) -> tuple[str, str | None]:
@@ -336,7 +333,7 @@ def _classifier_width(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple
     return dict(model.named_modules())[linears[-1]].out_features, state[f"{linears[-1]}.weight"].shape[0]
 
 
-def _load_weights_file(path: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+def _load_weights_file(path: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, ModelMeta]:
     if "arch" not in kwargs:
         raise DiscoverError(f"`model` {path}: a weights file needs its architecture: `arch` NAME "
                             "and `U` N (a CVN) or `act` gelu|relu (its twin)")
@@ -351,7 +348,7 @@ def _load_weights_file(path: Path, kwargs: dict[str, Any]) -> tuple[nn.Module, d
     meta = {"arch": kwargs["arch"], "U": kwargs.get("U"), "act": kwargs.get("act"),
             "num_classes": kwargs.get("num_classes", arch.num_classes),
             "img_size": kwargs.get("img_size", arch.img_size)}
-    return model, meta
+    return model, ModelMeta.from_dict(meta)
 
 
 def _hub_offline_error(spec: str, what: str, e: BaseException | None = None) -> DiscoverError:
@@ -402,7 +399,7 @@ def _load_timm(spec: str, name: str, weights: str | None, kwargs: dict[str, Any]
             "img_size": kwargs.get("img_size", (cfg.get("input_size") or (3, 224, 224))[-1]),
             "mean": list(cfg.get("mean", IMAGENET_MEAN)), "std": list(cfg.get("std", IMAGENET_STD)),
             "interpolation": cfg.get("interpolation", "bicubic"), "classes": concepts.imagenet_class_names(model)}
-    return model, meta
+    return model, ModelMeta.from_dict(meta)
 
 
 @contextlib.contextmanager
@@ -496,7 +493,7 @@ def _load_torchvision(spec: str, name: str, weights: str | None, kwargs: dict[st
     meta["num_classes"] = getattr(model, "num_classes", None) or (linears[-1].out_features if linears else None)
     if meta.get("classes") is None and meta["num_classes"] == 1000:  # torchvision's classifiers are ImageNet-1k's
         meta["classes"] = concepts.imagenet_categories()
-    return model, meta
+    return model, ModelMeta.from_dict(meta)
 
 
 def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
