@@ -38,6 +38,7 @@ TOP_IMAGES = 20
 TOP_CONCEPTS = 5
 RANDOM_QUANTILE = 0.95  # interpretable: the label scores above this quantile of a random copy's neurons
 GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
+CONFIDENCE_MIN_RANK = 10  # the confidence curve's first point: the unit's 10 most active probe images
 
 
 @dataclass
@@ -190,6 +191,42 @@ def add_simulation(rows: list[Neuron], sim: dict[str, np.ndarray], concepts: lis
     return simulate.summary({key: np.where(live, v, np.nan) if key != "label" else v for key, v in sim.items()})
 
 
+def confidence_curve(a: np.ndarray, truth: np.ndarray, min_rank: int = CONFIDENCE_MIN_RANK) -> list[list[float]]:
+    """How far a unit's label can be trusted at each level of its signal ``a`` (N probe images):
+    ``[t, p]`` pairs at the ranks r = ``min_rank``, x sqrt(2), ..., N of ``a`` in descending order,
+    where t is the r-th highest signal and p the share of the images ranked r/2 to 2r (the images
+    that move the unit about as much) on which the label holds (``truth``, N bools: the CLIP holds
+    it true). Ascending in t, one pair per distinct t (its highest-ranked one)."""
+    a = np.asarray(a, np.float64)
+    truth = np.asarray(truth, bool)
+    N = a.shape[0]
+    if N == 0:
+        return []
+    order = np.argsort(-a, kind="stable")
+    held = np.concatenate([[0], np.cumsum(truth[order])])  # held[i]: true among the i most active
+    ranks = {N}
+    r = float(min(min_rank, N))
+    while r < N:
+        ranks.add(int(round(r)))
+        r *= math.sqrt(2)
+    curve: dict[float, float] = {}
+    for r in sorted(ranks):
+        lo, hi = r // 2, min(N, 2 * r)
+        curve.setdefault(float(a[order[r - 1]]), float(held[hi] - held[lo]) / (hi - lo))
+    return [[t, curve[t]] for t in sorted(curve)]
+
+
+def add_confidence(rows: list[Neuron], A: np.ndarray, P: np.ndarray, concepts: list[str], threshold: float) -> None:
+    """Put each live neuron's :func:`confidence_curve` in its row: the truth of its label on each
+    probe image is the CLIP's (cosine of the image and the label's text above the CLIP's truth
+    ``threshold``), so the curve says, for a signal level, how often the CLIP finds the label in
+    the probe images that move the unit about as much."""
+    index = {c: m for m, c in reversed(list(enumerate(concepts)))}  # a repeated concept: its first column
+    for r in rows:
+        m = index.get(r.description)
+        r.confidence = None if r.dead or m is None else confidence_curve(A[:, r.unit], P[:, m] > threshold)
+
+
 def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -278,6 +315,8 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
         cutoff = (random_cutoff(scores(sim, record.read_activations(random_paths[layer])[0], P))
                   if cfg.cutoff is None else cfg.cutoff)
         layer_rows = neuron_rows(layer, A, S, concept_list, U, cutoff, record.read_wins(path), allowed, top)
+        if clip.truth_threshold is not None:
+            add_confidence(layer_rows, A, P, concept_list, clip.truth_threshold)
         simulation = None
         if cfg.score:
             threshold = clip.truth_threshold if checked else None

@@ -529,23 +529,28 @@ class LabelsRun:
 
     def explanation_precision(self, layer: str, n: int, values: list[tuple[str, str]],
                               samples: int = EXPLAIN_SAMPLES) -> dict[str, dict[str, Any] | None]:
-        """:func:`explanation_precision` of ``layer`` on the first ``n`` probe images (world probes),
-        each explained once with ``samples`` posterior draws and scored with its list in activation
-        order and in z order (``"z"`` None for labels without signal statistics, before format 2)."""
+        """:func:`explanation_precision` of ``layer`` on ``n`` world images held out of the probe
+        (world probes: the probe seed's images N, N+1, ... after the probe's N), each explained
+        once with ``samples`` posterior draws and scored with its list in each order: "activation",
+        "z" (None for labels without signal statistics, before format 2) and "confidence" (None
+        for labels without confidence curves, before format 4 or with a CLIP without a truth
+        threshold)."""
         import explain
         import world
 
         model, meta = self.model()
         seed = record_probe_seed(self.prov.probe)
-        n = min(n, self.prov.probe_n or n)
-        exs = [explain.explain_image(model, meta, self.labels, layer, f"world:{seed}:{i}", samples=samples,
-                                     mode=self.prov.mode, seed=self.prov.seed)
+        start = self.prov.probe_n or 0
+        exs = [explain.explain_image(model, meta, self.labels, layer, f"world:{seed}:{start + i}", samples=samples,
+                                     mode=self.prov.mode, seed=self.prov.seed, sort="activation")
                for i in range(n)]
-        _, attrs = world.render_batch(seed, 0, n, size=16)
-        has_z = any(n.signal_std is not None for n in self.labels.neurons_of(layer))
-        by_z = [dict(e, neurons=explain.sort_neurons(e["neurons"], "z")) for e in exs] if has_z else None
-        return {"activation": explanation_precision(exs, attrs, values),
-                "z": explanation_precision(by_z, attrs, values) if by_z is not None else None}
+        _, attrs = world.render_batch(seed, start, n, size=16)
+        neurons = self.labels.neurons_of(layer)
+        has = {"activation": True, "z": any(n.signal_std is not None for n in neurons),
+               "confidence": any(n.confidence for n in neurons)}
+        return {sort: explanation_precision([dict(e, neurons=explain.sort_neurons(e["neurons"], sort)) for e in exs],
+                                            attrs, values) if ok else None
+                for sort, ok in has.items()}
 
     def _record(self, layer: str) -> tuple[np.ndarray, dict[str, str]]:
         import record
@@ -624,6 +629,7 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
             "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K,
             **activity(A if wins is None else wins, competitive),
             "output_layer": None, "world": None, "top_images": None, "explanations": None, "explanations_z": None,
+            "explanations_confidence": None,
             "certainty": None, "simulation": None, "localisation": None,
             "notes": [],
         }
@@ -653,7 +659,8 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
                         k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in loc.items()}
                 if explain_n and not row["output_layer"] and run.model_or_none() is not None:
                     precision = run.explanation_precision(layer, explain_n, values)
-                    row["explanations"], row["explanations_z"] = precision["activation"], precision["z"]
+                    row["explanations"], row["explanations_z"], row["explanations_confidence"] = (
+                        precision["activation"], precision["z"], precision["confidence"])
             if fingerprint != prov.probe_fingerprint:
                 row["notes"].append("the world generator's version changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
@@ -750,7 +757,7 @@ def table(result: dict[str, Any]):
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
     has_loc = any(r.get("localisation") for r in runs)
-    cols += ["expl. prec. (act. / z)"] if has_expl else []
+    cols += ["expl. prec. (act. / conf.)"] if has_expl else []
     cols += ["sim. corr", "p < 0.05"] if has_sim else []
     cols += ["localises: IoU >= 0.04 / above chance (win; top 0.5 %)"] if has_loc else []
     cols += ["max pi", "4 agree"] if has_cert else []
@@ -777,8 +784,8 @@ def table(result: dict[str, Any]):
             right = _pct(ti["right_percent"]) if ti and not o else "-"
             cells += [str(ti["selective"]) if ti and not o else "-", right, _pct(ti["world_percent"]) if ti else "-"]
         if has_expl:
-            e, ez = r.get("explanations"), r.get("explanations_z")
-            cells.append(f"{_pct(e['precision_percent'])} / {_pct(ez['precision_percent']) if ez else '-'}" if e else "-")
+            e, ec = r.get("explanations"), r.get("explanations_confidence")
+            cells.append(f"{_pct(e['precision_percent'])} / {_pct(ec['precision_percent']) if ec else '-'}" if e else "-")
         if has_sim:
             sm = r.get("simulation")
             cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"])]

@@ -6,7 +6,7 @@ explanation is a short list of concepts instead of the ~98 % of neurons a GELU l
     image --preprocess (record.py's)--> model (LWTA: seeded samples or argmax) --hook--> layer output
           --summary (the dissection's: class token, spatial mean, ...)--> K values for the image
           --active set (LWTA: the block winners; GELU/ReLU: the positive neurons)--> each neuron's
-          concept and score from labels.json, sorted by activation
+          concept and score from labels.json, sorted by confidence (or activation, pi, z)
 
 Usage::
 
@@ -24,11 +24,13 @@ a neuron's ``win_rate`` is the fraction of draws in which it was active. For an 
 competition per block per image (a class token) the list shows each block's winner with its ``pi``
 (softmax of the block's responses, Eq. 2: how sure the competition was) and its ``activation``, the
 linear response it passes on when it wins (Eq. 1); elsewhere ``activation`` is the mean output over
-the draws. Sorted by activation (Table 4: top 7, bottom 6) or by pi. The class prediction averages
+the draws. Sorted by confidence (how often the CLIP finds a row's concept in the probe images that
+move the unit about as much), by activation (Table 4: top 7, bottom 6), by pi or by z. The class prediction averages
 the S draws' logits (the paper's Bayesian averaging).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -199,20 +201,34 @@ def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary
     return {k: torch.cat(r).numpy() for k, r in rows.items() if r}
 
 
-SORTS = ("activation", "pi", "z")
+SORTS = ("auto", "confidence", "activation", "pi", "z")  # auto: confidence where the labels have curves
 
 
 def sort_neurons(neurons: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
-    """An explanation's neuron rows in ``sort`` order (:data:`SORTS`): descending by ``activation``,
-    by ``pi`` (by activation where a layer has none) or by ``z``; ties by unit."""
-    def key(n: dict[str, Any]) -> float:
-        return n["activation"] if sort == "activation" or (sort == "pi" and n["pi"] is None) else n[sort]
-    return sorted(neurons, key=lambda n: (-key(n), n["unit"]))
+    """An explanation's neuron rows in ``sort`` order (:data:`SORTS`), descending: by ``activation``,
+    by ``pi`` (by activation where a layer has none), by ``z``, or by ``confidence`` (rows without
+    one last), then by z; ties by unit."""
+    def key(n: dict[str, Any]) -> tuple[float, float]:
+        if sort == "confidence":
+            c = n.get("confidence")
+            return (-math.inf if c is None else c, n["z"])
+        return (n["activation"] if sort == "activation" or (sort == "pi" and n["pi"] is None) else n[sort], 0.0)
+    return sorted(neurons, key=lambda n: (*(-v for v in key(n)), n["unit"]))
+
+
+def confidence_at(curve: list[list[float]] | None, signal: float) -> float | None:
+    """A unit's label confidence at ``signal`` (its ``confidence`` curve, ``dissect.confidence_curve``):
+    how often the CLIP finds the label in the probe images that move the unit about as much, linear
+    between the curve's points, its end values beyond them; None without a curve."""
+    if not curve:
+        return None
+    t, p = np.asarray(curve, np.float64).T
+    return float(np.interp(signal, t, p))
 
 
 def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str | None,
                   image: Any, samples: int = 1, mode: str = "sample", seed: int = 0,
-                  sort: str = "activation") -> dict[str, Any]:
+                  sort: str = "auto") -> dict[str, Any]:
     """The active neurons of ``layer`` for one image, with their concepts.
 
     ``image``: a file path, ``world:SEED:INDEX``, a PIL image or a uint8 array. ``layer`` None: the
@@ -225,10 +241,14 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
     larger pi), the winner's pi (how sure the competition was; mean over draws), ``win_rate`` (the
     share of draws it won) and ``activation`` (its linear response h when it won, Eq. 1). For a
     conv map or a token mean, every unit that won somewhere, with its mean pi. For any other layer,
-    the positive neurons. Sorted by ``sort``: "activation" (descending, signed: DISCOVER Table 4
-    shows the top 7 and the bottom 6), "pi" (descending) or "z": how far the unit's dissected signal
-    on this image lies above its mean over the probe, in standard deviations (the labels' per-unit
-    ``signal_mean`` / ``signal_std``): the units this image moves most, whatever their scale.
+    the positive neurons. Each row also has ``signal``, the unit's dissected signal on this image;
+    ``z``, how far it lies above the unit's mean over the probe, in standard deviations (the
+    labels' per-unit ``signal_mean`` / ``signal_std``); and ``confidence``, the share of the probe
+    images that move the unit about as much in which the CLIP finds its label (:func:`confidence_at`;
+    None without a curve). Sorted by ``sort``: "activation" (descending, signed: DISCOVER Table 4
+    shows the top 7 and the bottom 6), "pi", "z" (the units this image moves most, whatever their
+    scale), "confidence" (the rows whose concept is most likely in the image, then by z) or "auto":
+    confidence where the layer's labels have curves, else activation.
     Returns a JSON-ready dict.
     """
     import record
@@ -279,6 +299,12 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
     if sort == "z" and not any(n.signal_std is not None for n in by_unit.values()):
         raise DiscoverError(f"`sort` z: the labels of {layer} have no per-neuron signal statistics "
                             "(made before labels.json format 2); run dissect again")
+    has_curves = any(n.confidence for n in by_unit.values())
+    if sort == "confidence" and not has_curves:
+        raise DiscoverError(f"`sort` confidence: the labels of {layer} have no confidence curves (a CLIP "
+                            "without a truth threshold, or labels before format 4)")
+    if sort == "auto":
+        sort = "confidence" if has_curves else "activation"
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
     mu = np.array([_num(by_unit[k].signal_mean if k in by_unit else None) or 0.0 for k in range(K)])
     sd = np.array([_num(by_unit[k].signal_std if k in by_unit else None) or 0.0 for k in range(K)])
@@ -290,7 +316,8 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
             "unit": int(k), "block": int(k) // U if U else None, "competitor": int(k) % U if U else None,
             "concept": rec.description, "score": _num(rec.similarity), "interpretable": rec.interpretable,
             "activation": float(act[k]), "activation_when_active": float(when_active[k]),
-            "pi": None if pi is None else float(pi[k]), "z": float(z[k]),
+            "pi": None if pi is None else float(pi[k]), "signal": float(sig[k]), "z": float(z[k]),
+            "confidence": confidence_at(rec.confidence, float(sig[k])),
             "win_rate": float(wins[k]) / n_draws, "top_concepts": rec.top_concepts[:3]})
     neurons = sort_neurons(neurons, sort)
 
@@ -349,8 +376,9 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
         how += f"; one row per block, its winner, sorted by {res.get('sort', 'activation')}"
     t = Table(title=title, caption=how)
     sampled, blocks = res["draws"] > 1, res["U"] is not None
-    for col in ("#", "neuron", *(["block/comp", "pi"] if blocks else []), "concept", "score", "activation",
-                *(["wins"] if sampled else [])):
+    conf = any(r.get("confidence") is not None for r in res["neurons"])
+    for col in ("#", "neuron", *(["block/comp", "pi"] if blocks else []), "concept", *(["confidence"] if conf else []),
+                "score", "activation", *(["wins"] if sampled else [])):
         t.add_column(col, justify="left" if col == "concept" else "right")
     neurons = res["neurons"]
     top, bottom = max(0, top), max(0, bottom)
@@ -363,15 +391,16 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
         gap = top
     for j, (i, r) in enumerate(shown):
         if gap is not None and j == gap:
-            t.add_row("…", "", *(["", ""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]", "", "",
-                      *([""] if sampled else []))
+            t.add_row("…", "", *(["", ""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]",
+                      *([""] if conf else []), "", "", *([""] if sampled else []))
         concept = r["concept"] or "[dim](dead)[/]"
         if r["concept"] and r["interpretable"] is False:
             concept = f"[dim]{r['concept']}[/]"
         score = "-" if r["score"] is None else f"{r['score']:.3f}"
         pi = "-" if r.get("pi") is None else f"{r['pi']:.2f}"
+        c = r.get("confidence")
         t.add_row(str(i + 1), str(r["unit"]), *([f"{r['block']}/{r['competitor']}", pi] if blocks else []), concept,
-                  score, f"{r['activation']:+.3f}",
+                  *(["-" if c is None else f"{100 * c:.0f}%"] if conf else []), score, f"{r['activation']:+.3f}",
                   *([f"{100 * r['win_rate']:.0f}%"] if sampled else []))
     return t
 

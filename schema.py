@@ -19,8 +19,8 @@ from typing import Any
 
 from common import DiscoverError, write_json_atomic
 
-LABELS_FORMAT = 3  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
-# cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score)
+LABELS_FORMAT = 4  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
+# cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score); 4 per-neuron confidence curves
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of ImageNet models, and of DISCOVER's own
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOFT_WPMI_CUTOFF = 0.16  # CLIP-Dissect A.8: the fixed SoftWPMI interpretability cutoff (labels before format 3)
@@ -71,7 +71,10 @@ class Neuron(_Record):
     on; ``top_images``: probe indices of its highest signals; ``description``: its label ("" when
     dead), ``similarity`` that label's score, ``top_concepts`` the best [concept, score] pairs;
     ``interpretable``: score above the layer's cutoff (None without a cutoff); ``signal_mean`` /
-    ``signal_std``: its signal over the probe (None before format 2)."""
+    ``signal_std``: its signal over the probe (None before format 2); ``confidence``: how often the
+    CLIP finds the label in the probe images that move the unit about as much as a signal, as ``[signal,
+    share]`` pairs (``dissect.confidence_curve``; None for a CLIP without a truth threshold, a dead
+    unit, or labels before format 4)."""
     layer: str
     unit: int
     block: int | None = None
@@ -87,6 +90,7 @@ class Neuron(_Record):
     interpretable: bool | None = None
     gallery_checked: bool | None = None
     simulation: Simulation | None = None
+    confidence: list[list[float]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

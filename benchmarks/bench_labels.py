@@ -11,8 +11,9 @@ with every LWTA signal and similarity asked, and judged:
   and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
 - AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85,
   label names that value);
-- explanation precision: of the 7 first concepts listed for each of the first ``--explain`` probe
-  images (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``).
+- explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
+  out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
+  the list sorted by activation (DISCOVER Table 4) and by confidence (``explain``'s default).
 
     python -m benchmarks.bench_labels                                  # the full table (minutes)
     python -m benchmarks.bench_labels --signals pi --similarities auto --probes world:2000:4
@@ -47,24 +48,43 @@ SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 
 
 def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, allowed: np.ndarray | None = None,
-            top: np.ndarray | None = None, wins: np.ndarray | None = None) -> list[str]:
-    """Each neuron's label as ``dissect`` chooses it (``dissect.neuron_rows``; "" for a dead one)."""
+            top: np.ndarray | None = None, wins: np.ndarray | None = None) -> list[schema.Neuron]:
+    """Each neuron's label record as ``dissect`` makes it (``dissect.neuron_rows``; no label for a
+    dead one), with its confidence curve (``dissect.add_confidence``) when the CLIP has a truth threshold."""
     S = dissect.scores(similarity, A, P)
-    return [r.description for r in dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)]
+    rows = dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)
+    threshold = clip_backend.truth_threshold("world-clip")
+    if threshold is not None:
+        dissect.add_confidence(rows, A, P, words, threshold)
+    return rows
 
 
-def _explanations(model: Any, meta: schema.ModelMeta, layer: str, probe: probes.Probe, n: int) -> list[dict[str, Any]]:
-    """The winners of ``layer`` for the first ``n`` probe images (labels filled in later)."""
+def _explanations(model: Any, meta: schema.ModelMeta, layer: str, probe: probes.Probe, n: int,
+                  signal: str) -> list[dict[str, Any]]:
+    """The winners of ``layer`` and their ``signal`` for ``n`` world images held out of the probe (the
+    probe seed's images N, N+1, ...; labels filled in later)."""
     dims = [int(d) for d in next(r for r in record.describe_layers(model, meta) if r["layer"] == layer)["shape"].split("x")]
     K = dims[1] if len(dims) == 4 else dims[-1]  # a conv map's channels, else the last axis
     stub = schema.Labels(schema.Provenance(model_hash=models.model_hash(model), summary="auto"),
-                         {layer: schema.LayerInfo(K=K, summary="auto")}, [])
-    return [explain.explain_image(model, meta, stub, layer, f"world:{probe.world_seed}:{i}", samples=4)
-            for i in range(min(n, probe.n))]
+                         {layer: schema.LayerInfo(K=K, summary="auto", signal=signal)}, [])
+    return [explain.explain_image(model, meta, stub, layer, f"world:{probe.world_seed}:{probe.n + i}", samples=4,
+                                  sort="activation")
+            for i in range(n)]
 
 
-def _precision(exs: list[dict[str, Any]], labels: list[str], attrs: list[dict[str, str]], values) -> float | None:
-    relabelled = [dict(e, neurons=[dict(r, concept=labels[r["unit"]]) for r in e["neurons"]]) for e in exs]
+def _precision(exs: list[dict[str, Any]], rows: list[schema.Neuron], attrs: list[dict[str, str]], values,
+               sort: str) -> float | None:
+    """Explanation precision of ``exs`` relabelled with ``rows``, the list in ``sort`` order
+    (z and confidence from the rows' signal statistics and curves, as ``explain`` computes them)."""
+    if sort == "confidence" and not any(r.confidence for r in rows):
+        return None
+
+    def row(n: dict[str, Any]) -> dict[str, Any]:
+        r = rows[n["unit"]]
+        z = (n["signal"] - r.signal_mean) / r.signal_std if r.signal_std else 0.0
+        return dict(n, concept=r.description, z=z, confidence=explain.confidence_at(r.confidence, n["signal"]))
+
+    relabelled = [dict(e, neurons=explain.sort_neurons([row(n) for n in e["neurons"]], sort)) for e in exs]
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
 
 
@@ -77,7 +97,7 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
     for probe_spec in probe_specs:
         probe = probes.load_probe(probe_spec)
         values, Y, _ = evaluate.world_attributes(probe_spec)
-        _, attrs = world.render_batch(probe.world_seed, 0, min(n_explain, probe.n), size=16)
+        _, attrs = world.render_batch(probe.world_seed, probe.n, n_explain, size=16)
         Ps = {c: clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(c), progress=False)
               for c in concept_sets}
         for name, spec in specs.items():
@@ -85,9 +105,9 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
             hidden, output = by_name[name].layers if name in by_name else (
                 list(lwta.lwta_modules(model))[-1], dissect.output_layer(model))
             competitive = bool(lwta.lwta_modules(model))
-            exs = _explanations(model, meta, hidden, probe, n_explain) if n_explain else []
             for signal in (signals if competitive else ["output"]):
                 sig = signal if competitive else "pi"  # a plain layer records its output whatever is asked
+                exs = _explanations(model, meta, hidden, probe, n_explain, sig) if n_explain else []
                 cache = record.activation_cache(models.model_hash(model), probe, signal=sig, mode="sample", seed=0)
                 paths = record.record_layers(model, meta, [hidden, output], probe, cache, signal=sig, progress=False)
                 Ah, _ = record.read_activations(paths[hidden])
@@ -97,9 +117,11 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                     words = concepts.load_concepts(cset)
                     allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
                     for sim in similarities:
-                        lh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
+                        nh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
                                      record.read_wins(paths[hidden]))
-                        lo = _labels(Ao, Ps[cset], words, dissect.layer_similarity(sim, output, output))
+                        lh = [r.description for r in nh]
+                        lo = [r.description for r in _labels(Ao, Ps[cset], words,
+                                                             dissect.layer_similarity(sim, output, output))]
                         ti = evaluate.top_image_metrics(top, lh, values, Y)
                         wm = evaluate.world_metrics(Ah, lh, values, Y)
                         rows.append({
@@ -109,7 +131,8 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                             "selective": ti["selective"], "named_right": ti["right_percent"],
                             "names_world": ti["world_percent"], "auroc_selective": wm["selective"],
                             "hidden_accuracy": wm["hidden_accuracy_percent"],
-                            "explanation_precision": _precision(exs, lh, attrs, values) if exs else None})
+                            **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
+                               for s in ("activation", "confidence")}})
     return rows
 
 
@@ -121,7 +144,8 @@ COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("s
            ("similarity", "similarity"), ("gallery", "gallery share"), ("final_accuracy", "final-layer acc. %"), ("selective", "selective"),
            ("named_right", "named right %"), ("names_world", "names the world %"),
            ("auroc_selective", "AUROC selective"), ("hidden_accuracy", "AUROC hidden acc. %"),
-           ("explanation_precision", "explanation precision %")]
+           ("explanation_precision_activation", "explanation precision, by activation %"),
+           ("explanation_precision_confidence", "by confidence %")]
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
@@ -136,7 +160,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
 @click.option("--signals", default="pi,expected,sample,argmax", show_default=True)
 @click.option("--similarities", default=",".join(SIMILARITIES), show_default=True)
 @click.option("--explain", "n_explain", type=int, default=100, show_default=True,
-              help="Probe images explained for the explanation precision (0: skip).")
+              help="Held-out images explained for the explanation precision (0: skip).")
 @click.option("--gallery-share", type=float, default=dissect.GALLERY_SHARE, show_default=True,
               help="dissect's gallery check of hidden-layer labels (0: off).")
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the table as Markdown.")

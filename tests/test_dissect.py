@@ -207,8 +207,47 @@ def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatc
     assert lab["layers"]["blocks.3.mlp.act"]["gallery_share"] == 0.8 and lab["layers"]["head"]["gallery_share"] is None
     hidden = [n for n in lab["neurons"] if n["layer"] == "blocks.3.mlp.act" and not n["dead"]]
     assert hidden and all(n["gallery_checked"] for n in hidden)
+    # every concept holds on every image, so every point of every confidence curve is 1
+    live = [n for n in lab["neurons"] if not n["dead"]]
+    assert live and all(n["confidence"] and all(p == 1.0 for _, p in n["confidence"]) for n in live)
+    assert all(n["confidence"] is None for n in lab["neurons"] if n["dead"])
     with pytest.raises(DiscoverError, match="`gallery_share` must be in"):
         dissect.dissect(_cfg(setup, out=str(setup / "bad"), gallery_share=1.5))
+
+
+def test_confidence_curve_by_hand() -> None:
+    """N = 4, min_rank 1: ranks 1, 2, 3, 4; rank r's share is over the images ranked r/2 to 2r."""
+    a = np.array([0.9, 0.5, 0.7, 0.1])  # descending: images 0, 2, 1, 3
+    truth = np.array([True, False, True, False])
+    # r=1: images 0, 2 -> 1; r=2: 2, 1, 3 -> 1/3; r=3: 2, 1, 3 -> 1/3; r=4: 1, 3 -> 0
+    expected = [[0.1, 0.0], [0.5, 1 / 3], [0.7, 1 / 3], [0.9, 1.0]]
+    got = dissect.confidence_curve(a, truth, min_rank=1)
+    assert np.allclose(got, expected)
+    assert dissect.confidence_curve(np.zeros(0), np.zeros(0, bool)) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_confidence_curve_against_a_float64_transcription(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    N = 300
+    a = rng.normal(size=N).astype(np.float32)
+    a[:40] = 0.0  # ties (a ReLU's zeros): one point per distinct signal, its highest-ranked
+    truth = rng.random(N) < 1 / (1 + np.exp(-2 * a))
+    rank = np.empty(N, int)
+    rank[np.argsort(-a.astype(np.float64), kind="stable")] = np.arange(N)  # 0 = most active
+    ranks, r = [], 10.0
+    while r < N:
+        ranks.append(int(round(r)))
+        r *= 2 ** 0.5
+    ranks.append(N)
+    ref: dict[float, float] = {}
+    for r in sorted(set(ranks)):
+        t = float(np.sort(a.astype(np.float64))[::-1][r - 1])
+        band = (rank >= r // 2) & (rank < min(N, 2 * r))
+        ref.setdefault(t, float(truth[band].mean()))
+    got = dissect.confidence_curve(a, truth)
+    assert [t for t, _ in got] == sorted(ref)
+    assert np.allclose([p for _, p in got], [ref[t] for t in sorted(ref)])
 
 
 def test_skip_bad_leaves_unreadable_probe_images_out(setup: Path, tmp_path: Path) -> None:

@@ -265,6 +265,43 @@ def test_explanation_precision_by_hand() -> None:
     assert evaluate.explanation_precision([], [], VALUES)["precision_percent"] is None
 
 
+def test_explained_images_are_held_out_of_the_probe(tmp_path: Path, monkeypatch) -> None:
+    """The explanation precision explains the probe seed's images N, N+1, ... (never a probe
+    image) and scores each order of the rows: activation, z, confidence."""
+    import explain
+    import schema
+
+    A, labels = hidden_layer()
+    out = write_run(tmp_path, "gelu", {"blocks.0.mlp.act": (A, labels, False)})
+    run = evaluate.LabelsRun(str(out), None)
+    for n in run.labels.neurons:
+        n.signal_mean, n.signal_std, n.confidence = 0.0, 1.0, [[0.0, 0.5]]
+    monkeypatch.setattr(run, "model", lambda: (None, schema.ModelMeta(arch="x")))
+    seen = []
+
+    coffee = [{"unit": 3, "concept": "coffee", "activation": 10.0 - j, "pi": None, "z": 3.0, "confidence": 0.0}
+              for j in range(7)]
+    rows = coffee + [{"unit": 0, "concept": "red", "activation": 1.0, "pi": None, "z": 5.0, "confidence": 0.2},
+                     {"unit": 1, "concept": "blue", "activation": 0.5, "pi": None, "z": 0.0, "confidence": 0.9}]
+
+    def fake_explain(model, meta, labels, layer, image, **kw):
+        seen.append(image)
+        return {"neurons": list(rows)}
+
+    monkeypatch.setattr(explain, "explain_image", fake_explain)
+    res = run.explanation_precision("blocks.0.mlp.act", 30, VALUES)
+    assert seen == [f"world:2:{64 + i}" for i in range(30)]
+    held = world.render_batch(2, 64, 30)[1]
+    red, blue = (sum(a["color"] == c for a in held) for c in ("red", "blue"))
+    assert red and blue
+    # top 7 by activation: the coffees; by z: red and 6 coffees; by confidence: blue, red, 5 coffees
+    assert [res[k]["fit"] for k in ("activation", "z", "confidence")] == [0, red, red + blue]
+    assert all(res[k]["listed"] == 7 * 30 for k in ("activation", "z", "confidence"))
+    for n in run.labels.neurons:
+        n.confidence = None
+    assert run.explanation_precision("blocks.0.mlp.act", 3, VALUES)["confidence"] is None
+
+
 def test_output_layer_names_match_across_underscores_and_hyphens() -> None:
     got = evaluate.final_layer_metrics(["yellow hexagon", "Red  circle", "blue star", ""],
                                        ["yellow_hexagon", "red-circle", "blue square", "green star"])

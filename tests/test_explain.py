@@ -248,6 +248,35 @@ def test_z_sort_ranks_units_by_their_signal_above_the_probe_mean(tmp_path: Path)
         explain.explain_image(model, META, labels_for(model), "act", img, 1, "argmax", 0, sort="z")
 
 
+def test_confidence_sort_reads_each_units_curve_at_its_signal(tmp_path: Path) -> None:
+    """confidence = the unit's curve, linear between its points, at the unit's signal on the image
+    (pi here); sort "confidence" (and "auto" when the labels have curves) orders by it."""
+    img = grey(tmp_path, 204)  # h = [-0.4, -1.3, 0.5, 1.4]: argmax winners 0 and 3
+    h = C * 0.8 + B
+    pi0 = 1 / (1 + math.exp(h[1] - h[0]))  # 0.711
+    pi3 = 1 / (1 + math.exp(h[2] - h[3]))  # 0.711 too: the two blocks' gaps are both 0.9
+    model = tiny(lwta.LWTA(2))
+    labels = labels_for(model)
+    labels.layers["act"].signal = "pi"
+    curves = {0: [[0.5, 0.2], [1.0, 0.6]], 3: [[0.0, 0.9], [0.6, 0.95], [0.8, 0.7]]}
+    for n in labels.neurons[:4]:
+        n.confidence = curves.get(n.unit)
+    res = explain.explain_image(model, META, labels, "act", img, 1, "argmax", 0)  # sort "auto"
+    assert res["sort"] == "confidence"
+    want = {0: 0.2 + (pi0 - 0.5) / 0.5 * 0.4, 3: 0.95 + (pi3 - 0.6) / 0.2 * (0.7 - 0.95)}
+    assert [n["unit"] for n in res["neurons"]] == sorted(want, key=lambda k: -want[k]) == [3, 0]
+    for n in res["neurons"]:
+        assert n["confidence"] == pytest.approx(want[n["unit"]], rel=1e-5)
+        assert n["signal"] == pytest.approx(pi0 if n["unit"] == 0 else pi3, rel=1e-5)
+    assert explain.confidence_at([[0.5, 0.2], [1.0, 0.6]], 2.0) == pytest.approx(0.6)  # beyond the ends: the ends
+    assert explain.confidence_at([[0.5, 0.2], [1.0, 0.6]], 0.0) == pytest.approx(0.2)
+    assert explain.confidence_at(None, 0.3) is None
+    plain = explain.explain_image(model, META, labels_for(model), "act", img, 1, "argmax", 0)
+    assert plain["sort"] == "activation" and all(n["confidence"] is None for n in plain["neurons"])
+    with pytest.raises(DiscoverError, match="no confidence curves"):
+        explain.explain_image(model, META, labels_for(model), "act", img, 1, "argmax", 0, sort="confidence")
+
+
 def test_one_rule_for_image_files(tmp_path: Path) -> None:
     """A probe folder and explain accept the same file names: a .gif is a probe image and an IMG;
     a .txt is neither."""
