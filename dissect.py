@@ -182,11 +182,12 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
 
 def add_simulation(rows: list[Neuron], sim: dict[str, np.ndarray], concepts: list[str]) -> dict[str, Any]:
     """Put each live neuron's simulation scores (:func:`simulate.held_out_scores`) in its row as
-    ``simulation`` (the label chosen on the choosing half, corr, auprc, p; None for a dead one) and
+    ``simulation`` (the label chosen on the choosing half, corr, auprc, p, precision; None for a dead one) and
     return the layer's :func:`simulate.summary` over the live neurons."""
     live = np.array([not r.dead for r in rows])
     for k, r in enumerate(rows):
-        val = {key: float(sim[key][k]) if np.isfinite(sim[key][k]) else None for key in ("corr", "auprc", "p")}
+        val = {key: float(sim[key][k]) if np.isfinite(sim[key][k]) else None
+               for key in ("corr", "auprc", "p", "precision")}
         r.simulation = None if r.dead else Simulation(concepts[int(sim["label"][k])], **val)
     return simulate.summary({key: np.where(live, v, np.nan) if key != "label" else v for key, v in sim.items()})
 
@@ -232,7 +233,7 @@ def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) ->
     w = csv.writer(buf)
     w.writerow(["layer", "unit", "description", "similarity", "block", "competitor", "active_rate",
                 "interpretable", "signal", "top_images", "simulation_label", "simulation_corr", "simulation_auprc",
-                "simulation_p"])
+                "simulation_p", "simulation_precision"])
 
     def sim(r: Neuron, key: str) -> str:
         v = None if r.simulation is None else getattr(r.simulation, key)
@@ -243,7 +244,7 @@ def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) ->
                     "" if r.block is None else r.block, "" if r.competitor is None else r.competitor,
                     f"{r.active_rate:.6g}", "" if r.interpretable is None else int(r.interpretable), signals.get(r.layer, ""),
                     ";".join(probe_names[i] for i in r.top_images),
-                    *(sim(r, key) for key in ("label", "corr", "auprc", "p"))])
+                    *(sim(r, key) for key in ("label", "corr", "auprc", "p", "precision"))])
     return buf.getvalue()
 
 
@@ -321,7 +322,8 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
         if cfg.score:
             threshold = clip.truth_threshold if checked else None
             sim_scores = simulate.held_out_scores(
-                A, P, lambda a, p: choose_labels(sim, a, p, threshold, cfg.gallery_share))
+                A, P, lambda a, p: choose_labels(sim, a, p, threshold, cfg.gallery_share),
+                threshold=clip.truth_threshold)
             simulation = add_simulation(layer_rows, sim_scores, concept_list)
         rows += layer_rows
         layers_info[layer] = LayerInfo(

@@ -484,7 +484,7 @@ class LabelsRun:
             def get(key: str) -> np.ndarray:
                 return np.array([getattr(n.simulation, key) if n.simulation and not n.dead else None
                                  for n in neurons], dtype=np.float64)
-            return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p"),
+            return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p"), "precision": get("precision"),
                     "label": [n.simulation.label if n.simulation else "" for n in neurons]}
         import concepts
         import dissect
@@ -493,10 +493,11 @@ class LabelsRun:
         share = info.gallery_share
         threshold = self.prov.truth_threshold if share else None
         sim = simulate.held_out_scores(A, P, lambda a, p: dissect.choose_labels(info.similarity, a, p, threshold,
-                                                                               share or 0.0))
+                                                                               share or 0.0),
+                                       threshold=self.prov.truth_threshold)
         words = concepts.load_concepts(self.prov.concepts)
         dead = np.array([n.dead for n in neurons])
-        return {**{key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p")},
+        return {**{key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p", "precision")},
                 "label": ["" if d else words[int(m)] for d, m in zip(dead, sim["label"])]}
 
     def localisation(self, layer: str, n: int) -> dict[str, Any] | None:
@@ -571,15 +572,18 @@ class LabelsRun:
 def simulation_figures(sim: dict[str, Any], top_images: dict[str, Any] | None,
                        labels: Sequence[str] | None = None) -> dict[str, Any]:
     """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores with the
-    label each was scored with; on the world, how well the correlation tells right labels from
-    wrong ones among the selective units whose held-out label is their label (``right_auroc``:
-    AUROC of the correlation for "the label is right")."""
+    label each was scored with; on the world, how well each score tells right labels from wrong
+    ones among the selective units whose held-out label is their label: ``right_auroc`` (the
+    correlation's AUROC for "the label is right", with the mean correlation of right and wrong
+    labels) and ``right_auroc_precision`` (the held-out precision's; None without one)."""
     import simulate
 
     out: dict[str, Any] = {**simulate.summary(sim),
-                           "per_neuron": {**{k: sim[k].tolist() for k in ("corr", "auprc", "p")},
+                           "per_neuron": {**{k: np.asarray(sim[k]).tolist() for k in ("corr", "auprc", "p", "precision")
+                                             if k in sim},
                                           "label": list(sim.get("label") or [])},
-                           "right_auroc": None, "corr_right": None, "corr_wrong": None}
+                           "right_auroc": None, "corr_right": None, "corr_wrong": None,
+                           "right_auroc_precision": None}
     scored = sim.get("label")
     units = [u for u in (top_images or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])
              and (not scored or labels is None or scored[u["unit"]] == labels[u["unit"]])]
@@ -589,6 +593,9 @@ def simulation_figures(sim: dict[str, Any], top_images: dict[str, Any] | None,
         out["right_auroc"] = auroc(corr, right)
         out["corr_right"] = float(np.mean([c for c, ok in zip(corr, right) if ok]))
         out["corr_wrong"] = float(np.mean([c for c, ok in zip(corr, right) if not ok]))
+        precision = np.asarray(sim.get("precision", []), np.float64)
+        if precision.size and all(np.isfinite(precision[u["unit"]]) for u in units):
+            out["right_auroc_precision"] = auroc([float(precision[u["unit"]]) for u in units], right)
     return out
 
 
@@ -758,7 +765,7 @@ def table(result: dict[str, Any]):
     has_sim = any(r.get("simulation") for r in runs)
     has_loc = any(r.get("localisation") for r in runs)
     cols += ["expl. prec. (act. / conf.)"] if has_expl else []
-    cols += ["sim. corr", "p < 0.05"] if has_sim else []
+    cols += ["sim. corr", "p < 0.05", "sim. precision"] if has_sim else []
     cols += ["localises: IoU >= 0.04 / above chance (win; top 0.5 %)"] if has_loc else []
     cols += ["max pi", "4 agree"] if has_cert else []
     for c in cols:
@@ -788,8 +795,9 @@ def table(result: dict[str, Any]):
             cells.append(f"{_pct(e['precision_percent'])} / {_pct(ec['precision_percent']) if ec else '-'}" if e else "-")
         if has_sim:
             sm = r.get("simulation")
-            cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"])]
-                      if sm and sm["corr_mean"] is not None else ["-", "-"])
+            cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"]),
+                       "-" if sm.get("precision_mean") is None else _pct(100 * sm["precision_mean"])]
+                      if sm and sm["corr_mean"] is not None else ["-", "-", "-"])
         if has_loc:
             lo = r.get("localisation")
             def loc(kind: str) -> str:

@@ -11,7 +11,10 @@ similarity, same gallery check), and scored on the other:
   are the neuron's top :data:`TOP_SHARE` of them;
 - ``p``: a permutation p-value of ``corr`` against the layer's other labels (labels shuffled among
   the layer's neurons): the share of the layer's distinct labels that correlate with neuron k at
-  least as well as its own, its own included.
+  least as well as its own, its own included;
+- ``precision`` (a CLIP with a truth threshold, e.g. world-clip): the share of the neuron's top
+  :data:`TOP_SHARE` of the held-out images on which the CLIP holds its label true (cosine above the
+  threshold): a gallery of images the label was not chosen on, judged by the simulator.
 
 Without ground truth, a layer's mean correlation and the share of neurons with ``p < 0.05`` say how
 far its labels can be trusted. ``sanity`` runs the "missing labels" / "extra labels" tests of the
@@ -81,6 +84,19 @@ def auprcs(A: np.ndarray, B: np.ndarray, share: float = TOP_SHARE) -> np.ndarray
     return out
 
 
+def top_precisions(A: np.ndarray, T: np.ndarray, share: float = TOP_SHARE) -> np.ndarray:
+    """Per column k: the share of ``A[:, k]``'s top ``share`` of the rows (at least one; ties by
+    index) on which ``T[:, k]`` holds (NaN where ``A[:, k]`` is constant)."""
+    n, K = A.shape
+    top = max(1, int(round(share * n)))
+    T = np.asarray(T, bool)
+    out = np.full(K, math.nan)
+    for k in range(K):
+        if np.ptp(A[:, k]) > 0:
+            out[k] = T[np.argsort(-A[:, k], kind="stable")[:top], k].mean()
+    return out
+
+
 def permutation_p(A: np.ndarray, B: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
     """p-value of each neuron's correlation with its own label column against the layer's labels
     shuffled among its neurons: the share of the layer's *distinct* labels (``labels``: the concept
@@ -97,28 +113,34 @@ def permutation_p(A: np.ndarray, B: np.ndarray, labels: np.ndarray | None = None
 
 
 def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                    seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+                    seed: int = SPLIT_SEED, threshold: float | None = None) -> dict[str, np.ndarray]:
     """Simulation scores of one layer. ``A`` (N x K) the activations, ``P`` (N x M) the CLIP
     similarities, ``choose(A_part, P_part)`` the label rule (the concept index per neuron, as
     ``dissect`` picks it). Labels are chosen on one half of the probe and scored on the other.
     A neuron constant on the choosing half (it never fired there) has no label to score: NaN.
-    Returns ``label`` (K concept indices), ``corr``, ``auprc`` and ``p`` (K each)."""
+    Returns ``label`` (K concept indices), ``corr``, ``auprc``, ``p`` and ``precision`` (K each;
+    ``precision`` NaN without the CLIP's truth ``threshold``)."""
     ch, sc = probe_split(A.shape[0], seed)
     m = np.asarray(choose(A[ch], P[ch]), np.int64)
     B = P[sc][:, m]
     chose = np.ptp(A[ch], axis=0) > 0
-    out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m)}
+    out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m),
+           "precision": top_precisions(A[sc], B > threshold) if threshold is not None else np.full(A.shape[1], math.nan)}
     return {"label": m, **{k: np.where(chose, v, math.nan) for k, v in out.items()}}
 
 
 def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A layer's figures: mean and median correlation, mean AUPRC, share with p < 0.05 (live neurons)."""
+    """A layer's figures: mean and median correlation, mean AUPRC, share with p < 0.05, mean
+    precision (None without one) over the live neurons."""
     corr, live = scores["corr"], np.isfinite(scores["corr"])
     if not live.any():
-        return {"neurons": 0, "corr_mean": None, "corr_median": None, "auprc_mean": None, "significant_percent": None}
+        return {"neurons": 0, "corr_mean": None, "corr_median": None, "auprc_mean": None, "significant_percent": None,
+                "precision_mean": None}
+    precision = np.asarray(scores.get("precision", np.full(len(corr), math.nan)), np.float64)[live]
     return {"neurons": int(live.sum()), "corr_mean": float(corr[live].mean()), "corr_median": float(np.median(corr[live])),
             "auprc_mean": float(np.nanmean(scores["auprc"][live])),
-            "significant_percent": float(100 * np.mean(scores["p"][live] < P_VALUE))}
+            "significant_percent": float(100 * np.mean(scores["p"][live] < P_VALUE)),
+            "precision_mean": float(np.nanmean(precision)) if np.isfinite(precision).any() else None}
 
 
 def sanity(score: Callable[[np.ndarray, np.ndarray], np.ndarray], A: np.ndarray, C: np.ndarray,

@@ -1,9 +1,10 @@
 """Simulation scores on the world, where the truth is known (simulate.py).
 
 1. Per model (the demo's four shipped checkpoints) and layer (hidden, output): the mean and median
-   held-out correlation, mean AUPRC, share of neurons beating the permutation baseline, and how
-   well the correlation tells right labels from wrong ones among the selective units (AUROC; the
-   mean correlation of right and of wrong labels).
+   held-out correlation, mean AUPRC, share of neurons beating the permutation baseline, mean
+   held-out precision (world-clip holds the label on the neuron's top 5 % of held-out images), and
+   how well the correlation and the precision tell right labels from wrong ones among the selective
+   units (AUROC; the mean correlation of right and of wrong labels).
 2. The sanity tests of "Evaluating Neuron Explanations" (ICML 2025) on each hidden layer: the
    selective units' activations against the ground-truth vector of the attribute value their top
    images share, with half its positives removed ("missing labels") or as many false positives
@@ -42,8 +43,8 @@ def _num(v: float | None) -> str:
 
 def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tuple[str, Path, str]]]:
     t = Table(title=f"simulation scores, probe {probe}, concepts {concepts} (labels chosen on one half, scored on the other)")
-    for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "right vs wrong AUROC",
-                "corr right / wrong"):
+    for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "precision", "right vs wrong AUROC",
+                "corr right / wrong", "precision: right vs wrong AUROC"):
         t.add_column(col, justify="left" if col in ("model", "layer") else "right")
     dirs = []
     for m in demo.demo_models():
@@ -56,14 +57,15 @@ def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tup
     for row in res["runs"]:
         s = row["simulation"]
         t.add_row(names[row["labels"]], row["layer"], _num(s["corr_mean"]), _num(s["corr_median"]),
-                  _num(s["auprc_mean"]), _pct(s["significant_percent"]), _num(s["right_auroc"]),
-                  f"{_num(s['corr_right'])} / {_num(s['corr_wrong'])}")
+                  _num(s["auprc_mean"]), _pct(s["significant_percent"]),
+                  _pct(None if s.get("precision_mean") is None else 100 * s["precision_mean"]), _num(s["right_auroc"]),
+                  f"{_num(s['corr_right'])} / {_num(s['corr_wrong'])}", _num(s.get("right_auroc_precision")))
     return t, dirs
 
 
 def sanity_table(dirs: list[tuple[str, Path, str]]) -> Table:
     t = Table(title="sanity tests (ICML 2025): share of selective units whose score falls with missing / extra labels")
-    for col in ("model", "layer", "units", "corr", "AUPRC", "WPMI", "SoftWPMI", "cos3"):
+    for col in ("model", "layer", "units", "corr", "AUPRC", "precision", "WPMI", "SoftWPMI", "cos3"):
         t.add_column(col, justify="left" if col in ("model", "layer") else "right")
     for name, d, layer in dirs:
         run = evaluate.LabelsRun(str(d), None)
@@ -75,7 +77,8 @@ def sanity_table(dirs: list[tuple[str, Path, str]]) -> Table:
         units = [u for u in ti["units"]]
         As = A[:, [u["unit"] for u in units]].astype(np.float64)
         C = Y[:, [index[u["best_value"]] for u in units]].astype(np.float64)
-        fns = {"corr": simulate.correlations, "AUPRC": simulate.auprcs}
+        fns = {"corr": simulate.correlations, "AUPRC": simulate.auprcs,
+               "precision": lambda a, c: simulate.top_precisions(a, c > 0)}
         for sim in ("wpmi", "soft_wpmi", "cos3"):  # the diagonal: unit k's score for its own concept column
             fns[sim] = lambda a, c, sim=sim: np.diag(dissect.scores(sim, a.astype(np.float32), c.astype(np.float32)))
         cells = []

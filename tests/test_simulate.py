@@ -103,3 +103,24 @@ def test_sanity_tests_pass_for_correlation_and_fail_for_a_score_blind_to_extra_l
 
     r = simulate.sanity(recall, A, C)
     assert r["extra"] == 1.0 and r["missing"] < 0.8
+
+
+def test_held_out_precision_against_a_loop() -> None:
+    """precision: the share of the neuron's top 5 % of held-out images (ties by index) on which the
+    label's similarity is above the CLIP's truth threshold; NaN for every neuron without a threshold."""
+    rng = np.random.default_rng(5)
+    A, P = rng.normal(size=(200, 6)), rng.normal(size=(200, 9))
+    P[:, 4] = A[:, 1] + 0.5  # the label of neuron 1: above 0.3 wherever the neuron is above -0.2
+    labels = np.array([0, 4, 2, 3, 8, 5])
+    got = simulate.held_out_scores(A, P, lambda a, p: labels, threshold=0.3)
+    _, sc = simulate.probe_split(200)
+    for k in range(6):
+        top = sorted(range(len(sc)), key=lambda i: (-A[sc[i], k], i))[:5]  # 5 % of 100 held-out images
+        assert got["precision"][k] == pytest.approx(sum(P[sc[i], labels[k]] > 0.3 for i in top) / 5)
+    assert got["precision"][1] == 1.0
+    assert np.isnan(simulate.held_out_scores(A, P, lambda a, p: labels)["precision"]).all()
+    assert simulate.summary(got)["precision_mean"] == pytest.approx(got["precision"].mean())
+    # as a sanity-test score: missing labels lower it; extra labels can only raise it
+    C = (rng.random((500, 40)) < 0.2).astype(float)
+    r = simulate.sanity(lambda a, c: simulate.top_precisions(a, c > 0), C + 0.3 * rng.normal(size=C.shape), C)
+    assert r["missing"] > 0.9 and r["extra"] == 0.0
