@@ -195,15 +195,17 @@ def add_simulation(rows: list[Neuron], sim: dict[str, np.ndarray], concepts: lis
 def confidence_curve(a: np.ndarray, truth: np.ndarray, min_rank: int = CONFIDENCE_MIN_RANK) -> list[list[float]]:
     """How far a unit's label can be trusted at each level of its signal ``a`` (N probe images):
     ``[t, p]`` pairs at the ranks r = ``min_rank``, x sqrt(2), ..., N of ``a`` in descending order,
-    where t is the r-th highest signal and p the share of the images ranked r/2 to 2r (the images
-    that move the unit about as much) on which the label holds (``truth``, N bools: the CLIP holds
-    it true). Ascending in t, one pair per distinct t (its highest-ranked one)."""
+    where t is the r-th highest signal and p the share of the images that move the unit about as
+    much on which the label holds (``truth``, N bools: the CLIP holds it true): the images whose
+    signal lies between those ranked r/2 + 1 and 2r, ties included (a saturated winning
+    probability: every image at 1). Ascending in t, one pair per distinct t (its highest-ranked one)."""
     a = np.asarray(a, np.float64)
     truth = np.asarray(truth, bool)
     N = a.shape[0]
     if N == 0:
         return []
     order = np.argsort(-a, kind="stable")
+    desc = a[order]
     held = np.concatenate([[0], np.cumsum(truth[order])])  # held[i]: true among the i most active
     ranks = {N}
     r = float(min(min_rank, N))
@@ -212,8 +214,10 @@ def confidence_curve(a: np.ndarray, truth: np.ndarray, min_rank: int = CONFIDENC
         r *= math.sqrt(2)
     curve: dict[float, float] = {}
     for r in sorted(ranks):
-        lo, hi = r // 2, min(N, 2 * r)
-        curve.setdefault(float(a[order[r - 1]]), float(held[hi] - held[lo]) / (hi - lo))
+        hi, lo = desc[r // 2], desc[min(N, 2 * r) - 1]  # the signals ranked r/2 + 1 and 2r
+        first = int(np.searchsorted(-desc, -hi, side="left"))  # the band: every image with lo <= a <= hi
+        stop = int(np.searchsorted(-desc, -lo, side="right"))
+        curve.setdefault(float(desc[r - 1]), float(held[stop] - held[first]) / (stop - first))
     return [[t, curve[t]] for t in sorted(curve)]
 
 

@@ -216,7 +216,8 @@ def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatc
 
 
 def test_confidence_curve_by_hand() -> None:
-    """N = 4, min_rank 1: ranks 1, 2, 3, 4; rank r's share is over the images ranked r/2 to 2r."""
+    """N = 4, min_rank 1: ranks 1, 2, 3, 4; rank r's share is over the images whose signal lies
+    between those ranked r/2 + 1 and 2r (ties included)."""
     a = np.array([0.9, 0.5, 0.7, 0.1])  # descending: images 0, 2, 1, 3
     truth = np.array([True, False, True, False])
     # r=1: images 0, 2 -> 1; r=2: 2, 1, 3 -> 1/3; r=3: 2, 1, 3 -> 1/3; r=4: 1, 3 -> 0
@@ -224,6 +225,10 @@ def test_confidence_curve_by_hand() -> None:
     got = dissect.confidence_curve(a, truth, min_rank=1)
     assert np.allclose(got, expected)
     assert dissect.confidence_curve(np.zeros(0), np.zeros(0, bool)) == []
+    # a saturated signal: 30 images tie at 1, 10 of them true; the top band is the whole tie
+    sat = np.concatenate([np.ones(30), np.linspace(0.9, 0.0, 70)])
+    held = np.concatenate([np.arange(30) % 3 == 0, np.zeros(70, bool)])
+    assert dissect.confidence_curve(sat, held)[-1] == [1.0, pytest.approx(1 / 3)]
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -233,18 +238,17 @@ def test_confidence_curve_against_a_float64_transcription(seed: int) -> None:
     a = rng.normal(size=N).astype(np.float32)
     a[:40] = 0.0  # ties (a ReLU's zeros): one point per distinct signal, its highest-ranked
     truth = rng.random(N) < 1 / (1 + np.exp(-2 * a))
-    rank = np.empty(N, int)
-    rank[np.argsort(-a.astype(np.float64), kind="stable")] = np.arange(N)  # 0 = most active
     ranks, r = [], 10.0
     while r < N:
         ranks.append(int(round(r)))
         r *= 2 ** 0.5
     ranks.append(N)
     ref: dict[float, float] = {}
+    desc = np.sort(a.astype(np.float64))[::-1]
     for r in sorted(set(ranks)):
-        t = float(np.sort(a.astype(np.float64))[::-1][r - 1])
-        band = (rank >= r // 2) & (rank < min(N, 2 * r))
-        ref.setdefault(t, float(truth[band].mean()))
+        hi, lo = desc[r // 2], desc[min(N, 2 * r) - 1]  # ranks r/2 + 1 and 2r (1-based)
+        band = (a >= lo) & (a <= hi)  # ties with either end included
+        ref.setdefault(float(desc[r - 1]), float(truth[band].mean()))
     got = dissect.confidence_curve(a, truth)
     assert [t for t, _ in got] == sorted(ref)
     assert np.allclose([p for _, p in got], [ref[t] for t in sorted(ref)])
