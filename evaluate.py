@@ -45,7 +45,7 @@ from common import DiscoverError
 from schema import Labels, LayerInfo, ModelMeta, Neuron
 
 SELECTIVE_AUROC = 0.85
-EXPLAIN_IMAGES = 100  # world probes: explained images behind the explanation precision
+EXPLAIN_IMAGES = 100  # world probes: held-out images explained for the explanation precision
 LOCALISE_IMAGES = 500  # world probes: images behind the localisation IoU (maps.py)
 EXPLAIN_SAMPLES = 4  # posterior draws per explained image (the paper's 4)
 TOP_SHARE = 0.8  # a unit's top images "share" a value when at least this fraction of them has it

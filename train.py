@@ -111,7 +111,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # images every epoch; the measured recipe search is docs/training.md.
     "deit_world": dict(optimizer="adamw", lr=5e-4, lr_scaled=False, weight_decay=0.02, epochs=30,
                        warmup_epochs=2, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0,
-                       fresh=True, label_smoothing=0.0, response_std=4.0),  # CVN: decisive winners
+                       fresh=True, label_smoothing=0.0, response_std=4.0,  # CVN: decisive winners
+                       cvn_epochs=40),  # a CVN with decisive winners learns more slowly mid-run
     "resnet_world": dict(optimizer="sgd", lr=0.05, lr_scaled=False, weight_decay=1e-4, epochs=24,
                          warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0,
                          fresh=True, label_smoothing=0.0, response_std=2.0),  # CVN: decisive winners
@@ -125,6 +126,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     family = models.ARCHS[cfg.arch].family + ("_world" if cfg.arch.endswith("_world") else "")
     recipe = RECIPES[family]
     c = dataclasses.replace(cfg)
+    if c.epochs is None and c.U is not None:
+        c.epochs = recipe.get("cvn_epochs")
     for key in ("optimizer", "weight_decay", "epochs", "warmup_epochs", "schedule", "batch_size", "crop_scale",
                 "kl_weight", "fresh", "label_smoothing", "tau", "response_std"):
         if getattr(c, key) is None:

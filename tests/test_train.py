@@ -93,6 +93,14 @@ def test_schedules() -> None:
     assert train.get_lr(60 * 10, r, 10) == pytest.approx(0.001)
 
 
+def test_world_recipe_epochs_for_cvn_and_twin() -> None:
+    """deit_world: a CVN trains 40 epochs, its twin 30; a given --epochs wins; resnet_world: 24 both."""
+    def epochs(arch: str, **kw) -> int:
+        return train.resolve(train.TrainConfig(arch=arch, data="world:object", out="-", **kw)).epochs
+    assert (epochs("deit_world", U=8), epochs("deit_world", act="gelu"), epochs("deit_world", U=8, epochs=3)) == (40, 30, 3)
+    assert (epochs("resnet18_world", U=2), epochs("resnet18_world", act="relu")) == (24, 24)
+
+
 def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "model.safetensors"))
 
