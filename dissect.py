@@ -52,7 +52,7 @@ class DissectConfig:
     out: str = "dissect_out"
     summary: str = "auto"
     mode: str = "sample"
-    signal: str = "pi"  # what an LWTA layer's neuron vector is (record.SIGNALS)
+    signal: str = "expected"  # what an LWTA layer's neuron vector is (record.SIGNALS; record.DEFAULT_SIGNAL)
     seed: int = 0
     batch_size: int = 64
     cutoff: float | None = None  # interpretable above it; None: calibrated per layer (random_cutoff)

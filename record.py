@@ -73,7 +73,7 @@ from schema import ModelMeta
 
 SUMMARIES = ("auto", "cls", "mean", "max", "identity")
 SIGNALS = ("pi", "expected", "sample", "argmax")  # what an LWTA layer's neuron vector is made of
-DEFAULT_SIGNAL = "pi"
+DEFAULT_SIGNAL = "expected"  # pi*h: a decisive CVN's pi saturates at 1 on many images (docs/labels.md)
 FORMAT_VERSION = "2"  # of the activation files; bump to invalidate every cached recording
 
 
