@@ -100,6 +100,12 @@ class Choice(click.Choice):
                       + (f"; did you mean {close[0]!r}?" if close else ""), param, ctx)
 
 
+signal_option = click.option(  # record and dissect: what an LWTA unit's neuron vector is (record.SIGNALS)
+    "--signal", type=Choice(["pi", "expected", "sample", "argmax"]), default="expected", show_default=True,
+    help="LWTA layers: pi*h (expected: the unit's winning probability times its response), its winning "
+         "probability (pi), one sampled output, or the argmax winner's output.")
+
+
 def model_options(f):
     """The options that complete a model spec: a weights file's architecture, its class names."""
     opts = [click.option("--arch", default=None, help="Architecture of a weights file (see models.ARCHS)."),
@@ -382,8 +388,7 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
 @click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners: drawn from the posterior (seeded) or the argmax.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled LWTA winners.")
-@click.option("--signal", type=Choice(["pi", "expected", "sample", "argmax"]), default="expected", show_default=True,
-              help="LWTA layers: pi*h (expected: the unit's winning probability times its response), its winning probability (pi), one sampled output, or the argmax winner's output.")
+@signal_option
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--list-layers", is_flag=True, help="Print every named module with its output shape and exit.")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
@@ -462,8 +467,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
               default="auto", show_default=True,
               help="auto: SoftWPMI on the output layer, WPMI on the others (docs/labels.md).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--signal", type=Choice(["pi", "expected", "sample", "argmax"]), default="expected", show_default=True,
-              help="LWTA layers: pi*h (expected: the unit's winning probability times its response), its winning probability (pi), one sampled output, or the argmax winner's output.")
+@signal_option
 @click.option("--summary", type=Choice(["auto", "cls", "mean", "max", "identity"]), default="auto", show_default=True)
 @click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners while recording.")

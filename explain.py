@@ -216,6 +216,13 @@ def sort_neurons(neurons: list[dict[str, Any]], sort: str) -> list[dict[str, Any
     return sorted(neurons, key=lambda n: (*(-v for v in key(n)), n["unit"]))
 
 
+def z_score(rec: Neuron, signal: float) -> float:
+    """How far ``signal`` lies above the unit's mean over the probe, in its probe standard
+    deviations (the label record's ``signal_mean`` / ``signal_std``; 0 without them)."""
+    sd = _num(rec.signal_std)
+    return (signal - (_num(rec.signal_mean) or 0.0)) / sd if sd else 0.0
+
+
 def confidence_at(curve: list[list[float]] | None, signal: float) -> float | None:
     """A unit's label confidence at ``signal`` (its ``confidence`` curve, ``dissect.confidence_curve``):
     how often the CLIP finds the label in the probe images that move the unit about as much, linear
@@ -306,9 +313,6 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
     if sort == "auto":
         sort = "confidence" if has_curves else "activation"
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
-    mu = np.array([_num(by_unit[k].signal_mean if k in by_unit else None) or 0.0 for k in range(K)])
-    sd = np.array([_num(by_unit[k].signal_std if k in by_unit else None) or 0.0 for k in range(K)])
-    z = np.where(sd > 0, (sig - mu) / np.where(sd > 0, sd, 1.0), 0.0)
     neurons = []
     for k in shown:
         rec = by_unit.get(int(k), Neuron(layer=layer, unit=int(k)))
@@ -316,7 +320,7 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
             "unit": int(k), "block": int(k) // U if U else None, "competitor": int(k) % U if U else None,
             "concept": rec.description, "score": _num(rec.similarity), "interpretable": rec.interpretable,
             "activation": float(act[k]), "activation_when_active": float(when_active[k]),
-            "pi": None if pi is None else float(pi[k]), "signal": float(sig[k]), "z": float(z[k]),
+            "pi": None if pi is None else float(pi[k]), "signal": float(sig[k]), "z": z_score(rec, float(sig[k])),
             "confidence": confidence_at(rec.confidence, float(sig[k])),
             "win_rate": float(wins[k]) / n_draws, "top_concepts": rec.top_concepts[:3]})
     neurons = sort_neurons(neurons, sort)

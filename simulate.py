@@ -69,31 +69,36 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(precision[hits].mean())
 
 
+def _top_rows(a: np.ndarray, share: float) -> np.ndarray | None:
+    """The indices of ``a``'s top ``share`` of the rows (at least one; ties by index), None when
+    ``a`` is constant."""
+    if np.ptp(a) == 0:
+        return None
+    return np.argsort(-a, kind="stable")[:max(1, int(round(share * len(a))))]
+
+
 def auprcs(A: np.ndarray, B: np.ndarray, share: float = TOP_SHARE) -> np.ndarray:
     """Per column k: :func:`average_precision` of ranking by ``B[:, k]`` with ``A[:, k]``'s top
     ``share`` of the rows (at least one) as the positives."""
-    n, K = A.shape
-    top = max(1, int(round(share * n)))
-    out = np.full(K, math.nan)
-    for k in range(K):
-        if np.ptp(A[:, k]) == 0:
-            continue
-        pos = np.zeros(n, bool)
-        pos[np.argsort(-A[:, k], kind="stable")[:top]] = True
-        out[k] = average_precision(B[:, k], pos)
+    out = np.full(A.shape[1], math.nan)
+    for k in range(A.shape[1]):
+        top = _top_rows(A[:, k], share)
+        if top is not None:
+            pos = np.zeros(A.shape[0], bool)
+            pos[top] = True
+            out[k] = average_precision(B[:, k], pos)
     return out
 
 
 def top_precisions(A: np.ndarray, T: np.ndarray, share: float = TOP_SHARE) -> np.ndarray:
     """Per column k: the share of ``A[:, k]``'s top ``share`` of the rows (at least one; ties by
     index) on which ``T[:, k]`` holds (NaN where ``A[:, k]`` is constant)."""
-    n, K = A.shape
-    top = max(1, int(round(share * n)))
     T = np.asarray(T, bool)
-    out = np.full(K, math.nan)
-    for k in range(K):
-        if np.ptp(A[:, k]) > 0:
-            out[k] = T[np.argsort(-A[:, k], kind="stable")[:top], k].mean()
+    out = np.full(A.shape[1], math.nan)
+    for k in range(A.shape[1]):
+        top = _top_rows(A[:, k], share)
+        if top is not None:
+            out[k] = T[top, k].mean()
     return out
 
 

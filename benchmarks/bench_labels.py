@@ -48,12 +48,12 @@ SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 
 
 def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, allowed: np.ndarray | None = None,
-            top: np.ndarray | None = None, wins: np.ndarray | None = None) -> list[schema.Neuron]:
+            top: np.ndarray | None = None, wins: np.ndarray | None = None,
+            threshold: float | None = None) -> list[schema.Neuron]:
     """Each neuron's label record as ``dissect`` makes it (``dissect.neuron_rows``; no label for a
-    dead one), with its confidence curve (``dissect.add_confidence``) when the CLIP has a truth threshold."""
+    dead one), with its confidence curve (``dissect.add_confidence``) given the CLIP's truth ``threshold``."""
     S = dissect.scores(similarity, A, P)
     rows = dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)
-    threshold = clip_backend.truth_threshold("world-clip")
     if threshold is not None:
         dissect.add_confidence(rows, A, P, words, threshold)
     return rows
@@ -81,8 +81,8 @@ def _precision(exs: list[dict[str, Any]], rows: list[schema.Neuron], attrs: list
 
     def row(n: dict[str, Any]) -> dict[str, Any]:
         r = rows[n["unit"]]
-        z = (n["signal"] - r.signal_mean) / r.signal_std if r.signal_std else 0.0
-        return dict(n, concept=r.description, z=z, confidence=explain.confidence_at(r.confidence, n["signal"]))
+        return dict(n, concept=r.description, z=explain.z_score(r, n["signal"]),
+                    confidence=explain.confidence_at(r.confidence, n["signal"]))
 
     relabelled = [dict(e, neurons=explain.sort_neurons([row(n) for n in e["neurons"]], sort)) for e in exs]
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
@@ -118,7 +118,7 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                     allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
                     for sim in similarities:
                         nh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
-                                     record.read_wins(paths[hidden]))
+                                     record.read_wins(paths[hidden]), clip.truth_threshold)
                         lh = [r.description for r in nh]
                         lo = [r.description for r in _labels(Ao, Ps[cset], words,
                                                              dissect.layer_similarity(sim, output, output))]
