@@ -99,13 +99,25 @@ def load_clip(spec: str = DEFAULT, device: str = "cpu") -> ClipModel:
 
 def truth_threshold(spec: str) -> float | None:
     """The image-text cosine above which the CLIP of ``spec`` holds a short description true of an
-    image, where the CLIP was trained to have one: world-clip's truth loss learns it (its manifest's
-    ``training.truth_bias``). None for other CLIPs (a contrastive CLIP's cosines have no absolute
-    meaning), and then ``dissect`` labels without the gallery check."""
-    if spec != DEFAULT or not world_clip.MANIFEST.is_file():
+    image, where the CLIP was trained to have one: world-clip's truth loss learns it (the
+    ``training.truth_bias`` of the manifest beside its weights: the shipped one, or one that
+    ``world train-clip`` wrote for ``world-clip:/path/to/world-clip.safetensors``). None for other
+    CLIPs (a contrastive CLIP's cosines have no absolute meaning), and then ``dissect`` labels
+    without the gallery check."""
+    name, _, path = spec.strip().partition(":")
+    if name != world_clip.NAME:
         return None
-    bias = json.loads(world_clip.MANIFEST.read_text()).get("training", {}).get("truth_bias")
-    return None if bias is None else float(bias)
+    manifest = world_clip.MANIFEST if not path else Path(path).with_name(world_clip.MANIFEST.name)
+    if not manifest.is_file():
+        return None
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    if not path or info.get("sha256") == weights_sha256(Path(path)):  # the manifest of these very weights
+        bias = info.get("training", {}).get("truth_bias")
+        return None if bias is None else float(bias)
+    return None
 
 
 def _close_names(name: str, choices: Sequence[str], n: int = 5) -> list[str]:

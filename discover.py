@@ -267,10 +267,14 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
                    "true and below it where false (and the --negatives words below it everywhere).")
 @click.option("--null-weight", type=float, default=0.0, show_default=True,
               help="Weight of the loss that makes each --negatives word score every image alike.")
+@click.option("--claim-weights", is_flag=True,
+              help="In the --truth-weight loss, every set of claimed attributes (a shape; a colour and a shape; ...) "
+                   "weighs the same, however many descriptions it has.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
 @click.option("--force", is_flag=True, help="Train into a non-empty OUT.")
 def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int, pool: int, negatives: int,
-                     init: str | None, truth_weight: float, null_weight: float, resume: bool, force: bool) -> None:
+                     init: str | None, truth_weight: float, null_weight: float, claim_weights: bool, resume: bool,
+                     force: bool) -> None:
     """Train world-clip on fresh world images (seeds >= 1000) into OUT, from scratch or from --init."""
     from pathlib import Path
 
@@ -303,7 +307,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 
     manifest = world_clip.train_clip(Path(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool,
                                      negatives=negatives, init=init, truth_weight=truth_weight,
-                                     null_weight=null_weight, resume=resume,
+                                     null_weight=null_weight, claim_weights=claim_weights, resume=resume,
                                      progress=err_console.is_terminal)
     zs = manifest["zeroshot"]
     console.print(_zeroshot_table(f"world-clip ({steps} steps): zero-shot on {zs['n']} world images "

@@ -227,14 +227,26 @@ def _caption(attrs: dict[str, str], rng: np.random.Generator) -> str:
     return world.CAPTIONS[rng.integers(len(world.CAPTIONS))].format(**attrs)
 
 
+def claim_weights_of(claims: list[tuple[tuple[str, str], ...]]) -> torch.Tensor:
+    """One weight per phrase such that every set of claimed attributes (shape; colour; colour and
+    shape; ...) weighs the same in :func:`truth_loss` however many phrases it has: mean 1."""
+    import collections
+
+    keys = [tuple(a for a, _ in c) for c in claims]
+    count = collections.Counter(keys)
+    w = torch.tensor([1.0 / count[k] for k in keys])
+    return w * len(w) / w.sum()
+
+
 def truth_loss(img: torch.Tensor, phrases: torch.Tensor, truth: torch.Tensor, null: torch.Tensor | None,
-               bias: torch.Tensor, scale: float = TRUTH_SCALE) -> torch.Tensor:
+               bias: torch.Tensor, scale: float = TRUTH_SCALE, weights: torch.Tensor | None = None) -> torch.Tensor:
     """What a concept list asks of a CLIP: each short description scores above ``bias`` on the
     images it is true of and below it on the others (a per-pair logistic loss, as SigLIP's, on
     ``scale * (cos - bias)``), and a word that names nothing of the world (``null``) scores below it
-    on every image. Embeddings L2-normalised; ``truth`` (images x phrases) in {0, 1}."""
+    on every image. Embeddings L2-normalised; ``truth`` (images x phrases) in {0, 1}; ``weights``
+    (one per phrase, mean 1; None: all 1) weigh the phrases' pairs."""
     logits = scale * (img @ phrases.T - bias)
-    loss = F.binary_cross_entropy_with_logits(logits, truth)
+    loss = F.binary_cross_entropy_with_logits(logits, truth, weight=None if weights is None else weights[None, :])
     if null is not None:
         loss = loss + F.binary_cross_entropy_with_logits(scale * (img @ null.T - bias), torch.zeros(len(img), len(null)))
     return loss
@@ -249,8 +261,8 @@ def null_uniformity(img: torch.Tensor, null: torch.Tensor, scale: float = TRUTH_
 
 def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
                pool: int = 20_000, aux_weight: float = 1.0, negatives: int = 0, init: Path | str | None = None,
-               truth_weight: float = 0.0, null_weight: float = 0.0, resume: bool = False,
-               progress: bool = True, save_every: int = 200) -> dict:
+               truth_weight: float = 0.0, null_weight: float = 0.0, claim_weights: bool = False,
+               resume: bool = False, progress: bool = True, save_every: int = 200) -> dict:
     """Train world-clip into ``out``, from scratch or from the weights ``init``; resumable from
     ``out/train_state.pt`` (written every ``save_every`` steps and at the end).
 
@@ -258,8 +270,8 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     flipped at random); each step draws a batch and a new caption template per image, and
     ``negatives`` words of :func:`negative_vocabulary` as extra image-to-text negatives. With
     ``truth_weight`` > 0, :func:`truth_loss` on every phrase of :func:`phrase_bank` (and the
-    step's negative words as null words); with ``null_weight`` > 0, :func:`null_uniformity` of
-    those words.
+    step's negative words as null words; ``claim_weights``: each set of claimed attributes weighs the
+    same, :func:`claim_weights_of`); with ``null_weight`` > 0, :func:`null_uniformity` of those words.
     """
     import open_clip
 
@@ -275,6 +287,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
     vocab = negative_vocabulary() if negatives > 0 else []
     bank, claims = phrase_bank()
     bank_tokens = tokenizer(bank) if truth_weight > 0 else None
+    bank_weights = claim_weights_of(claims) if claim_weights else None
     bias = torch.nn.Parameter(torch.tensor(0.2))  # the truth threshold on the cosine (training only)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1)
     opt.add_param_group({"params": [bias], "weight_decay": 0.0})
@@ -325,7 +338,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
             if bank_tokens is not None:
                 phrases = F.normalize(model.encode_text(bank_tokens), dim=-1)
                 extra = extra + truth_weight * truth_loss(img, phrases, phrase_truth(claims, [attrs[i] for i in idx]),
-                                                          neg, bias)
+                                                          neg, bias, weights=bank_weights)
             if null_weight > 0 and neg is not None:
                 extra = extra + null_weight * null_uniformity(img, neg)
             aux = 0.0
@@ -352,6 +365,7 @@ def train_clip(out: Path, steps: int = 1800, batch_size: int = 128, lr: float = 
                                           "pool": pool, "train_world_seed": TRAIN_SEED, "aux_weight": aux_weight,
                                           "negatives": negatives, "negative_vocabulary": len(vocab),
                                           "truth_weight": truth_weight, "null_weight": null_weight,
+                                          "claim_weights": claim_weights,
                                           "heldout_words": len(heldout_vocabulary()) if vocab else 0,
                                           "truth_bias": round(float(bias.detach()), 4),
                                           "init_sha256": init_sha,

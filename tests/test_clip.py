@@ -313,3 +313,71 @@ def test_text_embeddings_resume_from_their_finished_chunks(clip, monkeypatch) ->
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(inner(clip.tokenizer(texts)).float(), dim=-1).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# --- the truth stage ------------------------------------------------------------------------------
+
+def test_claim_weights_give_every_claimed_attribute_set_the_same_weight() -> None:
+    claims = [(("shape", "circle"),), (("shape", "square"),), (("color", "red"),),
+              (("color", "red"), ("shape", "circle")), (("color", "red"), ("shape", "square")),
+              (("color", "blue"), ("shape", "circle")), (("color", "blue"), ("shape", "square"))]
+    w = world_clip.claim_weights_of(claims).numpy().astype(np.float64)
+    # by hand: 3 sets (shape: 2 phrases, color: 1, color+shape: 4), each 1/3 of the total 7
+    expected = np.array([7 / 3 / 2] * 2 + [7 / 3] + [7 / 3 / 4] * 4)
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    assert abs(w.mean() - 1) < 1e-6
+
+
+def test_truth_loss_matches_a_float64_transcription() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    phrases = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    null = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    truth = (torch.rand(5, 4, generator=g) > 0.5).float()
+    bias, scale, w = torch.tensor(0.2), 10.0, torch.tensor([0.5, 1.5, 1.0, 1.0])
+    got = float(world_clip.truth_loss(img, phrases, truth, null, bias, scale, weights=w))
+
+    def bce(z: np.ndarray, y: np.ndarray) -> np.ndarray:  # -y log s(z) - (1 - y) log(1 - s(z))
+        s = 1 / (1 + np.exp(-z))
+        return -(y * np.log(s) + (1 - y) * np.log(1 - s))
+
+    I, Ph, N = (t.double().numpy() for t in (img, phrases, null))
+    z = scale * (I @ Ph.T - 0.2)
+    want = (bce(z, truth.double().numpy()) * w.double().numpy()[None, :]).mean() \
+        + bce(scale * (I @ N.T - 0.2), np.zeros((5, 3))).mean()
+    assert abs(got - want) < 1e-5
+
+
+def test_truth_threshold_is_the_manifest_of_those_very_weights(ckpts, tmp_path) -> None:
+    import shutil
+
+    w = tmp_path / "world-clip.safetensors"
+    shutil.copy(ckpts[0], w)
+    spec = f"world-clip:{w}"
+    assert clip_backend.truth_threshold(spec) is None  # no manifest beside it
+    manifest = {"sha256": hashlib.sha256(w.read_bytes()).hexdigest(), "training": {"truth_bias": 0.31}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert clip_backend.truth_threshold(spec) == 0.31
+    assert clip_backend.load_clip(spec).truth_threshold == 0.31
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "sha256": "0" * 64}))
+    assert clip_backend.truth_threshold(spec) is None  # a manifest of other weights is not used
+    assert clip_backend.truth_threshold(f"ViT-B-32:{w}") is None
+
+
+def test_shipped_world_clip_holds_world_words_where_true_and_unseen_words_nowhere() -> None:
+    """Over 300 world images: each attribute value's bare word ("red", "star", "noisy") scores
+    above the truth threshold on most images that have the value and on almost none of the others;
+    500 non-world words the CLIP never saw in training score below it on almost every image."""
+    clip = clip_backend.load_clip()
+    th = clip.truth_threshold
+    images, attrs = world.render_batch(world_clip.EVAL_SEED, 0, 300)
+    words = [v for a in world.ATTRIBUTES for v in world.ATTRIBUTES[a]]
+    T = clip_backend.similarity_matrix(clip, list(images), words, progress=False) > th
+    recall, fpr = {}, {}
+    for j, w in enumerate(words):
+        has = np.array([w in a.values() for a in attrs])
+        recall[w], fpr[w] = T[has, j].mean(), T[~has, j].mean()
+    assert np.mean(list(recall.values())) >= 0.85, recall
+    assert max(fpr.values()) <= 0.03, fpr
+    unseen = clip_backend.similarity_matrix(clip, list(images), world_clip.heldout_vocabulary()[:500], progress=False)
+    assert (unseen > th).mean() <= 0.01
