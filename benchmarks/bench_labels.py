@@ -21,16 +21,16 @@ with every LWTA signal and similarity asked, and judged:
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
 import clip_backend
+import common
 import concepts
 import demo
 import dissect
@@ -60,13 +60,13 @@ def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, all
 
 
 def _explanations(model: Any, meta: schema.ModelMeta, layer: str, probe: probes.Probe, n: int,
-                  signal: str) -> list[dict[str, Any]]:
+                  signal: str, summary: str = "auto") -> list[dict[str, Any]]:
     """The winners of ``layer`` and their ``signal`` for ``n`` world images held out of the probe (the
     probe seed's images N, N+1, ...; labels filled in later)."""
     dims = [int(d) for d in next(r for r in record.describe_layers(model, meta) if r["layer"] == layer)["shape"].split("x")]
     K = dims[1] if len(dims) == 4 else dims[-1]  # a conv map's channels, else the last axis
-    stub = schema.Labels(schema.Provenance(model_hash=models.model_hash(model), summary="auto"),
-                         {layer: schema.LayerInfo(K=K, summary="auto", signal=signal)}, [])
+    stub = schema.Labels(schema.Provenance(model_hash=models.model_hash(model), summary=summary),
+                         {layer: schema.LayerInfo(K=K, summary=summary, signal=signal)}, [])
     return [explain.explain_image(model, meta, stub, layer, f"world:{probe.world_seed}:{probe.n + i}", samples=4,
                                   sort="activation")
             for i in range(n)]
@@ -88,9 +88,16 @@ def _precision(exs: list[dict[str, Any]], rows: list[schema.Neuron], attrs: list
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
 
 
+def activation_layers(model: Any) -> list[str]:
+    """Every LWTA module of a CVN, or every GELU / ReLU module of a twin (the same paths)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (lwta.LWTABase, torch.nn.GELU, torch.nn.ReLU))]
+
+
 def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], signals: list[str],
-        similarities: list[str], n_explain: int, gallery_share: float) -> list[dict[str, Any]]:
-    clip = clip_backend.load_clip()
+        similarities: list[str], n_explain: int, gallery_share: float,
+        all_layers: bool = False, summary: str = "auto", clip_spec: str = clip_backend.DEFAULT) -> list[dict[str, Any]]:
+    clip = clip_backend.load_clip(clip_spec)
     check = gallery_share > 0 and clip.truth_threshold is not None
     by_name = {m.name: m for m in demo.demo_models()}
     rows = []
@@ -103,36 +110,49 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
         for name, spec in specs.items():
             model, meta = models.load_model(spec)
             hidden, output = by_name[name].layers if name in by_name else (
-                list(lwta.lwta_modules(model))[-1], dissect.output_layer(model))
+                activation_layers(model)[-1], dissect.output_layer(model))
+            hiddens = activation_layers(model) if all_layers else [hidden]
             competitive = bool(lwta.lwta_modules(model))
             for signal in (signals if competitive else ["output"]):
                 sig = signal if competitive else "pi"  # a plain layer records its output whatever is asked
-                exs = _explanations(model, meta, hidden, probe, n_explain, sig) if n_explain else []
                 cache = record.activation_cache(models.model_hash(model), probe, signal=sig, mode="sample", seed=0)
-                paths = record.record_layers(model, meta, [hidden, output], probe, cache, signal=sig, progress=False)
-                Ah, _ = record.read_activations(paths[hidden])
+                paths = record.record_layers(model, meta, [*hiddens, output], probe, cache, signal=sig, progress=False,
+                                             summary={h: summary for h in hiddens})
                 Ao, _ = record.read_activations(paths[output])
-                top = dk.top_images(Ah, dissect.TOP_IMAGES)
-                for cset in concept_sets:
-                    words = concepts.load_concepts(cset)
-                    allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
-                    for sim in similarities:
-                        nh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
-                                     record.read_wins(paths[hidden]), clip.truth_threshold)
-                        lh = [r.description for r in nh]
-                        lo = [r.description for r in _labels(Ao, Ps[cset], words,
-                                                             dissect.layer_similarity(sim, output, output))]
-                        ti = evaluate.top_image_metrics(top, lh, values, Y)
-                        wm = evaluate.world_metrics(Ah, lh, values, Y)
-                        rows.append({
-                            "probe": probe_spec, "concepts": cset, "model": name, "signal": signal, "similarity": sim,
-                            "gallery": gallery_share if check else 0.0,
-                            "final_accuracy": evaluate.final_layer_metrics(lo, meta.classes)["accuracy_percent"],
-                            "selective": ti["selective"], "named_right": ti["right_percent"],
-                            "names_world": ti["world_percent"], "auroc_selective": wm["selective"],
-                            "hidden_accuracy": wm["hidden_accuracy_percent"],
-                            **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
-                               for s in ("activation", "confidence")}})
+                for hidden in hiddens:
+                    rows += _layer_rows(model, meta, probe, probe_spec, name, signal, sig, hidden, output, paths, Ao,
+                                        Ps, concept_sets, similarities, n_explain, check, gallery_share, clip,
+                                        values, Y, attrs, summary)
+    return rows
+
+
+def _layer_rows(model, meta, probe, probe_spec, name, signal, sig, hidden, output, paths, Ao, Ps, concept_sets,
+                similarities, n_explain, check, gallery_share, clip, values, Y, attrs,
+                summary) -> list[dict[str, Any]]:
+    """The table's rows of one hidden layer of one model, probe and signal (every concept set and similarity)."""
+    rows = []
+    exs = _explanations(model, meta, hidden, probe, n_explain, sig, summary) if n_explain else []
+    Ah, _ = record.read_activations(paths[hidden])
+    top = dk.top_images(Ah, dissect.TOP_IMAGES)
+    for cset in concept_sets:
+        words = concepts.load_concepts(cset)
+        allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
+        for sim in similarities:
+            nh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
+                         record.read_wins(paths[hidden]), clip.truth_threshold)
+            lh = [r.description for r in nh]
+            lo = [r.description for r in _labels(Ao, Ps[cset], words, dissect.layer_similarity(sim, output, output))]
+            ti = evaluate.top_image_metrics(top, lh, values, Y)
+            wm = evaluate.world_metrics(Ah, lh, values, Y)
+            rows.append({
+                "probe": probe_spec, "concepts": cset, "model": name, "layer": hidden, "summary": summary, "signal": signal,
+                "similarity": sim, "gallery": gallery_share if check else 0.0,
+                "final_accuracy": evaluate.final_layer_metrics(lo, meta.classes)["accuracy_percent"],
+                "selective": ti["selective"], "named_right": ti["right_percent"],
+                "names_world": ti["world_percent"], "auroc_selective": wm["selective"],
+                "hidden_accuracy": wm["hidden_accuracy_percent"],
+                **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
+                   for s in ("activation", "confidence")}})
     return rows
 
 
@@ -140,7 +160,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("signal", "signal"),
+COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("layer", "layer"), ("summary", "summary"), ("signal", "signal"),
            ("similarity", "similarity"), ("gallery", "gallery share"), ("final_accuracy", "final-layer acc. %"), ("selective", "selective"),
            ("named_right", "named right %"), ("names_world", "names the world %"),
            ("auroc_selective", "AUROC selective"), ("hidden_accuracy", "AUROC hidden acc. %"),
@@ -163,10 +183,15 @@ def _cell(row: dict[str, Any], key: str) -> str:
               help="Held-out images explained for the explanation precision (0: skip).")
 @click.option("--gallery-share", type=float, default=dissect.GALLERY_SHARE, show_default=True,
               help="dissect's gallery check of hidden-layer labels (0: off).")
+@click.option("--all-layers", is_flag=True, help="Every LWTA / activation layer, not only the demo's hidden layer.")
+@click.option("--summary", type=click.Choice(record.SUMMARIES), default="auto", show_default=True,
+              help="How the hidden layers are summarised per image (record.summarise).")
+@click.option("--clip", "clip_spec", default=clip_backend.DEFAULT, show_default=True,
+              help="world-clip, or world-clip:/path/to/weights of a world-clip trained with world train-clip.")
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the table as Markdown.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
 def main(models: str | None, probes: str, concept_sets: str, signals: str, similarities: str, n_explain: int,
-         gallery_share: float, markdown: str | None, json_out: str | None) -> None:
+         gallery_share: float, all_layers: bool, summary: str, clip_spec: str, markdown: str | None, json_out: str | None) -> None:
     specs = dict(kv.split("=", 1) for kv in models.split(",")) if models else \
         {m.name: str(m.shipped) for m in demo.demo_models()}
     sims = [s for s in similarities.split(",") if s]
@@ -174,7 +199,8 @@ def main(models: str | None, probes: str, concept_sets: str, signals: str, simil
     if bad:
         raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {', '.join(dissect.SIMILARITY_NAMES)}",
                                  param_hint="--similarities")
-    rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, gallery_share)
+    rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, gallery_share, all_layers, summary,
+               clip_spec)
     table = Table(title="Labels against the world's ground truth")
     for _, title in COLUMNS:
         table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective") else "left")
@@ -184,9 +210,9 @@ def main(models: str | None, probes: str, concept_sets: str, signals: str, simil
     if markdown:
         lines = ["| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
         lines += ["| " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + " |" for r in rows]
-        Path(markdown).write_text("\n".join(lines) + "\n")
+        common.write_text_atomic(markdown, "\n".join(lines) + "\n")
     if json_out:
-        Path(json_out).write_text(json.dumps(rows, indent=1) + "\n")
+        common.write_json_atomic(json_out, rows)
 
 
 if __name__ == "__main__":
