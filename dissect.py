@@ -182,12 +182,13 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
 
 def add_simulation(rows: list[Neuron], sim: dict[str, np.ndarray], concepts: list[str]) -> dict[str, Any]:
     """Put each live neuron's simulation scores (:func:`simulate.held_out_scores`) in its row as
-    ``simulation`` (the label chosen on the choosing half, corr, auprc, p, precision; None for a dead one) and
+    ``simulation`` (the label chosen on the choosing half, corr, auprc, p, precision, corr_truth; None for a
+    dead one) and
     return the layer's :func:`simulate.summary` over the live neurons."""
     live = np.array([not r.dead for r in rows])
     for k, r in enumerate(rows):
         val = {key: float(sim[key][k]) if np.isfinite(sim[key][k]) else None
-               for key in ("corr", "auprc", "p", "precision")}
+               for key in simulate.SCORES}
         r.simulation = None if r.dead else Simulation(concepts[int(sim["label"][k])], **val)
     return simulate.summary({key: np.where(live, v, np.nan) if key != "label" else v for key, v in sim.items()})
 
@@ -236,8 +237,8 @@ def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) ->
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["layer", "unit", "description", "similarity", "block", "competitor", "active_rate",
-                "interpretable", "signal", "top_images", "simulation_label", "simulation_corr", "simulation_auprc",
-                "simulation_p", "simulation_precision"])
+                "interpretable", "signal", "top_images", "simulation_label",
+                *(f"simulation_{key}" for key in simulate.SCORES)])
 
     def sim(r: Neuron, key: str) -> str:
         v = None if r.simulation is None else getattr(r.simulation, key)
@@ -248,7 +249,7 @@ def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) ->
                     "" if r.block is None else r.block, "" if r.competitor is None else r.competitor,
                     f"{r.active_rate:.6g}", "" if r.interpretable is None else int(r.interpretable), signals.get(r.layer, ""),
                     ";".join(probe_names[i] for i in r.top_images),
-                    *(sim(r, key) for key in ("label", "corr", "auprc", "p", "precision"))])
+                    *(sim(r, key) for key in ("label", *simulate.SCORES))])
     return buf.getvalue()
 
 

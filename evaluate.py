@@ -484,7 +484,7 @@ class LabelsRun:
             def get(key: str) -> np.ndarray:
                 return np.array([getattr(n.simulation, key) if n.simulation and not n.dead else None
                                  for n in neurons], dtype=np.float64)
-            return {"corr": get("corr"), "auprc": get("auprc"), "p": get("p"), "precision": get("precision"),
+            return {**{key: get(key) for key in simulate.SCORES},
                     "label": [n.simulation.label if n.simulation else "" for n in neurons]}
         import concepts
         import dissect
@@ -497,7 +497,7 @@ class LabelsRun:
                                        threshold=self.prov.truth_threshold)
         words = concepts.load_concepts(self.prov.concepts)
         dead = np.array([n.dead for n in neurons])
-        return {**{key: np.where(dead, np.nan, sim[key]) for key in ("corr", "auprc", "p", "precision")},
+        return {**{key: np.where(dead, np.nan, sim[key]) for key in simulate.SCORES},
                 "label": ["" if d else words[int(m)] for d, m in zip(dead, sim["label"])]}
 
     def localisation(self, layer: str, n: int) -> dict[str, Any] | None:
@@ -569,33 +569,47 @@ class LabelsRun:
         return record.read_activations(paths[layer])
 
 
-def simulation_figures(sim: dict[str, Any], top_images: dict[str, Any] | None,
-                       labels: Sequence[str] | None = None) -> dict[str, Any]:
+def held_out_judgement(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]], Y: np.ndarray,
+                       seed: int | None = None) -> dict[str, Any]:
+    """:func:`top_image_metrics` of the labels the simulation scored (``labels``: chosen on the
+    choosing half of the probe) against each unit's top images among the *scoring* half
+    (``simulate.probe_split``): whether each label is right on the very images it was scored on."""
+    import dissect
+    import dissect_kernels
+    import simulate
+
+    _, sc = simulate.probe_split(A.shape[0], simulate.SPLIT_SEED if seed is None else seed)
+    top = dissect_kernels.top_images(np.ascontiguousarray(A[sc], np.float32), dissect.TOP_IMAGES)
+    return top_image_metrics(top, labels, values, np.asarray(Y)[sc])
+
+
+def simulation_figures(sim: dict[str, Any], judged: dict[str, Any] | None = None) -> dict[str, Any]:
     """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores with the
-    label each was scored with; on the world, how well each score tells right labels from wrong
-    ones among the selective units whose held-out label is their label: ``right_auroc`` (the
-    correlation's AUROC for "the label is right", with the mean correlation of right and wrong
-    labels) and ``right_auroc_precision`` (the held-out precision's; None without one)."""
+    label each was scored with; on the world (``judged``: :func:`held_out_judgement` of those
+    labels), how well each score tells right labels from wrong ones among the units selective on
+    the scoring half: ``right_auroc`` (the correlation's AUROC for "the label is right", with the
+    mean correlation of right and wrong labels), ``right_auroc_truth`` and ``right_auroc_precision``
+    (the truth correlation's and the held-out precision's; None without them)."""
     import simulate
 
     out: dict[str, Any] = {**simulate.summary(sim),
-                           "per_neuron": {**{k: np.asarray(sim[k]).tolist() for k in ("corr", "auprc", "p", "precision")
+                           "per_neuron": {**{k: np.asarray(sim[k], np.float64).tolist() for k in simulate.SCORES
                                              if k in sim},
                                           "label": list(sim.get("label") or [])},
                            "right_auroc": None, "corr_right": None, "corr_wrong": None,
-                           "right_auroc_precision": None}
-    scored = sim.get("label")
-    units = [u for u in (top_images or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])
-             and (not scored or labels is None or scored[u["unit"]] == labels[u["unit"]])]
+                           "right_auroc_truth": None, "right_auroc_precision": None, "judged": None}
+    units = [u for u in (judged or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])]
     right = [bool(u["right"]) for u in units]
-    corr = [float(sim["corr"][u["unit"]]) for u in units]
+    out["judged"] = {"units": len(units), "right": sum(right)} if judged else None
     if any(right) and not all(right):
+        corr = [float(sim["corr"][u["unit"]]) for u in units]
         out["right_auroc"] = auroc(corr, right)
         out["corr_right"] = float(np.mean([c for c, ok in zip(corr, right) if ok]))
         out["corr_wrong"] = float(np.mean([c for c, ok in zip(corr, right) if not ok]))
-        precision = np.asarray(sim.get("precision", []), np.float64)
-        if precision.size and all(np.isfinite(precision[u["unit"]]) for u in units):
-            out["right_auroc_precision"] = auroc([float(precision[u["unit"]]) for u in units], right)
+        for key, name in (("corr_truth", "right_auroc_truth"), ("precision", "right_auroc_precision")):
+            v = np.asarray(sim.get(key, []), np.float64)
+            if v.size and all(np.isfinite(v[u["unit"]]) for u in units):
+                out[name] = auroc([float(v[u["unit"]]) for u in units], right)
     return out
 
 
@@ -672,7 +686,10 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
                 row["notes"].append("the world generator's version changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
         try:
-            row["simulation"] = simulation_figures(run.simulation(layer, A, neurons), row.get("top_images"), labels)
+            sim = run.simulation(layer, A, neurons)
+            judged = held_out_judgement(A, sim["label"], world_gt[0], world_gt[1]) \
+                if world_gt is not None and world_gt[1].shape[0] == A.shape[0] else None
+            row["simulation"] = simulation_figures(sim, judged)
         except DiscoverError as e:
             row["notes"].append(f"simulation scores left out: {e}")
         if U and run.model_or_none() is not None and lwta_layer(run, layer):

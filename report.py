@@ -282,11 +282,11 @@ def _eval_rows(evaluation: dict[str, Any] | None, sources: list[Source]) -> list
 
 
 def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A card per neuron: its label record, top images and simulation correlation and precision (the
-    dissection's own with ``--score``, else the evaluation's)."""
+    """A card per neuron: its label record, top images and simulation correlation, truth correlation
+    and precision (the dissection's own with ``--score``, else the evaluation's)."""
     per_neuron = ((row or {}).get("simulation") or {}).get("per_neuron") or {}
     corr, scored = per_neuron.get("corr") or [], per_neuron.get("label") or []
-    precision = per_neuron.get("precision") or []
+    precision, truth = per_neuron.get("precision") or [], per_neuron.get("corr_truth") or []
     loc = (row or {}).get("localisation") or {}
     ious = loc.get("iou_win") or loc.get("iou_top") or []  # where a CVN unit wins; else its top 0.5 %
     cards = []
@@ -295,8 +295,10 @@ def _neuron_cards(src: Source, layer: str, thumbs: Thumbnails, row: dict[str, An
         sim = own.corr if own else (corr[k] if k < len(corr) else None)
         label = own.label if own else (scored[k] if k < len(scored) else None)
         prec = own.precision if own else (precision[k] if k < len(precision) else None)
+        tr = own.corr_truth if own else (truth[k] if k < len(truth) else None)
         cards.append(dict(n.to_dict(), sim_corr=sim, sim_label=label if label and label != n.description else None,
                           sim_precision=prec if prec is not None and math.isfinite(prec) else None,
+                          sim_truth=tr if tr is not None and math.isfinite(tr) else None,
                           iou=ious[k] if k < len(ious) else None,
                           images=[thumbs.probe_image(src.labels, i) for i in n.top_images[:GALLERY]]))
     return cards
@@ -319,7 +321,7 @@ def _explanation(src: Source, j: int, e: dict[str, Any], thumbs: Thumbnails) -> 
                 layer_page=_layer_page(src, e["layer"]))
 
 
-SITE_FORMAT = 2  # bump when the pages a report writes change for the same inputs
+SITE_FORMAT = 3  # bump when the pages a report writes change for the same inputs
 
 
 def _inputs_digest(root: Path, sources: list[Source]) -> str:

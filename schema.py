@@ -56,13 +56,14 @@ class _Record:
 @dataclass
 class Simulation(_Record):
     """A neuron's held-out simulation scores (simulate.py): the label chosen on the choosing half of
-    the probe, and its Pearson correlation, AUPRC, permutation p and precision (None without a CLIP
-    truth threshold) on the scoring half."""
+    the probe, and its Pearson correlation, AUPRC, permutation p, precision and truth correlation
+    (the last two None without a CLIP truth threshold) on the scoring half."""
     label: str = ""
     corr: float | None = None
     auprc: float | None = None
     p: float | None = None
     precision: float | None = None
+    corr_truth: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

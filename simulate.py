@@ -14,7 +14,10 @@ similarity, same gallery check), and scored on the other:
   least as well as its own, its own included;
 - ``precision`` (a CLIP with a truth threshold, e.g. world-clip): the share of the neuron's top
   :data:`TOP_SHARE` of the held-out images on which the CLIP holds its label true (cosine above the
-  threshold): a gallery of images the label was not chosen on, judged by the simulator.
+  threshold): a gallery of images the label was not chosen on, judged by the simulator;
+- ``corr_truth`` (the same CLIPs): the Pearson correlation of ``A[:, k]`` with the CLIP's verdict
+  on the label, 1 where it holds the label true of the image and 0 where not: a simulator that
+  says whether the concept is there rather than how much the image looks like its words.
 
 Without ground truth, a layer's mean correlation and the share of neurons with ``p < 0.05`` say how
 far its labels can be trusted. ``sanity`` runs the "missing labels" / "extra labels" tests of the
@@ -32,6 +35,7 @@ from common import DiscoverError
 SPLIT_SEED = 0  # the seed of the choose / score split of the probe
 TOP_SHARE = 0.05  # auprc: the neuron's top 5 % of the held-out images are the positives
 P_VALUE = 0.05
+SCORES = ("corr", "auprc", "p", "precision", "corr_truth")  # the per-neuron scores of held_out_scores
 
 
 def probe_split(n: int, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -123,29 +127,35 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
     similarities, ``choose(A_part, P_part)`` the label rule (the concept index per neuron, as
     ``dissect`` picks it). Labels are chosen on one half of the probe and scored on the other.
     A neuron constant on the choosing half (it never fired there) has no label to score: NaN.
-    Returns ``label`` (K concept indices), ``corr``, ``auprc``, ``p`` and ``precision`` (K each;
-    ``precision`` NaN without the CLIP's truth ``threshold``)."""
+    Returns ``label`` (K concept indices), ``corr``, ``auprc``, ``p``, ``precision`` and
+    ``corr_truth`` (K each; the last two NaN without the CLIP's truth ``threshold``)."""
     ch, sc = probe_split(A.shape[0], seed)
     m = np.asarray(choose(A[ch], P[ch]), np.int64)
     B = P[sc][:, m]
     chose = np.ptp(A[ch], axis=0) > 0
+    none = np.full(A.shape[1], math.nan)
     out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m),
-           "precision": top_precisions(A[sc], B > threshold) if threshold is not None else np.full(A.shape[1], math.nan)}
+           "precision": top_precisions(A[sc], B > threshold) if threshold is not None else none,
+           "corr_truth": correlations(A[sc], (B > threshold).astype(np.float64)) if threshold is not None else none}
     return {"label": m, **{k: np.where(chose, v, math.nan) for k, v in out.items()}}
 
 
 def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
     """A layer's figures: mean and median correlation, mean AUPRC, share with p < 0.05, mean
-    precision (None without one) over the live neurons."""
+    precision and mean truth correlation (None without them) over the live neurons."""
     corr, live = scores["corr"], np.isfinite(scores["corr"])
     if not live.any():
         return {"neurons": 0, "corr_mean": None, "corr_median": None, "auprc_mean": None, "significant_percent": None,
-                "precision_mean": None}
-    precision = np.asarray(scores.get("precision", np.full(len(corr), math.nan)), np.float64)[live]
+                "precision_mean": None, "corr_truth_mean": None}
+
+    def mean_of(key: str) -> float | None:
+        v = np.asarray(scores.get(key, np.full(len(corr), math.nan)), np.float64)[live]
+        return float(np.nanmean(v)) if np.isfinite(v).any() else None
+
     return {"neurons": int(live.sum()), "corr_mean": float(corr[live].mean()), "corr_median": float(np.median(corr[live])),
             "auprc_mean": float(np.nanmean(scores["auprc"][live])),
             "significant_percent": float(100 * np.mean(scores["p"][live] < P_VALUE)),
-            "precision_mean": float(np.nanmean(precision)) if np.isfinite(precision).any() else None}
+            "precision_mean": mean_of("precision"), "corr_truth_mean": mean_of("corr_truth")}
 
 
 def sanity(score: Callable[[np.ndarray, np.ndarray], np.ndarray], A: np.ndarray, C: np.ndarray,

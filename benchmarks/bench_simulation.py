@@ -2,9 +2,12 @@
 
 1. Per model (the demo's four shipped checkpoints) and layer (hidden, output): the mean and median
    held-out correlation, mean AUPRC, share of neurons beating the permutation baseline, mean
-   held-out precision (world-clip holds the label on the neuron's top 5 % of held-out images), and
-   how well the correlation and the precision tell right labels from wrong ones among the selective
-   units (AUROC; the mean correlation of right and of wrong labels).
+   held-out precision (world-clip holds the label on the neuron's top 5 % of held-out images), mean
+   truth correlation (with world-clip's 0/1 verdict on the label), and how well the correlation, the
+   truth correlation and the precision tell right labels from wrong ones among the units selective
+   on the scoring half, each label judged on its top images there (AUROC; the mean correlation of
+   right and of wrong labels). The sanity tests' "corr" column is also the truth correlation's: on
+   a 0/1 concept vector the two are one score.
 2. The sanity tests of "Evaluating Neuron Explanations" (ICML 2025) on each hidden layer: the
    selective units' activations against the ground-truth vector of the attribute value their top
    images share, with half its positives removed ("missing labels") or as many false positives
@@ -43,8 +46,8 @@ def _num(v: float | None) -> str:
 
 def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tuple[str, Path, str]]]:
     t = Table(title=f"simulation scores, probe {probe}, concepts {concepts} (labels chosen on one half, scored on the other)")
-    for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "precision", "right vs wrong AUROC",
-                "corr right / wrong", "precision: right vs wrong AUROC"):
+    for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "precision", "truth corr",
+                "judged right", "right vs wrong AUROC: corr", "corr right / wrong", "truth corr", "precision"):
         t.add_column(col, justify="left" if col in ("model", "layer") else "right")
     dirs = []
     for m in demo.demo_models():
@@ -56,10 +59,13 @@ def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tup
     names = {str(d): n for n, d, _ in dirs}
     for row in res["runs"]:
         s = row["simulation"]
+        j = s.get("judged")
         t.add_row(names[row["labels"]], row["layer"], _num(s["corr_mean"]), _num(s["corr_median"]),
                   _num(s["auprc_mean"]), _pct(s["significant_percent"]),
-                  _pct(None if s.get("precision_mean") is None else 100 * s["precision_mean"]), _num(s["right_auroc"]),
-                  f"{_num(s['corr_right'])} / {_num(s['corr_wrong'])}", _num(s.get("right_auroc_precision")))
+                  _pct(None if s.get("precision_mean") is None else 100 * s["precision_mean"]),
+                  _num(s.get("corr_truth_mean")), f"{j['right']} of {j['units']}" if j else "-", _num(s["right_auroc"]),
+                  f"{_num(s['corr_right'])} / {_num(s['corr_wrong'])}", _num(s.get("right_auroc_truth")),
+                  _num(s.get("right_auroc_precision")))
     return t, dirs
 
 

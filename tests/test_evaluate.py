@@ -252,6 +252,38 @@ def test_top_image_measure_by_hand() -> None:
     assert (dead["selective"], dead["right"], dead["labelled"]) == (4, 2, 5)
 
 
+def test_simulation_judges_each_scored_label_on_the_scoring_halfs_own_top_images() -> None:
+    """held_out_judgement: the labels the simulation scored, judged on each unit's 20 top images
+    among the scoring half only; simulation_figures: the AUROC of each score for "right" over the
+    units selective there (by hand: the right labels score higher)."""
+    import simulate
+
+    n = 80
+    ch, sc = simulate.probe_split(n)
+    Y = np.zeros((n, len(VALUES)), bool)
+    Y[sc[:30], 0] = True  # red: 30 scoring images ...
+    Y[ch, 0] = True  # ... and every choosing image
+    Y[sc[:20], 2] = True  # stars among the scoring red images
+    A = np.zeros((n, 3), np.float32)
+    A[sc[:30], 0] = np.arange(30, 0, -1)  # unit 0 fires on the scoring red images
+    A[sc[:30], 1] = np.arange(30, 0, -1)
+    A[ch, 2] = 1.0  # unit 2 fires on choosing images; on the scoring half, most on images of nothing
+    A[sc[:30], 2] = -1.0
+    A[sc[-1], 2] = 0.5
+    judged = evaluate.held_out_judgement(A, ["red", "red circle", "red"], VALUES, Y)
+    # unit 0: top 20 scoring images red and star -> "red" right; unit 1 the same, "red circle" wrong;
+    # unit 2: its scoring top 20 have no attribute value: not selective there
+    assert [(u["unit"], u["right"]) for u in judged["units"]] == [(0, True), (1, False)]
+    sim = {"corr": np.array([0.9, 0.4, 0.1]), "corr_truth": np.array([0.8, 0.2, 0.0]),
+           "auprc": np.zeros(3), "p": np.zeros(3), "precision": np.array([1.0, 0.0, 0.5]),
+           "label": ["red", "red circle", "red"]}
+    fig = evaluate.simulation_figures(sim, judged)
+    assert fig["right_auroc"] == fig["right_auroc_truth"] == fig["right_auroc_precision"] == 1.0
+    assert fig["corr_right"] == pytest.approx(0.9) and fig["corr_wrong"] == pytest.approx(0.4)
+    assert fig["judged"]["right"] == 1 and fig["per_neuron"]["corr_truth"] == [0.8, 0.2, 0.0]
+    assert evaluate.simulation_figures(sim)["right_auroc"] is None  # no ground truth: nothing judged
+
+
 def test_explanation_precision_by_hand() -> None:
     """Two explained images; a listed concept fits when it names a value of the world and every
     value it names is the image's; only the first `top` rows count."""

@@ -27,7 +27,8 @@ def _labels_json() -> dict:
                 "dead": False, "top_images": [3, 1], "signal_mean": 0.4, "signal_std": 0.2, "description": "red",
                 "similarity": 0.12, "top_concepts": [["red", 0.12], ["blue", 0.01]], "interpretable": True,
                 "gallery_checked": True, "confidence": [[0.1, 0.3], [0.9, 0.8]],
-                "simulation": {"label": "red", "corr": 0.5, "auprc": 0.7, "p": 0.01, "precision": 0.9, "future": 1}},
+                "simulation": {"label": "red", "corr": 0.5, "auprc": 0.7, "p": 0.01, "precision": 0.9,
+                               "corr_truth": 0.6, "future": 1}},
                {"layer": "blocks.3.mlp.act", "unit": 1, "block": 0, "competitor": 1, "active_rate": 0.0,
                 "dead": True, "top_images": [0, 2], "signal_mean": 0.0, "signal_std": 0.0, "description": "",
                 "similarity": None, "top_concepts": [], "interpretable": False, "simulation": None,
@@ -43,7 +44,7 @@ def test_a_labels_file_reads_into_records_and_writes_back_unchanged(tmp_path: Pa
     info = lab.layers["blocks.3.mlp.act"]
     assert (info.K, info.U, info.cutoff, info.cutoff_from) == (2, 2, 0.05, "random copy")
     n0, n1 = lab.neurons_of("blocks.3.mlp.act")
-    assert n0.simulation == schema.Simulation("red", 0.5, 0.7, 0.01, 0.9, {"future": 1})
+    assert n0.simulation == schema.Simulation("red", 0.5, 0.7, 0.01, 0.9, corr_truth=0.6, extra={"future": 1})
     assert n0.top_concepts[0] == ["red", 0.12] and n0.confidence == [[0.1, 0.3], [0.9, 0.8]]
     assert n1.dead and math.isnan(n1.similarity) and n1.simulation is None
     back = json.loads(lab.to_json())

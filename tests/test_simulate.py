@@ -124,3 +124,21 @@ def test_held_out_precision_against_a_loop() -> None:
     C = (rng.random((500, 40)) < 0.2).astype(float)
     r = simulate.sanity(lambda a, c: simulate.top_precisions(a, c > 0), C + 0.3 * rng.normal(size=C.shape), C)
     assert r["missing"] > 0.9 and r["extra"] == 0.0
+
+
+def test_truth_correlation_against_np_corrcoef_of_the_clips_verdict() -> None:
+    """corr_truth: Pearson correlation (np.corrcoef, float64) of the neuron with 1 where the label's
+    similarity is above the truth threshold and 0 where not, over the held-out images; NaN without
+    a threshold."""
+    rng = np.random.default_rng(8)
+    A, P = rng.normal(size=(300, 5)), rng.normal(size=(300, 7))
+    P[:, 6] = A[:, 2] + 0.3 * rng.normal(size=300)
+    labels = np.array([1, 0, 6, 3, 5])
+    got = simulate.held_out_scores(A, P, lambda a, p: labels, threshold=0.4)
+    _, sc = simulate.probe_split(300)
+    for k in range(5):
+        verdict = (P[sc, labels[k]] > 0.4).astype(np.float64)
+        assert got["corr_truth"][k] == pytest.approx(np.corrcoef(A[sc, k], verdict)[0, 1], abs=1e-9)
+    assert got["corr_truth"][2] > 0.6 and abs(got["corr_truth"][0]) < 0.25
+    assert np.isnan(simulate.held_out_scores(A, P, lambda a, p: labels)["corr_truth"]).all()
+    assert simulate.summary(got)["corr_truth_mean"] == pytest.approx(np.mean(got["corr_truth"]))
