@@ -688,7 +688,7 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
         try:
             sim = run.simulation(layer, A, neurons)
             judged = held_out_judgement(A, sim["label"], world_gt[0], world_gt[1]) \
-                if world_gt is not None and world_gt[1].shape[0] == A.shape[0] else None
+                if world_gt is not None and world_gt[1].shape[0] == A.shape[0] and not row["output_layer"] else None
             row["simulation"] = simulation_figures(sim, judged)
         except DiscoverError as e:
             row["notes"].append(f"simulation scores left out: {e}")
