@@ -107,6 +107,8 @@ def truth_threshold(spec: str) -> float | None:
     name, _, path = spec.strip().partition(":")
     if name != world_clip.NAME:
         return None
+    if path and not Path(path).is_file():
+        return None
     manifest = world_clip.MANIFEST if not path else Path(path).with_name(world_clip.MANIFEST.name)
     if not manifest.is_file():
         return None

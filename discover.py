@@ -292,6 +292,8 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
         raise DiscoverError(f"--negatives must be 0 or more, got {negatives}")
     if truth_weight < 0 or null_weight < 0:
         raise DiscoverError("--truth-weight and --null-weight must be 0 or more")
+    if claim_weights and truth_weight == 0:
+        raise DiscoverError("--claim-weights needs --truth-weight > 0 (it weighs the phrases of that loss)")
     if null_weight > 0 and negatives == 0:
         raise DiscoverError("--null-weight needs --negatives N > 0 (the words it makes score every image alike)")
     if init is not None and not Path(init).is_file():
@@ -527,7 +529,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
     res = dissect.dissect(cfg)
     table = Table(title=f"dissected {model} -> {out}")
     cols = ("layer", "neurons", "U", "signal", "similarity", "dead", "cutoff", "interpretable")
-    cols += ("simulation corr (mean)", "p < 0.05") if score else ()
+    cols += ("simulation corr (mean)", "p < 0.05", "truth corr (mean)") if score else ()
     for col in cols:
         table.add_column(col, justify="left" if col == "layer" else "right")
     for layer, info in res["layers"].items():
@@ -535,7 +537,9 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
                  str(info.dead), "n/a" if info.cutoff is None else f"{info.cutoff:.4g}", str(info.interpretable)]
         if score:
             s = info.simulation
-            cells += ["n/a", "n/a"] if s["corr_mean"] is None else [f"{s['corr_mean']:.3f}", f"{s['significant_percent']:.0f}%"]
+            cells += ["n/a"] * 3 if s["corr_mean"] is None else [
+                f"{s['corr_mean']:.3f}", f"{s['significant_percent']:.0f}%",
+                "n/a" if s.get("corr_truth_mean") is None else f"{s['corr_truth_mean']:.3f}"]
         table.add_row(*cells)
     if cutoff is None:
         table.caption = ("interpretable: the label scores above the cutoff, the 95th percentile of the best scores "

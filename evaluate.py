@@ -474,13 +474,16 @@ class LabelsRun:
         return self._P
 
     def simulation(self, layer: str, A: np.ndarray, neurons: list[Neuron]) -> dict[str, Any]:
-        """The layer's simulation scores (simulate.py): the dissection's own (``dissect --score``),
-        else computed here with the dissection's label rule on the labels' probe and concepts.
+        """The layer's simulation scores (simulate.py): the dissection's own (``dissect --score``;
+        not when they predate the truth correlation and the CLIP has a threshold), else computed here with the dissection's label rule on the labels' probe and concepts.
         ``label``: the label each neuron was scored with (chosen on the choosing half; "" if dead)."""
         import simulate
 
         live = [n for n in neurons if not n.dead]
-        if live and all(n.simulation for n in live):
+        stored = live and all(n.simulation for n in live)
+        if stored and self.prov.truth_threshold is not None and all(n.simulation.corr_truth is None for n in live):
+            stored = False  # scored before the truth correlation: score again
+        if stored:
             def get(key: str) -> np.ndarray:
                 return np.array([getattr(n.simulation, key) if n.simulation and not n.dead else None
                                  for n in neurons], dtype=np.float64)
@@ -782,7 +785,7 @@ def table(result: dict[str, Any]):
     has_sim = any(r.get("simulation") for r in runs)
     has_loc = any(r.get("localisation") for r in runs)
     cols += ["expl. prec. (act. / conf.)"] if has_expl else []
-    cols += ["sim. corr", "p < 0.05", "sim. precision"] if has_sim else []
+    cols += ["sim. corr", "p < 0.05", "truth corr", "sim. precision"] if has_sim else []
     cols += ["localises: IoU >= 0.04 / above chance (win; top 0.5 %)"] if has_loc else []
     cols += ["max pi", "4 agree"] if has_cert else []
     for c in cols:
@@ -813,8 +816,9 @@ def table(result: dict[str, Any]):
         if has_sim:
             sm = r.get("simulation")
             cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"]),
+                       "-" if sm.get("corr_truth_mean") is None else f"{sm['corr_truth_mean']:.3f}",
                        "-" if sm.get("precision_mean") is None else _pct(100 * sm["precision_mean"])]
-                      if sm and sm["corr_mean"] is not None else ["-", "-", "-"])
+                      if sm and sm["corr_mean"] is not None else ["-"] * 4)
         if has_loc:
             lo = r.get("localisation")
             def loc(kind: str) -> str:

@@ -17,7 +17,8 @@ similarity, same gallery check), and scored on the other:
   threshold): a gallery of images the label was not chosen on, judged by the simulator;
 - ``corr_truth`` (the same CLIPs): the Pearson correlation of ``A[:, k]`` with the CLIP's verdict
   on the label, 1 where it holds the label true of the image and 0 where not: a simulator that
-  says whether the concept is there rather than how much the image looks like its words.
+  says whether the concept is there rather than how much the image looks like its words (0 when
+  the CLIP holds the label true on all or none of the held-out images).
 
 Without ground truth, a layer's mean correlation and the share of neurons with ``p < 0.05`` say how
 far its labels can be trusted. ``sanity`` runs the "missing labels" / "extra labels" tests of the
@@ -59,6 +60,14 @@ def _standardise(X: np.ndarray) -> np.ndarray:
 def correlations(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """Pearson correlation of each column pair ``A[:, k]``, ``B[:, k]`` (NaN where one is constant)."""
     return (_standardise(A) * _standardise(B)).sum(0)
+
+
+def truth_correlations(A: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Per column k: the Pearson correlation of ``A[:, k]`` with the 0/1 verdict ``T[:, k]``; 0 where
+    the verdict is the same on every row (a label held true everywhere or nowhere explains none of
+    the neuron's variation), NaN where ``A[:, k]`` is constant."""
+    r = correlations(A, np.asarray(T, np.float64))
+    return np.where(np.isnan(r) & (np.ptp(A, axis=0) > 0), 0.0, r)
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -136,7 +145,7 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
     none = np.full(A.shape[1], math.nan)
     out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m),
            "precision": top_precisions(A[sc], B > threshold) if threshold is not None else none,
-           "corr_truth": correlations(A[sc], (B > threshold).astype(np.float64)) if threshold is not None else none}
+           "corr_truth": truth_correlations(A[sc], B > threshold) if threshold is not None else none}
     return {"label": m, **{k: np.where(chose, v, math.nan) for k, v in out.items()}}
 
 

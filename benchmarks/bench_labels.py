@@ -1,8 +1,10 @@
 """The ground-truth table of labels: model x signal x similarity, judged on the world.
 
 For every model (default: the demo's four shipped checkpoints), probe and concept set, the model's
-dissected hidden layer (the demo's: the last LWTA / activation layer) and output layer are labelled
-with every LWTA signal and similarity asked, and judged:
+dissected hidden layer (the demo's: the last LWTA / activation layer; ``--all-layers``: every LWTA /
+GELU / ReLU layer, one row each) and output layer are labelled with every LWTA signal and similarity
+asked (hidden layers summarised per image by ``--summary``; the CLIP: ``--clip``, world-clip or a
+world-clip trained with ``world train-clip``), and judged:
 
 - final-layer accuracy: % of the output neurons labelled exactly with their class name
   (CLIP-Dissect Sec. 4.2);
@@ -18,6 +20,7 @@ with every LWTA signal and similarity asked, and judged:
     python -m benchmarks.bench_labels                                  # the full table (minutes)
     python -m benchmarks.bench_labels --signals pi --similarities auto --probes world:2000:4
     python -m benchmarks.bench_labels --markdown docs/labels_table.md  # also write the table
+    python -m benchmarks.bench_labels --all-layers --signals expected --similarities auto
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def _num(v: float | None) -> str:
 def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tuple[str, Path, str]]]:
     t = Table(title=f"simulation scores, probe {probe}, concepts {concepts} (labels chosen on one half, scored on the other)")
     for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "precision", "truth corr",
-                "judged right", "right vs wrong AUROC: corr", "corr right / wrong", "truth corr", "precision"):
+                "judged right", "right vs wrong AUROC: corr", "corr right / wrong", "AUROC: truth corr",
+                "AUROC: precision"):
         t.add_column(col, justify="left" if col in ("model", "layer") else "right")
     dirs = []
     for m in demo.demo_models():

@@ -205,6 +205,7 @@ def test_cli_zeroshot_json(ckpts) -> None:
     (["train-clip", "--out", "NEW", "--negatives", "-1"], "--negatives must be 0 or more"),
     (["train-clip", "--out", "NEW", "--init", "NEW/none.safetensors"], "no such weights file"),
     (["train-clip", "--out", "NEW", "--init", "CORRUPT"], "cannot be loaded"),
+    (["train-clip", "--out", "NEW", "--claim-weights"], "--claim-weights needs --truth-weight"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path) -> None:
     (tmp_path / "nonempty").mkdir()
@@ -326,6 +327,13 @@ def test_claim_weights_give_every_claimed_attribute_set_the_same_weight() -> Non
     expected = np.array([7 / 3 / 2] * 2 + [7 / 3] + [7 / 3 / 4] * 4)
     np.testing.assert_allclose(w, expected, rtol=1e-6)
     assert abs(w.mean() - 1) < 1e-6
+
+
+def test_train_clip_with_claim_weights_says_so_in_its_manifest(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(world_clip, "zeroshot", lambda *a, **k: {})  # the manifest's 2 000-image score: not tested here
+    manifest = world_clip.train_clip(tmp_path / "cw", steps=1, batch_size=4, lr=1e-12, pool=8, negatives=3,
+                                     truth_weight=1.0, claim_weights=True, progress=False)
+    assert manifest["training"]["claim_weights"] is True and manifest["training"]["truth_weight"] == 1.0
 
 
 def test_truth_loss_matches_a_float64_transcription() -> None:

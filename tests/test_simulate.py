@@ -141,4 +141,6 @@ def test_truth_correlation_against_np_corrcoef_of_the_clips_verdict() -> None:
         assert got["corr_truth"][k] == pytest.approx(np.corrcoef(A[sc, k], verdict)[0, 1], abs=1e-9)
     assert got["corr_truth"][2] > 0.6 and abs(got["corr_truth"][0]) < 0.25
     assert np.isnan(simulate.held_out_scores(A, P, lambda a, p: labels)["corr_truth"]).all()
+    never = simulate.held_out_scores(A, P, lambda a, p: labels, threshold=100.0)  # held true nowhere
+    assert (never["corr_truth"] == 0.0).all() and np.isnan(never["corr"]).sum() == 0
     assert simulate.summary(got)["corr_truth_mean"] == pytest.approx(np.mean(got["corr_truth"]))
