@@ -321,7 +321,7 @@ def _explanation(src: Source, j: int, e: dict[str, Any], thumbs: Thumbnails) -> 
                 layer_page=_layer_page(src, e["layer"]))
 
 
-SITE_FORMAT = 4  # bump when the pages a report writes change for the same inputs
+SITE_FORMAT = 5  # bump when the pages a report writes change for the same inputs
 
 
 def _inputs_digest(root: Path, sources: list[Source]) -> str:

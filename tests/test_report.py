@@ -237,6 +237,14 @@ def test_layer_page_search_sort_and_filter(demo_dir: Path, browser) -> None:
     order = visible()
     by_score = sorted(neurons, key=lambda n: (-(n["similarity"] if n["similarity"] is not None else -1e30), n["unit"]))
     assert order == [n["unit"] for n in by_score]
+    for key, field in (("precision", "precision"), ("truth", "corr_truth")):  # the dissection's --score figures
+        Select(browser.find_element(By.ID, "sort")).select_by_value(key)
+
+        def value(n: dict) -> float:
+            v = (n.get("simulation") or {}).get(field)
+            return -1e30 if v is None else v
+        assert visible() == [n["unit"] for n in sorted(neurons, key=lambda n: (-value(n), n["unit"]))]
+        assert sum(value(n) > -1e30 for n in neurons) > len(neurons) // 2
     # every layer has its cutoff, calibrated on an untrained copy: the filter shows the units above it
     info = lab["layers"][layer]
     assert info["cutoff_from"] == "random copy" and info["interpretable"] == sum(
