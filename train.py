@@ -115,7 +115,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                        cvn_epochs=40),  # a CVN with decisive winners learns more slowly mid-run
     "resnet_world": dict(optimizer="sgd", lr=0.05, lr_scaled=False, weight_decay=1e-4, epochs=24,
                          warmup_epochs=1, schedule="cosine", batch_size=128, crop_scale=0.7, kl_weight=0.0,
-                         fresh=True, label_smoothing=0.0, response_std=2.0),  # CVN: decisive winners
+                         fresh=True, label_smoothing=0.0, response_std=4.0),  # CVN: decisive winners
 }
 
 
