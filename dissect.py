@@ -182,9 +182,8 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
 
 def add_simulation(rows: list[Neuron], sim: dict[str, np.ndarray], concepts: list[str]) -> dict[str, Any]:
     """Put each live neuron's simulation scores (:func:`simulate.held_out_scores`) in its row as
-    ``simulation`` (the label chosen on the choosing half, corr, auprc, p, precision, corr_truth; None for a
-    dead one) and
-    return the layer's :func:`simulate.summary` over the live neurons."""
+    ``simulation`` (the label chosen on the choosing half and its :data:`simulate.SCORES`; None for a
+    dead one) and return the layer's :func:`simulate.summary` over the live neurons."""
     live = np.array([not r.dead for r in rows])
     for k, r in enumerate(rows):
         val = {key: float(sim[key][k]) if np.isfinite(sim[key][k]) else None

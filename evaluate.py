@@ -475,7 +475,8 @@ class LabelsRun:
 
     def simulation(self, layer: str, A: np.ndarray, neurons: list[Neuron]) -> dict[str, Any]:
         """The layer's simulation scores (simulate.py): the dissection's own (``dissect --score``;
-        not when they predate the truth correlation and the CLIP has a threshold), else computed here with the dissection's label rule on the labels' probe and concepts.
+        not when they predate the truth correlation and the CLIP has a threshold), else computed
+        here with the dissection's label rule on the labels' probe and concepts.
         ``label``: the label each neuron was scored with (chosen on the choosing half; "" if dead)."""
         import simulate
 
@@ -572,8 +573,8 @@ class LabelsRun:
         return record.read_activations(paths[layer])
 
 
-def held_out_judgement(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]], Y: np.ndarray,
-                       seed: int | None = None) -> dict[str, Any]:
+def held_out_judgement(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]],
+                       Y: np.ndarray) -> dict[str, Any]:
     """:func:`top_image_metrics` of the labels the simulation scored (``labels``: chosen on the
     choosing half of the probe) against each unit's top images among the *scoring* half
     (``simulate.probe_split``): whether each label is right on the very images it was scored on."""
@@ -581,7 +582,7 @@ def held_out_judgement(A: np.ndarray, labels: Sequence[str], values: list[tuple[
     import dissect_kernels
     import simulate
 
-    _, sc = simulate.probe_split(A.shape[0], simulate.SPLIT_SEED if seed is None else seed)
+    _, sc = simulate.probe_split(A.shape[0])
     top = dissect_kernels.top_images(np.ascontiguousarray(A[sc], np.float32), dissect.TOP_IMAGES)
     return top_image_metrics(top, labels, values, np.asarray(Y)[sc])
 

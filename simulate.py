@@ -142,10 +142,11 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
     m = np.asarray(choose(A[ch], P[ch]), np.int64)
     B = P[sc][:, m]
     chose = np.ptp(A[ch], axis=0) > 0
-    none = np.full(A.shape[1], math.nan)
     out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m),
-           "precision": top_precisions(A[sc], B > threshold) if threshold is not None else none,
-           "corr_truth": truth_correlations(A[sc], B > threshold) if threshold is not None else none}
+           "precision": np.full(A.shape[1], math.nan), "corr_truth": np.full(A.shape[1], math.nan)}
+    if threshold is not None:
+        held = B > threshold  # the CLIP's verdict on each held-out image and label
+        out.update(precision=top_precisions(A[sc], held), corr_truth=truth_correlations(A[sc], held))
     return {"label": m, **{k: np.where(chose, v, math.nan) for k, v in out.items()}}
 
 

@@ -24,6 +24,7 @@ world-clip trained with ``world train-clip``), and judged:
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import click
@@ -103,13 +104,14 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
     clip = clip_backend.load_clip(clip_spec)
     check = gallery_share > 0 and clip.truth_threshold is not None
     by_name = {m.name: m for m in demo.demo_models()}
+    words = {c: concepts.load_concepts(c) for c in concept_sets}
+    runs = list(itertools.product(concept_sets, similarities))
     rows = []
     for probe_spec in probe_specs:
         probe = probes.load_probe(probe_spec)
         values, Y, _ = evaluate.world_attributes(probe_spec)
         _, attrs = world.render_batch(probe.world_seed, probe.n, n_explain, size=16)
-        Ps = {c: clip_backend.similarity_matrix(clip, probe, concepts.load_concepts(c), progress=False)
-              for c in concept_sets}
+        Ps = {c: clip_backend.similarity_matrix(clip, probe, words[c], progress=False) for c in concept_sets}
         for name, spec in specs.items():
             model, meta = models.load_model(spec)
             hidden, output = by_name[name].layers if name in by_name else (
@@ -122,40 +124,29 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                 paths = record.record_layers(model, meta, [*hiddens, output], probe, cache, signal=sig, progress=False,
                                              summary={h: summary for h in hiddens})
                 Ao, _ = record.read_activations(paths[output])
+                final = {(c, sim): evaluate.final_layer_metrics(
+                    [r.description for r in _labels(Ao, Ps[c], words[c], dissect.layer_similarity(sim, output, output))],
+                    meta.classes)["accuracy_percent"] for c, sim in runs}
                 for hidden in hiddens:
-                    rows += _layer_rows(model, meta, probe, probe_spec, name, signal, sig, hidden, output, paths, Ao,
-                                        Ps, concept_sets, similarities, n_explain, check, gallery_share, clip,
-                                        values, Y, attrs, summary)
-    return rows
-
-
-def _layer_rows(model, meta, probe, probe_spec, name, signal, sig, hidden, output, paths, Ao, Ps, concept_sets,
-                similarities, n_explain, check, gallery_share, clip, values, Y, attrs,
-                summary) -> list[dict[str, Any]]:
-    """The table's rows of one hidden layer of one model, probe and signal (every concept set and similarity)."""
-    rows = []
-    exs = _explanations(model, meta, hidden, probe, n_explain, sig, summary) if n_explain else []
-    Ah, _ = record.read_activations(paths[hidden])
-    top = dk.top_images(Ah, dissect.TOP_IMAGES)
-    for cset in concept_sets:
-        words = concepts.load_concepts(cset)
-        allowed = dissect.gallery_mask(Ps[cset], top, clip.truth_threshold, gallery_share) if check else None
-        for sim in similarities:
-            nh = _labels(Ah, Ps[cset], words, dissect.layer_similarity(sim, hidden, output), allowed, top,
-                         record.read_wins(paths[hidden]), clip.truth_threshold)
-            lh = [r.description for r in nh]
-            lo = [r.description for r in _labels(Ao, Ps[cset], words, dissect.layer_similarity(sim, output, output))]
-            ti = evaluate.top_image_metrics(top, lh, values, Y)
-            wm = evaluate.world_metrics(Ah, lh, values, Y)
-            rows.append({
-                "probe": probe_spec, "concepts": cset, "model": name, "layer": hidden, "summary": summary, "signal": signal,
-                "similarity": sim, "gallery": gallery_share if check else 0.0,
-                "final_accuracy": evaluate.final_layer_metrics(lo, meta.classes)["accuracy_percent"],
-                "selective": ti["selective"], "named_right": ti["right_percent"],
-                "names_world": ti["world_percent"], "auroc_selective": wm["selective"],
-                "hidden_accuracy": wm["hidden_accuracy_percent"],
-                **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
-                   for s in ("activation", "confidence")}})
+                    exs = _explanations(model, meta, hidden, probe, n_explain, sig, summary) if n_explain else []
+                    Ah, _ = record.read_activations(paths[hidden])
+                    wins, top = record.read_wins(paths[hidden]), dk.top_images(Ah, dissect.TOP_IMAGES)
+                    allowed = {c: dissect.gallery_mask(Ps[c], top, clip.truth_threshold, gallery_share) if check else None
+                               for c in concept_sets}
+                    for cset, sim in runs:
+                        nh = _labels(Ah, Ps[cset], words[cset], dissect.layer_similarity(sim, hidden, output),
+                                     allowed[cset], top, wins, clip.truth_threshold)
+                        lh = [r.description for r in nh]
+                        ti = evaluate.top_image_metrics(top, lh, values, Y)
+                        wm = evaluate.world_metrics(Ah, lh, values, Y)
+                        rows.append({
+                            "probe": probe_spec, "concepts": cset, "model": name, "layer": hidden, "summary": summary,
+                            "signal": signal, "similarity": sim, "gallery": gallery_share if check else 0.0,
+                            "final_accuracy": final[cset, sim], "selective": ti["selective"],
+                            "named_right": ti["right_percent"], "names_world": ti["world_percent"],
+                            "auroc_selective": wm["selective"], "hidden_accuracy": wm["hidden_accuracy_percent"],
+                            **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
+                               for s in ("activation", "confidence")}})
     return rows
 
 
