@@ -191,14 +191,16 @@ def summarise(cfg: DemoConfig, metas: dict[str, dict[str, Any]], evaluation: dic
             if r.get("output_layer"):
                 s.update(output_layer=r["layer"], final_layer_accuracy=r["output_layer"].get("accuracy_percent"))
                 continue
-            w, ti, ex, ez, ec, c = (r.get(k) or {} for k in ("world", "top_images", "explanations", "explanations_z",
-                                                              "explanations_confidence", "certainty"))
+            w, ti, ex, ez, ec, eg, c = (r.get(k) or {} for k in ("world", "top_images", "explanations", "explanations_z",
+                                                                  "explanations_confidence", "explanations_gain",
+                                                                  "certainty"))
             s.update(hidden_layer=r["layer"], signal=r.get("signal"), similarity=r.get("similarity"),
                      hidden_layer_accuracy=w.get("hidden_accuracy_percent"), selective_neurons=w.get("selective"),
                      selective_top=ti.get("selective"), named_right=ti.get("right_percent"),
                      names_world=ti.get("world_percent"), explanation_precision=ex.get("precision_percent"),
                      explanation_precision_z=ez.get("precision_percent"),
                      explanation_precision_confidence=ec.get("precision_percent"),
+                     explanation_precision_gain=eg.get("precision_percent"),
                      max_pi=c.get("max_pi"), agree4=c.get("agree4"),
                      active_per_example=r["active_per_example"], K=r["K"])
         s["explained"] = [{"image": e["image"], "prediction": e["prediction"]["class"], "n_active": e["n_active"]}

@@ -3,6 +3,10 @@
     model + probe --record--> A [N x K]     CLIP(probe images) . CLIP(concepts)^T --> P [N x M]
                   sim(A, P) (dissect_kernels) --> S [K x M] --> label_k = argmax_m S[k, m]
 
+With a CLIP that says when a concept is true (world-clip's truth threshold), a hidden layer's label
+is instead chosen among the concepts true of at least 80 % of the unit's top 20 images (the gallery
+check): the one whose truth follows the unit best over the whole probe (``gallery_fit``).
+
 Outputs in DIR, written atomically:
 - ``descriptions.csv``: CLIP-Dissect's columns ``layer,unit,description,similarity`` first, then
   ``block,competitor,active_rate,interpretable,top_images``;
@@ -99,30 +103,58 @@ def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float)
     return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, P.shape[1]), bool)
 
 
-def label_indices(S: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Each neuron's label, as a concept index into S's columns (K x M): its best-scoring allowed
-    concept (``allowed``, :func:`gallery_mask`), its best concept when none is allowed or no mask is
-    given; the first of equal scores (the order :func:`neuron_rows` lists them in)."""
+def gallery_fit(A: np.ndarray, P: np.ndarray, allowed: np.ndarray, threshold: float) -> np.ndarray:
+    """How well each concept of a unit's gallery (``allowed``, K x M, :func:`gallery_mask`) follows
+    the unit over the whole probe: ``fit[k, m]`` is the Pearson correlation of A[:, k] (N x K) with
+    the CLIP's verdict on concept m, 1 on the images where P[i, m] exceeds its truth ``threshold``
+    and 0 elsewhere; 0 where the verdict or the unit is the same on every image; -inf where m is
+    not allowed for k. Of what a unit's top images share ("large" and "heart" for a gallery of
+    large hearts), the concept that rises and falls with the unit on every image ("heart")."""
+    N, K = A.shape
+    fit = np.full(allowed.shape, -np.inf)
+    holds = P > np.float32(threshold)
+    for k in np.flatnonzero(allowed.any(1)):
+        ms = np.flatnonzero(allowed[k])
+        a = A[:, k].astype(np.float64)
+        a -= a.mean()
+        H = holds[:, ms]
+        rate = H.mean(0)
+        norm = np.sqrt((a @ a) * N * rate * (1 - rate))  # |a - mean| |t - mean| of each 0/1 verdict t
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fit[k, ms] = np.where(norm > 0, (a @ H) / norm, 0.0)  # sum_i (a_i - mean) (t_i - rate) = a . t
+    return fit
+
+
+def label_indices(S: np.ndarray, allowed: np.ndarray | None = None, fit: np.ndarray | None = None) -> np.ndarray:
+    """Each neuron's label, as a concept index into S's columns (K x M): among the concepts
+    ``allowed`` for it (:func:`gallery_mask`) the one that fits it best (``fit``, :func:`gallery_fit`;
+    ties and ``fit`` None: the best-scoring one); its best-scoring concept when none is allowed or
+    no mask is given; the first of equal scores (the order :func:`neuron_rows` lists them in)."""
     S = np.where(np.isfinite(S), S, -np.inf)
     best = S.argmax(1)
     if allowed is None:
         return best
+    if fit is not None:
+        key = np.where(allowed, fit, -np.inf)
+        allowed = allowed & (key == key.max(1, keepdims=True))  # the best-fitting allowed concepts
     masked = np.where(allowed, S, -np.inf)
-    return np.where(allowed.any(1), masked.argmax(1), best)
+    first = np.where(np.isfinite(masked).any(1), masked.argmax(1), allowed.argmax(1))  # all -inf: the first allowed
+    return np.where(allowed.any(1), first, best)
 
 
 def choose_labels(similarity: str, A: np.ndarray, P: np.ndarray, threshold: float | None = None,
                   share: float = GALLERY_SHARE) -> np.ndarray:
     """The whole label rule of a layer on activations A (N x K) and similarities P (N x M): the
-    similarity's scores, the gallery check when the CLIP has a truth ``threshold`` (and ``share``
-    > 0), :func:`label_indices`. Concept index per neuron."""
+    similarity's scores, the gallery check and fit when the CLIP has a truth ``threshold`` (and
+    ``share`` > 0), :func:`label_indices`. Concept index per neuron."""
     import dissect_kernels
 
     S = scores(similarity, A, P)
-    allowed = None
+    allowed = fit = None
     if threshold is not None and share > 0:
         allowed = gallery_mask(P, dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0])), threshold, share)
-    return label_indices(S, allowed)
+        fit = gallery_fit(A, P, allowed, threshold)
+    return label_indices(S, allowed, fit)
 
 
 def best_scores(S: np.ndarray) -> np.ndarray:
@@ -144,13 +176,15 @@ def random_cutoff(S_random: np.ndarray, q: float = RANDOM_QUANTILE) -> float:
 
 def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U: int | None,
                 cutoff: float | None, wins: np.ndarray | None = None,
-                allowed: np.ndarray | None = None, top: np.ndarray | None = None) -> list[Neuron]:
+                allowed: np.ndarray | None = None, top: np.ndarray | None = None,
+                fit: np.ndarray | None = None) -> list[Neuron]:
     """Per-neuron label records of one layer from its activations A (N x K) and scores S (K x M).
     A neuron is active on an image where it won its block (``wins`` > 0, LWTA layers) or where
     its activation is non-zero; a neuron active on no image is dead. ``interpretable``: the label's
     score exceeds ``cutoff`` (None when there is no cutoff).
-    ``allowed`` (K x M, :func:`gallery_mask`): neuron k's label is its best-scoring allowed concept
-    (its best concept overall when none is allowed); ``top_concepts`` lists allowed ones first.
+    ``allowed`` (K x M, :func:`gallery_mask`): neuron k's label is its best-fitting allowed concept
+    (``fit``, :func:`gallery_fit`; without it the best-scoring one), its best concept overall when
+    none is allowed (:func:`label_indices`); ``top_concepts`` lists allowed ones first, in that order.
     ``top``: the neurons' top images (``dissect_kernels.top_images(A, TOP_IMAGES)``) when already at hand."""
     import dissect_kernels
 
@@ -170,7 +204,10 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
             order = np.argsort(-S[k], kind="stable")
             ok = allowed[k][order] if allowed is not None else None
             if ok is not None and ok.any():
-                order = np.concatenate([order[ok], order[~ok]])  # stable: by score within each group
+                first = order[ok]  # by score
+                if fit is not None:
+                    first = first[np.argsort(-fit[k, first], kind="stable")]  # by fit, then by score
+                order = np.concatenate([first, order[~ok]])
             order = order[:TOP_CONCEPTS]
             rec.description, rec.similarity = concepts[order[0]], float(S[k, order[0]])
             rec.top_concepts = [[concepts[m], float(S[k, m])] for m in order]
@@ -225,11 +262,14 @@ def add_confidence(rows: list[Neuron], A: np.ndarray, P: np.ndarray, concepts: l
     """Put each live neuron's :func:`confidence_curve` in its row: the truth of its label on each
     probe image is the CLIP's (cosine of the image and the label's text above the CLIP's truth
     ``threshold``), so the curve says, for a signal level, how often the CLIP finds the label in
-    the probe images that move the unit about as much."""
+    the probe images that move the unit about as much; and its ``base_rate``, how often the CLIP
+    finds the label in any probe image (what the curve's shares are measured against)."""
     index = {c: m for m, c in reversed(list(enumerate(concepts)))}  # a repeated concept: its first column
     for r in rows:
         m = index.get(r.description)
-        r.confidence = None if r.dead or m is None else confidence_curve(A[:, r.unit], P[:, m] > threshold)
+        truth = None if r.dead or m is None else P[:, m] > threshold
+        r.confidence = None if truth is None else confidence_curve(A[:, r.unit], truth)
+        r.base_rate = None if truth is None else float(truth.mean())
 
 
 def _csv(rows: list[Neuron], probe_names: list[str], signals: dict[str, str]) -> str:
@@ -317,9 +357,10 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
         checked = gallery_check and layer != out_layer  # an output layer: one class per neuron
         top = dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0]))
         allowed = gallery_mask(P, top, clip.truth_threshold, cfg.gallery_share) if checked else None
+        fit = gallery_fit(A, P, allowed, clip.truth_threshold) if checked else None
         cutoff = (random_cutoff(scores(sim, record.read_activations(random_paths[layer])[0], P))
                   if cfg.cutoff is None else cfg.cutoff)
-        layer_rows = neuron_rows(layer, A, S, concept_list, U, cutoff, record.read_wins(path), allowed, top)
+        layer_rows = neuron_rows(layer, A, S, concept_list, U, cutoff, record.read_wins(path), allowed, top, fit)
         if clip.truth_threshold is not None:
             add_confidence(layer_rows, A, P, concept_list, clip.truth_threshold)
         simulation = None

@@ -537,9 +537,9 @@ class LabelsRun:
         """:func:`explanation_precision` of ``layer`` on ``n`` world images held out of the probe
         (world probes: the probe seed's images N, N+1, ... after the probe's N), each explained
         once with ``samples`` posterior draws and scored with its list in each order: "activation",
-        "z" (None for labels without signal statistics, before format 2) and "confidence" (None
+        "z" (None for labels without signal statistics, before format 2), "confidence" (None
         for labels without confidence curves, before format 4 or with a CLIP without a truth
-        threshold)."""
+        threshold) and "gain" (None alike, and for labels without base rates, before format 5)."""
         import explain
         import world
 
@@ -552,7 +552,8 @@ class LabelsRun:
         _, attrs = world.render_batch(seed, start, n, size=16)
         neurons = self.labels.neurons_of(layer)
         has = {"activation": True, "z": any(n.signal_std is not None for n in neurons),
-               "confidence": any(n.confidence for n in neurons)}
+               "confidence": any(n.confidence for n in neurons),
+               "gain": any(n.confidence and n.base_rate is not None for n in neurons)}
         return {sort: explanation_precision([dict(e, neurons=explain.sort_neurons(e["neurons"], sort)) for e in exs],
                                             attrs, values) if ok else None
                 for sort, ok in has.items()}
@@ -654,7 +655,7 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
             "interpretable_percent": None if interpretable is None else 100.0 * interpretable / K,
             **activity(A if wins is None else wins, competitive),
             "output_layer": None, "world": None, "top_images": None, "explanations": None, "explanations_z": None,
-            "explanations_confidence": None,
+            "explanations_confidence": None, "explanations_gain": None,
             "certainty": None, "simulation": None, "localisation": None,
             "notes": [],
         }
@@ -684,8 +685,8 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
                         k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in loc.items()}
                 if explain_n and not row["output_layer"] and run.model_or_none() is not None:
                     precision = run.explanation_precision(layer, explain_n, values)
-                    row["explanations"], row["explanations_z"], row["explanations_confidence"] = (
-                        precision["activation"], precision["z"], precision["confidence"])
+                    row["explanations"], row["explanations_z"], row["explanations_confidence"], row["explanations_gain"] = (
+                        precision["activation"], precision["z"], precision["confidence"], precision["gain"])
             if fingerprint != prov.probe_fingerprint:
                 row["notes"].append("the world generator's version changed since the dissection: the attributes are today's "
                                     "(they depend only on the seed unless the sampling itself changed)")
@@ -785,7 +786,7 @@ def table(result: dict[str, Any]):
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
     has_loc = any(r.get("localisation") for r in runs)
-    cols += ["expl. prec. (act. / conf.)"] if has_expl else []
+    cols += ["expl. prec. (act. / gain)"] if has_expl else []
     cols += ["sim. corr", "p < 0.05", "truth corr", "sim. precision"] if has_sim else []
     cols += ["localises: IoU >= 0.04 / above chance (win; top 0.5 %)"] if has_loc else []
     cols += ["max pi", "4 agree"] if has_cert else []
@@ -812,7 +813,7 @@ def table(result: dict[str, Any]):
             right = _pct(ti["right_percent"]) if ti and not o else "-"
             cells += [str(ti["selective"]) if ti and not o else "-", right, _pct(ti["world_percent"]) if ti else "-"]
         if has_expl:
-            e, ec = r.get("explanations"), r.get("explanations_confidence")
+            e, ec = r.get("explanations"), r.get("explanations_gain") or r.get("explanations_confidence")
             cells.append(f"{_pct(e['precision_percent'])} / {_pct(ec['precision_percent']) if ec else '-'}" if e else "-")
         if has_sim:
             sm = r.get("simulation")

@@ -6,7 +6,7 @@ explanation is a short list of concepts instead of the ~98 % of neurons a GELU l
     image --preprocess (record.py's)--> model (LWTA: seeded samples or argmax) --hook--> layer output
           --summary (the dissection's: class token, spatial mean, ...)--> K values for the image
           --active set (LWTA: the block winners; GELU/ReLU: the positive neurons)--> each neuron's
-          concept and score from labels.json, sorted by confidence (or activation, pi, z)
+          concept and score from labels.json, sorted by gain (or confidence, activation, pi, z)
 
 Usage::
 
@@ -24,8 +24,9 @@ a neuron's ``win_rate`` is the fraction of draws in which it was active. For an 
 competition per block per image (a class token) the list shows each block's winner with its ``pi``
 (softmax of the block's responses, Eq. 2: how sure the competition was) and its ``activation``, the
 linear response it passes on when it wins (Eq. 1); elsewhere ``activation`` is the mean output over
-the draws. Sorted by confidence (how often the CLIP finds a row's concept in the probe images that
-move the unit about as much), by activation (Table 4: top 7, bottom 6), by pi or by z. The class prediction averages
+the draws. Sorted by gain (how much more often the CLIP finds a row's concept in the probe images
+that move the unit about as much than in any probe image), by confidence (that share itself), by
+activation (Table 4: top 7, bottom 6), by pi or by z. The class prediction averages
 the S draws' logits (the paper's Bayesian averaging).
 """
 from __future__ import annotations
@@ -201,16 +202,16 @@ def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary
     return {k: torch.cat(r).numpy() for k, r in rows.items() if r}
 
 
-SORTS = ("auto", "confidence", "activation", "pi", "z")  # auto: confidence where the labels have curves
+SORTS = ("auto", "gain", "confidence", "activation", "pi", "z")  # auto: gain where the labels have base rates
 
 
 def sort_neurons(neurons: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
     """An explanation's neuron rows in ``sort`` order (:data:`SORTS`), descending: by ``activation``,
-    by ``pi`` (by activation where a layer has none), by ``z``, or by ``confidence`` (rows without
-    one last), then by z; ties by unit."""
+    by ``pi`` (by activation where a layer has none), by ``z``, or by ``gain`` / ``confidence`` (rows
+    without one last), then by z; ties by unit."""
     def key(n: dict[str, Any]) -> tuple[float, float]:
-        if sort == "confidence":
-            c = n.get("confidence")
+        if sort in ("gain", "confidence"):
+            c = n.get(sort)
             return (-math.inf if c is None else c, n["z"])
         return (n["activation"] if sort == "activation" or (sort == "pi" and n["pi"] is None) else n[sort], 0.0)
     return sorted(neurons, key=lambda n: (*(-v for v in key(n)), n["unit"]))
@@ -221,6 +222,14 @@ def z_score(rec: Neuron, signal: float) -> float:
     deviations (the label record's ``signal_mean`` / ``signal_std``; 0 without them)."""
     sd = _num(rec.signal_std)
     return (signal - (_num(rec.signal_mean) or 0.0)) / sd if sd else 0.0
+
+
+def gain_of(confidence: float | None, base_rate: float | None) -> float | None:
+    """How much more often a unit's label holds at its signal on this image than on any probe
+    image: its ``confidence`` there minus the label's ``base_rate`` (None without either). A label
+    true of half the probe ("large") at 55 % says less about an image than one true of an eighth
+    ("heart") at 50 %."""
+    return None if confidence is None or base_rate is None else confidence - base_rate
 
 
 def confidence_at(curve: list[list[float]] | None, signal: float) -> float | None:
@@ -252,10 +261,13 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
     ``z``, how far it lies above the unit's mean over the probe, in standard deviations (the
     labels' per-unit ``signal_mean`` / ``signal_std``); and ``confidence``, the share of the probe
     images that move the unit about as much in which the CLIP finds its label (:func:`confidence_at`;
-    None without a curve). Sorted by ``sort``: "activation" (descending, signed: DISCOVER Table 4
+    None without a curve); and ``gain``, that confidence minus the label's share of all probe images
+    (:func:`gain_of`). Sorted by ``sort``: "activation" (descending, signed: DISCOVER Table 4
     shows the top 7 and the bottom 6), "pi", "z" (the units this image moves most, whatever their
-    scale), "confidence" (the rows whose concept is most likely in the image, then by z) or "auto":
-    confidence where the layer's labels have curves, else activation.
+    scale), "confidence" (the rows whose concept is most likely in the image, then by z), "gain"
+    (the rows whose concept this image makes likelier than any probe image, then by z) or "auto":
+    gain where the layer's labels have base rates, else confidence where they have curves, else
+    activation.
     Returns a JSON-ready dict.
     """
     import record
@@ -307,21 +319,26 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
         raise DiscoverError(f"`sort` z: the labels of {layer} have no per-neuron signal statistics "
                             "(made before labels.json format 2); run dissect again")
     has_curves = any(n.confidence for n in by_unit.values())
+    has_rates = any(n.confidence and n.base_rate is not None for n in by_unit.values())
     if sort == "confidence" and not has_curves:
         raise DiscoverError(f"`sort` confidence: the labels of {layer} have no confidence curves (a CLIP "
                             "without a truth threshold, or labels before format 4)")
+    if sort == "gain" and not has_rates:
+        raise DiscoverError(f"`sort` gain: the labels of {layer} have no base rates (a CLIP without a truth "
+                            "threshold, or labels before format 5)")
     if sort == "auto":
-        sort = "confidence" if has_curves else "activation"
+        sort = "gain" if has_rates else "confidence" if has_curves else "activation"
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
     neurons = []
     for k in shown:
         rec = by_unit.get(int(k), Neuron(layer=layer, unit=int(k)))
+        conf = confidence_at(rec.confidence, float(sig[k]))
         neurons.append({
             "unit": int(k), "block": int(k) // U if U else None, "competitor": int(k) % U if U else None,
             "concept": rec.description, "score": _num(rec.similarity), "interpretable": rec.interpretable,
             "activation": float(act[k]), "activation_when_active": float(when_active[k]),
             "pi": None if pi is None else float(pi[k]), "signal": float(sig[k]), "z": z_score(rec, float(sig[k])),
-            "confidence": confidence_at(rec.confidence, float(sig[k])),
+            "confidence": conf, "gain": gain_of(conf, rec.base_rate),
             "win_rate": float(wins[k]) / n_draws, "top_concepts": rec.top_concepts[:3]})
     neurons = sort_neurons(neurons, sort)
 
@@ -381,7 +398,9 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     t = Table(title=title, caption=how)
     sampled, blocks = res["draws"] > 1, res["U"] is not None
     conf = any(r.get("confidence") is not None for r in res["neurons"])
+    gain = any(r.get("gain") is not None for r in res["neurons"])
     for col in ("#", "neuron", *(["block/comp", "pi"] if blocks else []), "concept", *(["confidence"] if conf else []),
+                *(["gain"] if gain else []),
                 "score", "activation", *(["wins"] if sampled else [])):
         t.add_column(col, justify="left" if col == "concept" else "right")
     neurons = res["neurons"]
@@ -396,15 +415,16 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     for j, (i, r) in enumerate(shown):
         if gap is not None and j == gap:
             t.add_row("…", "", *(["", ""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]",
-                      *([""] if conf else []), "", "", *([""] if sampled else []))
+                      *([""] if conf else []), *([""] if gain else []), "", "", *([""] if sampled else []))
         concept = r["concept"] or "[dim](dead)[/]"
         if r["concept"] and r["interpretable"] is False:
             concept = f"[dim]{r['concept']}[/]"
         score = "-" if r["score"] is None else f"{r['score']:.3f}"
         pi = "-" if r.get("pi") is None else f"{r['pi']:.2f}"
-        c = r.get("confidence")
+        c, g = r.get("confidence"), r.get("gain")
         t.add_row(str(i + 1), str(r["unit"]), *([f"{r['block']}/{r['competitor']}", pi] if blocks else []), concept,
-                  *(["-" if c is None else f"{100 * c:.0f}%"] if conf else []), score, f"{r['activation']:+.3f}",
+                  *(["-" if c is None else f"{100 * c:.0f}%"] if conf else []),
+                  *(["-" if g is None else f"{100 * g:+.0f}"] if gain else []), score, f"{r['activation']:+.3f}",
                   *([f"{100 * r['win_rate']:.0f}%"] if sampled else []))
     return t
 

@@ -19,8 +19,9 @@ from typing import Any
 
 from common import DiscoverError, write_json_atomic
 
-LABELS_FORMAT = 4  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
-# cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score); 4 per-neuron confidence curves
+LABELS_FORMAT = 5  # labels.json: 2 adds the gallery check, per-neuron signal_mean / signal_std; 3 per-layer
+# cutoffs calibrated on a random copy, model_args, simulation scores (dissect --score); 4 per-neuron confidence curves;
+# 5 gallery labels chosen by their fit over the probe (dissect.gallery_fit), per-neuron base_rate
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the input normalisation of ImageNet models, and of DISCOVER's own
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SOFT_WPMI_CUTOFF = 0.16  # CLIP-Dissect A.8: the fixed SoftWPMI interpretability cutoff (labels before format 3)
@@ -77,7 +78,8 @@ class Neuron(_Record):
     ``signal_std``: its signal over the probe (None before format 2); ``confidence``: how often the
     CLIP finds the label in the probe images that move the unit about as much as a signal, as ``[signal,
     share]`` pairs (``dissect.confidence_curve``; None for a CLIP without a truth threshold, a dead
-    unit, or labels before format 4)."""
+    unit, or labels before format 4); ``base_rate``: the share of all probe images on which the CLIP
+    finds the label (None alike, and before format 5)."""
     layer: str
     unit: int
     block: int | None = None
@@ -94,6 +96,7 @@ class Neuron(_Record):
     gallery_checked: bool | None = None
     simulation: Simulation | None = None
     confidence: list[list[float]] | None = None
+    base_rate: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

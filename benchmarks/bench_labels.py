@@ -15,7 +15,7 @@ world-clip trained with ``world train-clip``), and judged:
   label names that value);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
   out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
-  the list sorted by activation (DISCOVER Table 4) and by confidence (``explain``'s default).
+  the list sorted by activation (DISCOVER Table 4), by confidence and by gain (``explain``'s default).
 
     python -m benchmarks.bench_labels                                  # the full table (minutes)
     python -m benchmarks.bench_labels --signals pi --similarities auto --probes world:2000:4
@@ -54,10 +54,12 @@ SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, allowed: np.ndarray | None = None,
             top: np.ndarray | None = None, wins: np.ndarray | None = None,
             threshold: float | None = None) -> list[schema.Neuron]:
-    """Each neuron's label record as ``dissect`` makes it (``dissect.neuron_rows``; no label for a
-    dead one), with its confidence curve (``dissect.add_confidence``) given the CLIP's truth ``threshold``."""
+    """Each neuron's label record as ``dissect`` makes it (``dissect.neuron_rows``, the gallery's
+    concepts ranked by ``dissect.gallery_fit``; no label for a dead one), with its confidence curve
+    and base rate (``dissect.add_confidence``) given the CLIP's truth ``threshold``."""
     S = dissect.scores(similarity, A, P)
-    rows = dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top)
+    fit = None if allowed is None or threshold is None else dissect.gallery_fit(A, P, allowed, threshold)
+    rows = dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top, fit)
     if threshold is not None:
         dissect.add_confidence(rows, A, P, words, threshold)
     return rows
@@ -79,14 +81,16 @@ def _explanations(model: Any, meta: schema.ModelMeta, layer: str, probe: probes.
 def _precision(exs: list[dict[str, Any]], rows: list[schema.Neuron], attrs: list[dict[str, str]], values,
                sort: str) -> float | None:
     """Explanation precision of ``exs`` relabelled with ``rows``, the list in ``sort`` order
-    (z and confidence from the rows' signal statistics and curves, as ``explain`` computes them)."""
-    if sort == "confidence" and not any(r.confidence for r in rows):
+    (z, confidence and gain from the rows' signal statistics, curves and base rates, as ``explain``
+    computes them)."""
+    if sort in ("confidence", "gain") and not any(r.confidence for r in rows):
         return None
 
     def row(n: dict[str, Any]) -> dict[str, Any]:
         r = rows[n["unit"]]
-        return dict(n, concept=r.description, z=explain.z_score(r, n["signal"]),
-                    confidence=explain.confidence_at(r.confidence, n["signal"]))
+        c = explain.confidence_at(r.confidence, n["signal"])
+        return dict(n, concept=r.description, z=explain.z_score(r, n["signal"]), confidence=c,
+                    gain=explain.gain_of(c, r.base_rate))
 
     relabelled = [dict(e, neurons=explain.sort_neurons([row(n) for n in e["neurons"]], sort)) for e in exs]
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
@@ -146,7 +150,7 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                             "named_right": ti["right_percent"], "names_world": ti["world_percent"],
                             "auroc_selective": wm["selective"], "hidden_accuracy": wm["hidden_accuracy_percent"],
                             **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
-                               for s in ("activation", "confidence")}})
+                               for s in ("activation", "confidence", "gain")}})
     return rows
 
 
@@ -159,7 +163,7 @@ COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("l
            ("named_right", "named right %"), ("names_world", "names the world %"),
            ("auroc_selective", "AUROC selective"), ("hidden_accuracy", "AUROC hidden acc. %"),
            ("explanation_precision_activation", "explanation precision, by activation %"),
-           ("explanation_precision_confidence", "by confidence %")]
+           ("explanation_precision_confidence", "by confidence %"), ("explanation_precision_gain", "by gain %")]
 
 
 def _cell(row: dict[str, Any], key: str) -> str:

@@ -189,6 +189,50 @@ def test_gallery_check_chooses_the_best_concept_that_holds_on_the_top_images() -
     assert all(r.description == "zero" and r.gallery_checked is None for r in plain)
 
 
+def test_gallery_fit_picks_the_shared_concept_that_follows_the_unit() -> None:
+    """dissect.gallery_fit against np.corrcoef of the unit and the 0/1 verdict; the label (neuron_rows,
+    label_indices, choose_labels) is the allowed concept of highest fit, whatever the scores say;
+    a verdict constant over the probe fits 0, a concept not allowed -inf."""
+    rng = np.random.default_rng(1)
+    N, K = 200, 3
+    heart = rng.random(N) < 0.25  # planted attributes of the images
+    large = rng.random(N) < 0.5
+    A = np.stack([3.0 * heart + 1.0 * large + 0.3 * rng.random(N),  # a heart unit whose top images are large hearts
+                  1.0 * large + 0.1 * rng.random(N),  # a size unit
+                  rng.random(N)], 1).astype(np.float32)
+    thr = 0.0
+    P = np.stack([np.where(heart, 0.5, -0.5), np.where(large, 0.5, -0.5), np.full(N, 0.5),  # "everything" holds everywhere
+                  rng.uniform(-0.5, 0.5, N)], 1).astype(np.float32)
+    words = ["heart", "large", "everything", "noise"]
+    top = dissect_kernels.top_images(A, 20)
+    allowed = dissect.gallery_mask(P, top, thr, 0.8)
+    assert allowed[0, :3].all() and allowed[1, 1:3].all() and not allowed[1, 0]
+    fit = dissect.gallery_fit(A, P, allowed, thr)
+    for k in range(K):
+        for m in range(P.shape[1]):
+            if not allowed[k, m]:
+                assert fit[k, m] == -np.inf
+            elif len(set((P[:, m] > thr).tolist())) == 1:
+                assert fit[k, m] == 0.0
+            else:
+                ref = np.corrcoef(A[:, k].astype(np.float64), (P[:, m] > thr).astype(np.float64))[0, 1]
+                assert fit[k, m] == pytest.approx(ref, abs=1e-9)
+    S = np.zeros((K, P.shape[1]))
+    S[:, 1] = 5.0  # "large" scores best everywhere: the old rule's label for unit 0
+    S[:, 2] = 4.0
+    rows = dissect.neuron_rows("l", A, S, words, None, None, None, allowed, top, fit)
+    assert [r.description for r in rows[:2]] == ["heart", "large"]
+    for k, r in enumerate(rows):  # allowed concepts first, by fit (then score), then the rest by score
+        ok = [m for m in range(len(words)) if allowed[k, m]]
+        ref = sorted(ok, key=lambda m: (-fit[k, m], -S[k, m], m)) + sorted(set(range(len(words))) - set(ok),
+                                                                          key=lambda m: (-S[k, m], m))
+        assert [c for c, _ in r.top_concepts] == [words[m] for m in ref][:dissect.TOP_CONCEPTS]
+    assert [r.description for r in dissect.neuron_rows("l", A, S, words, None, None, None, allowed, top)][:2] == \
+        ["large", "large"]  # without the fit: the best-scoring allowed concept
+    idx = dissect.label_indices(S, allowed, fit)
+    assert [words[m] for m in idx] == [r.description for r in rows]
+
+
 def test_truth_threshold_comes_from_the_clip_manifest_only() -> None:
     import clip_backend
 
@@ -207,10 +251,11 @@ def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatc
     assert lab["layers"]["blocks.3.mlp.act"]["gallery_share"] == 0.8 and lab["layers"]["head"]["gallery_share"] is None
     hidden = [n for n in lab["neurons"] if n["layer"] == "blocks.3.mlp.act" and not n["dead"]]
     assert hidden and all(n["gallery_checked"] for n in hidden)
-    # every concept holds on every image, so every point of every confidence curve is 1
+    # every concept holds on every image, so every point of every confidence curve is 1, as is the base rate
     live = [n for n in lab["neurons"] if not n["dead"]]
     assert live and all(n["confidence"] and all(p == 1.0 for _, p in n["confidence"]) for n in live)
-    assert all(n["confidence"] is None for n in lab["neurons"] if n["dead"])
+    assert all(n["base_rate"] == 1.0 for n in live)
+    assert all(n["confidence"] is None and n["base_rate"] is None for n in lab["neurons"] if n["dead"])
     with pytest.raises(DiscoverError, match="`gallery_share` must be in"):
         dissect.dissect(_cfg(setup, out=str(setup / "bad"), gallery_share=1.5))
 

@@ -299,7 +299,7 @@ def test_explanation_precision_by_hand() -> None:
 
 def test_explained_images_are_held_out_of_the_probe(tmp_path: Path, monkeypatch) -> None:
     """The explanation precision explains the probe seed's images N, N+1, ... (never a probe
-    image) and scores each order of the rows: activation, z, confidence."""
+    image) and scores each order of the rows: activation, z, confidence, gain."""
     import explain
     import schema
 
@@ -307,14 +307,16 @@ def test_explained_images_are_held_out_of_the_probe(tmp_path: Path, monkeypatch)
     out = write_run(tmp_path, "gelu", {"blocks.0.mlp.act": (A, labels, False)})
     run = evaluate.LabelsRun(str(out), None)
     for n in run.labels.neurons:
-        n.signal_mean, n.signal_std, n.confidence = 0.0, 1.0, [[0.0, 0.5]]
+        n.signal_mean, n.signal_std, n.confidence, n.base_rate = 0.0, 1.0, [[0.0, 0.5]], 0.5
     monkeypatch.setattr(run, "model", lambda: (None, schema.ModelMeta(arch="x")))
     seen = []
 
-    coffee = [{"unit": 3, "concept": "coffee", "activation": 10.0 - j, "pi": None, "z": 3.0, "confidence": 0.0}
-              for j in range(7)]
-    rows = coffee + [{"unit": 0, "concept": "red", "activation": 1.0, "pi": None, "z": 5.0, "confidence": 0.2},
-                     {"unit": 1, "concept": "blue", "activation": 0.5, "pi": None, "z": 0.0, "confidence": 0.9}]
+    coffee = [{"unit": 3, "concept": "coffee", "activation": 10.0 - j, "pi": None, "z": 3.0, "confidence": 0.0,
+               "gain": 0.1} for j in range(7)]
+    rows = coffee + [{"unit": 0, "concept": "red", "activation": 1.0, "pi": None, "z": 5.0, "confidence": 0.2,
+                      "gain": 0.2},
+                     {"unit": 1, "concept": "blue", "activation": 0.5, "pi": None, "z": 0.0, "confidence": 0.9,
+                      "gain": -0.5}]
 
     def fake_explain(model, meta, labels, layer, image, **kw):
         seen.append(image)
@@ -326,9 +328,13 @@ def test_explained_images_are_held_out_of_the_probe(tmp_path: Path, monkeypatch)
     held = world.render_batch(2, 64, 30)[1]
     red, blue = (sum(a["color"] == c for a in held) for c in ("red", "blue"))
     assert red and blue
-    # top 7 by activation: the coffees; by z: red and 6 coffees; by confidence: blue, red, 5 coffees
-    assert [res[k]["fit"] for k in ("activation", "z", "confidence")] == [0, red, red + blue]
-    assert all(res[k]["listed"] == 7 * 30 for k in ("activation", "z", "confidence"))
+    # top 7 by activation: the coffees; by z: red and 6 coffees; by confidence: blue, red, 5 coffees;
+    # by gain: red and 6 coffees
+    assert [res[k]["fit"] for k in ("activation", "z", "confidence", "gain")] == [0, red, red + blue, red]
+    assert all(res[k]["listed"] == 7 * 30 for k in ("activation", "z", "confidence", "gain"))
+    for n in run.labels.neurons:
+        n.base_rate = None
+    assert run.explanation_precision("blocks.0.mlp.act", 3, VALUES)["gain"] is None
     for n in run.labels.neurons:
         n.confidence = None
     assert run.explanation_precision("blocks.0.mlp.act", 3, VALUES)["confidence"] is None

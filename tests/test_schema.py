@@ -13,8 +13,8 @@ from common import DiscoverError
 
 
 def _labels_json() -> dict:
-    """A format-4 labels.json as dissect writes it (hand-written here), with a key no record knows."""
-    prov = {"format": 4, "model": "runs/x", "model_args": {"arch": "deit_world"}, "model_hash": "ab" * 32,
+    """A format-5 labels.json as dissect writes it (hand-written here), with a key no record knows."""
+    prov = {"format": 5, "model": "runs/x", "model_args": {"arch": "deit_world"}, "model_hash": "ab" * 32,
             "arch": "deit_world", "classes": ["red circle"], "probe": "world:10:4", "probe_fingerprint": "f" * 16,
             "probe_n": 10, "probe_names": [f"{i}.png" for i in range(10)], "concepts": "world", "n_concepts": 99,
             "clip": "world-clip", "clip_fingerprint": "c" * 16, "similarity": "auto", "cutoff": "random",
@@ -26,13 +26,13 @@ def _labels_json() -> dict:
     neurons = [{"layer": "blocks.3.mlp.act", "unit": 0, "block": 0, "competitor": 0, "active_rate": 0.5,
                 "dead": False, "top_images": [3, 1], "signal_mean": 0.4, "signal_std": 0.2, "description": "red",
                 "similarity": 0.12, "top_concepts": [["red", 0.12], ["blue", 0.01]], "interpretable": True,
-                "gallery_checked": True, "confidence": [[0.1, 0.3], [0.9, 0.8]],
+                "gallery_checked": True, "confidence": [[0.1, 0.3], [0.9, 0.8]], "base_rate": 0.25,
                 "simulation": {"label": "red", "corr": 0.5, "auprc": 0.7, "p": 0.01, "precision": 0.9,
                                "corr_truth": 0.6, "future": 1}},
                {"layer": "blocks.3.mlp.act", "unit": 1, "block": 0, "competitor": 1, "active_rate": 0.0,
                 "dead": True, "top_images": [0, 2], "signal_mean": 0.0, "signal_std": 0.0, "description": "",
                 "similarity": None, "top_concepts": [], "interpretable": False, "simulation": None,
-                "confidence": None}]
+                "confidence": None, "base_rate": None}]
     return {"provenance": prov, "layers": layers, "neurons": neurons}
 
 
@@ -45,7 +45,7 @@ def test_a_labels_file_reads_into_records_and_writes_back_unchanged(tmp_path: Pa
     assert (info.K, info.U, info.cutoff, info.cutoff_from) == (2, 2, 0.05, "random copy")
     n0, n1 = lab.neurons_of("blocks.3.mlp.act")
     assert n0.simulation == schema.Simulation("red", 0.5, 0.7, 0.01, 0.9, corr_truth=0.6, extra={"future": 1})
-    assert n0.top_concepts[0] == ["red", 0.12] and n0.confidence == [[0.1, 0.3], [0.9, 0.8]]
+    assert n0.top_concepts[0] == ["red", 0.12] and n0.confidence == [[0.1, 0.3], [0.9, 0.8]] and n0.base_rate == 0.25
     assert n1.dead and math.isnan(n1.similarity) and n1.simulation is None
     back = json.loads(lab.to_json())
     d["neurons"][1]["similarity"] = math.nan  # a dead unit's score is NaN in memory and in the file
