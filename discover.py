@@ -560,10 +560,10 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled winners.")
 @click.option("--top", type=int, default=7, show_default=True, help="Highest active neurons shown.")
 @click.option("--bottom", type=int, default=6, show_default=True, help="Lowest active neurons shown.")
-@click.option("--sort", type=Choice(["auto", "gain", "confidence", "activation", "pi", "z"]), default="auto", show_default=True,
-              help="Order of the list. gain: how much more often the CLIP finds each row's concept in the probe images "
-                   "that move its unit about as much than in any probe image; confidence: that share itself "
-                   "(auto: gain where the labels have it, else confidence, else activation); "
+@click.option("--sort", type=Choice(["auto", "confidence", "gain", "activation", "pi", "z"]), default="auto", show_default=True,
+              help="Order of the list. confidence: how often the CLIP finds each row's concept in the probe images "
+                   "that move its unit about as much (auto: confidence where the labels have it, else activation); "
+                   "gain: that share minus how often the CLIP finds the concept in any probe image; "
                    "activation: the winners' activations (Table 4); pi: their winning probabilities; z: how far "
                    "each unit's dissected signal on this image is above its probe mean (in std).")
 @click.option("--device", default="auto", show_default=True, help="Where the model runs: auto, cpu, cuda ...")
@@ -705,9 +705,9 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
                   + f"hidden layer: signal {first.get('signal')} for LWTA layers, similarity {first.get('similarity')}; "
                   "selective: >= 80 % of a unit's top 20 images share a value; named right: the label names only "
                   "what they share; explanation precision: listed top-7 concepts that fit held-out images, sorted by "
-                  "activation (Table 4) / by gain (explain's default)")
+                  "activation (Table 4) / by confidence (explain's default)")
     cols = ("model", "layer", "top-1 (4 samples)", "top-1 (argmax)", "mean max pi", "final-layer label acc.",
-            "selective", "named right", "names the world", "explanation precision (act. / gain)", "active / example")
+            "selective", "named right", "names the world", "explanation precision (act. / conf.)", "active / example")
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "layer") else "right")
     for name, s in summary.items():
@@ -715,7 +715,7 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
         table.add_row(label, s.get("hidden_layer", "?"), top1(s, "top1"), top1(s, "top1_argmax"),
                       "-" if s.get("max_pi") is None else f"{s['max_pi']:.3f}", pct(s.get("final_layer_accuracy")),
                       str(s.get("selective_top", "-")), pct(s.get("named_right")), pct(s.get("names_world")),
-                      f"{pct(s.get('explanation_precision'))} / {pct(s.get('explanation_precision_gain'))}",
+                      f"{pct(s.get('explanation_precision'))} / {pct(s.get('explanation_precision_confidence'))}",
                       f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
     console.print(f"results in [bold]{out}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")

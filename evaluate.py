@@ -786,7 +786,7 @@ def table(result: dict[str, Any]):
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
     has_loc = any(r.get("localisation") for r in runs)
-    cols += ["expl. prec. (act. / gain)"] if has_expl else []
+    cols += ["expl. prec. (act. / conf.)"] if has_expl else []
     cols += ["sim. corr", "p < 0.05", "truth corr", "sim. precision"] if has_sim else []
     cols += ["localises: IoU >= 0.04 / above chance (win; top 0.5 %)"] if has_loc else []
     cols += ["max pi", "4 agree"] if has_cert else []
@@ -813,7 +813,7 @@ def table(result: dict[str, Any]):
             right = _pct(ti["right_percent"]) if ti and not o else "-"
             cells += [str(ti["selective"]) if ti and not o else "-", right, _pct(ti["world_percent"]) if ti else "-"]
         if has_expl:
-            e, ec = r.get("explanations"), r.get("explanations_gain") or r.get("explanations_confidence")
+            e, ec = r.get("explanations"), r.get("explanations_confidence")
             cells.append(f"{_pct(e['precision_percent'])} / {_pct(ec['precision_percent']) if ec else '-'}" if e else "-")
         if has_sim:
             sm = r.get("simulation")

@@ -6,7 +6,7 @@ explanation is a short list of concepts instead of the ~98 % of neurons a GELU l
     image --preprocess (record.py's)--> model (LWTA: seeded samples or argmax) --hook--> layer output
           --summary (the dissection's: class token, spatial mean, ...)--> K values for the image
           --active set (LWTA: the block winners; GELU/ReLU: the positive neurons)--> each neuron's
-          concept and score from labels.json, sorted by gain (or confidence, activation, pi, z)
+          concept and score from labels.json, sorted by confidence (or gain, activation, pi, z)
 
 Usage::
 
@@ -24,9 +24,9 @@ a neuron's ``win_rate`` is the fraction of draws in which it was active. For an 
 competition per block per image (a class token) the list shows each block's winner with its ``pi``
 (softmax of the block's responses, Eq. 2: how sure the competition was) and its ``activation``, the
 linear response it passes on when it wins (Eq. 1); elsewhere ``activation`` is the mean output over
-the draws. Sorted by gain (how much more often the CLIP finds a row's concept in the probe images
-that move the unit about as much than in any probe image), by confidence (that share itself), by
-activation (Table 4: top 7, bottom 6), by pi or by z. The class prediction averages
+the draws. Sorted by confidence (how often the CLIP finds a row's concept in the probe images that
+move the unit about as much), by gain (that share minus how often it finds the concept in any probe
+image), by activation (Table 4: top 7, bottom 6), by pi or by z. The class prediction averages
 the S draws' logits (the paper's Bayesian averaging).
 """
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _draws(model: nn.Module, module: nn.Module, x: torch.Tensor, n: int, summary
     return {k: torch.cat(r).numpy() for k, r in rows.items() if r}
 
 
-SORTS = ("auto", "gain", "confidence", "activation", "pi", "z")  # auto: gain where the labels have base rates
+SORTS = ("auto", "confidence", "gain", "activation", "pi", "z")  # auto: confidence where the labels have curves
 
 
 def sort_neurons(neurons: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
@@ -266,8 +266,7 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
     shows the top 7 and the bottom 6), "pi", "z" (the units this image moves most, whatever their
     scale), "confidence" (the rows whose concept is most likely in the image, then by z), "gain"
     (the rows whose concept this image makes likelier than any probe image, then by z) or "auto":
-    gain where the layer's labels have base rates, else confidence where they have curves, else
-    activation.
+    confidence where the layer's labels have curves, else activation.
     Returns a JSON-ready dict.
     """
     import record
@@ -327,7 +326,7 @@ def explain_image(model: nn.Module, meta: ModelMeta, labels: Labels, layer: str 
         raise DiscoverError(f"`sort` gain: the labels of {layer} have no base rates (a CLIP without a truth "
                             "threshold, or labels before format 5)")
     if sort == "auto":
-        sort = "gain" if has_rates else "confidence" if has_curves else "activation"
+        sort = "confidence" if has_curves else "activation"
     sig = d["signal"].mean(0) if "signal" in d else values.mean(0)  # the dissected signal on this image
     neurons = []
     for k in shown:

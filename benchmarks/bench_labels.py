@@ -15,7 +15,7 @@ world-clip trained with ``world train-clip``), and judged:
   label names that value);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
   out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
-  the list sorted by activation (DISCOVER Table 4), by confidence and by gain (``explain``'s default).
+  the list sorted by activation (DISCOVER Table 4), by confidence (``explain``'s default) and by gain.
 
     python -m benchmarks.bench_labels                                  # the full table (minutes)
     python -m benchmarks.bench_labels --signals pi --similarities auto --probes world:2000:4
