@@ -113,15 +113,15 @@ def gallery_fit(A: np.ndarray, P: np.ndarray, allowed: np.ndarray, threshold: fl
     N, K = A.shape
     fit = np.full(allowed.shape, -np.inf)
     holds = P > np.float32(threshold)
+    rate = holds.mean(0)
+    by_concept = np.ascontiguousarray(holds.T).view(np.uint8)  # M x N: a unit's concepts are rows to gather
     for k in np.flatnonzero(allowed.any(1)):
         ms = np.flatnonzero(allowed[k])
         a = A[:, k].astype(np.float64)
         a -= a.mean()
-        H = holds[:, ms]
-        rate = H.mean(0)
-        norm = np.sqrt((a @ a) * N * rate * (1 - rate))  # |a - mean| |t - mean| of each 0/1 verdict t
+        norm = np.sqrt((a @ a) * N * rate[ms] * (1 - rate[ms]))  # |a - mean| |t - mean| of each 0/1 verdict t
         with np.errstate(invalid="ignore", divide="ignore"):
-            fit[k, ms] = np.where(norm > 0, (a @ H) / norm, 0.0)  # sum_i (a_i - mean) (t_i - rate) = a . t
+            fit[k, ms] = np.where(norm > 0, (by_concept[ms] @ a) / norm, 0.0)  # sum_i (a_i - mean)(t_i - rate) = t . a
     return fit
 
 
