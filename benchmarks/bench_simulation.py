@@ -97,6 +97,16 @@ def sanity_table(dirs: list[tuple[str, Path, str]]) -> Table:
     return t
 
 
+def best_time(fn, reps: int) -> float:
+    """The fastest of ``reps`` runs of ``fn``, in seconds."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def cost(K: int = 768, N: int = 10_000, M: int = 20_000, reps: int = 3) -> str:
     rng = np.random.default_rng(0)
     A = rng.standard_normal((N, K)).astype(np.float32)
@@ -115,16 +125,8 @@ def cost(K: int = 768, N: int = 10_000, M: int = 20_000, reps: int = 3) -> str:
             hits = pos[order]
             (np.cumsum(hits) / np.arange(1, len(hits) + 1))[hits].mean()
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_base = best(baseline)
-    t_ours = best(lambda: simulate.held_out_scores(A, P, choose))
+    t_base = best_time(baseline, reps)
+    t_ours = best_time(lambda: simulate.held_out_scores(A, P, choose), reps)
     return (f"simulation scores, K={K} N={N} M={M}: {t_ours:.2f} s (with the permutation p-values), "
             f"per-neuron NumPy loop without p-values {t_base:.2f} s: ratio {t_base / t_ours:.2f}x")
 
@@ -142,16 +144,8 @@ def fit_cost(K: int = 768, N: int = 10_000, M: int = 20_000, per: int = 20, reps
             for m in np.flatnonzero(allowed[k]):
                 np.corrcoef(A[:, k].astype(np.float64), (P[:, m] > 0.5).astype(np.float64))
 
-    def best(fn) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_base = best(baseline)
-    t_ours = best(lambda: dissect.gallery_fit(A, P, allowed, 0.5))
+    t_base = best_time(baseline, reps)
+    t_ours = best_time(lambda: dissect.gallery_fit(A, P, allowed, 0.5), reps)
     return (f"gallery fit, K={K} N={N} M={M}, {per} concepts per neuron: {t_ours:.2f} s, "
             f"np.corrcoef per pair {t_base:.2f} s: ratio {t_base / t_ours:.2f}x")
 
