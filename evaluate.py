@@ -575,33 +575,34 @@ class LabelsRun:
 
 
 def held_out_judgement(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]],
-                       Y: np.ndarray) -> dict[str, Any]:
-    """:func:`top_image_metrics` of the labels the simulation scored (``labels``: chosen on the
-    choosing half of the probe) against each unit's top images among the *scoring* half
-    (``simulate.probe_split``): whether each label is right on the very images it was scored on."""
+                       Y: np.ndarray, by: str = "gallery") -> dict[str, Any]:
+    """Whether each label the simulation scored (``labels``: chosen on the choosing half of the
+    probe) is right on the *scoring* half (``simulate.probe_split``), the very images it was scored
+    on, by one of the two ground-truth measures: ``by`` "gallery", :func:`top_image_metrics` of each
+    unit's top images there (the units whose top 20 share a value; right: the label names only what
+    they share); "auroc", :func:`world_metrics` there (the units that separate a value at AUROC
+    >= 0.85; right: the label names that value). ``units``: one ``{"unit", "right"}`` per judged unit."""
     import dissect
     import dissect_kernels
     import simulate
 
     _, sc = simulate.probe_split(A.shape[0])
-    top = dissect_kernels.top_images(np.ascontiguousarray(A[sc], np.float32), dissect.TOP_IMAGES)
-    return top_image_metrics(top, labels, values, np.asarray(Y)[sc])
+    if by == "gallery":
+        top = dissect_kernels.top_images(np.ascontiguousarray(A[sc], np.float32), dissect.TOP_IMAGES)
+        return top_image_metrics(top, labels, values, np.asarray(Y)[sc])
+    if by == "auroc":
+        wm = world_metrics(A[sc], labels, values, np.asarray(Y)[sc])
+        return {**wm, "units": [{"unit": n["unit"], "right": n["names_value"]} for n in wm["selective_neurons"]]}
+    raise DiscoverError(f"`by` must be gallery or auroc, got {by!r}")
 
 
-def simulation_figures(sim: dict[str, Any], judged: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores with the
-    label each was scored with; on the world (``judged``: :func:`held_out_judgement` of those
-    labels), how well each score tells right labels from wrong ones among the units selective on
-    the scoring half: ``right_auroc`` (the correlation's AUROC for "the label is right", with the
-    mean correlation of right and wrong labels), ``right_auroc_truth`` and ``right_auroc_precision``
-    (the truth correlation's and the held-out precision's; None without them)."""
-    import simulate
-
-    out: dict[str, Any] = {**simulate.summary(sim),
-                           "per_neuron": {**{k: np.asarray(sim[k], np.float64).tolist() for k in simulate.SCORES
-                                             if k in sim},
-                                          "label": list(sim.get("label") or [])},
-                           "right_auroc": None, "corr_right": None, "corr_wrong": None,
+def _separation(sim: dict[str, Any], judged: dict[str, Any] | None) -> dict[str, Any]:
+    """How well each simulation score tells the ``judged`` units' right labels from their wrong
+    ones (:func:`held_out_judgement`): ``right_auroc`` (the correlation's AUROC for "the label is
+    right", with the mean correlation of right and wrong labels), ``right_auroc_truth`` and
+    ``right_auroc_precision`` (the truth correlation's and the held-out precision's; None without
+    them), and ``judged`` (how many units, how many right)."""
+    out: dict[str, Any] = {"right_auroc": None, "corr_right": None, "corr_wrong": None,
                            "right_auroc_truth": None, "right_auroc_precision": None, "judged": None}
     units = [u for u in (judged or {}).get("units", []) if np.isfinite(sim["corr"][u["unit"]])]
     right = [bool(u["right"]) for u in units]
@@ -616,6 +617,22 @@ def simulation_figures(sim: dict[str, Any], judged: dict[str, Any] | None = None
             if v.size and all(np.isfinite(v[u["unit"]]) for u in units):
                 out[name] = auroc([float(v[u["unit"]]) for u in units], right)
     return out
+
+
+def simulation_figures(sim: dict[str, Any], judged: dict[str, Any] | None = None,
+                       judged_auroc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A layer's simulation figures (:func:`simulate.summary`) and its per-neuron scores with the
+    label each was scored with; on the world, how well each score tells right labels from wrong
+    ones (:func:`_separation`): with the labels judged by their top images on the scoring half
+    (``judged``, :func:`held_out_judgement` by "gallery"; at the top level) and by the AUROC measure
+    there (``judged_auroc``, by "auroc"; under ``by_auroc``, None without it)."""
+    import simulate
+
+    return {**simulate.summary(sim),
+            "per_neuron": {**{k: np.asarray(sim[k], np.float64).tolist() for k in simulate.SCORES if k in sim},
+                           "label": list(sim.get("label") or [])},
+            **_separation(sim, judged),
+            "by_auroc": _separation(sim, judged_auroc) if judged_auroc else None}
 
 
 def _is_output_layer(layer: str, K: int, classes: Sequence[str] | None) -> bool:
@@ -692,9 +709,10 @@ def evaluate_run(run: LabelsRun, sentence: Callable | None, sentence_name: str, 
                                     "(they depend only on the seed unless the sampling itself changed)")
         try:
             sim = run.simulation(layer, A, neurons)
-            judged = held_out_judgement(A, sim["label"], world_gt[0], world_gt[1]) \
-                if world_gt is not None and world_gt[1].shape[0] == A.shape[0] and not row["output_layer"] else None
-            row["simulation"] = simulation_figures(sim, judged)
+            on_world = world_gt is not None and world_gt[1].shape[0] == A.shape[0] and not row["output_layer"]
+            judged, judged_auroc = ([held_out_judgement(A, sim["label"], world_gt[0], world_gt[1], by)
+                                     for by in ("gallery", "auroc")] if on_world else [None, None])
+            row["simulation"] = simulation_figures(sim, judged, judged_auroc)
         except DiscoverError as e:
             row["notes"].append(f"simulation scores left out: {e}")
         if U and run.model_or_none() is not None and lwta_layer(run, layer):

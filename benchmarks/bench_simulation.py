@@ -4,9 +4,9 @@
    held-out correlation, mean AUPRC, share of neurons beating the permutation baseline, mean
    held-out precision (world-clip holds the label on the neuron's top 5 % of held-out images), mean
    truth correlation (with world-clip's 0/1 verdict on the label), and how well the correlation, the
-   truth correlation and the precision tell right labels from wrong ones among the units selective
-   on the scoring half, each label judged on its top images there (AUROC; the mean correlation of
-   right and of wrong labels). The sanity tests' "corr" column is also the truth correlation's: on
+   truth correlation and the precision tell right labels from wrong ones on the scoring half (AUROC;
+   the mean correlation of right and of wrong labels), each label judged by its unit's top images
+   there (the top-image measure) and by the AUROC measure there. The sanity tests' "corr" column is also the truth correlation's: on
    a 0/1 concept vector the two are one score.
 2. The sanity tests of "Evaluating Neuron Explanations" (ICML 2025) on each hidden layer: the
    selective units' activations against the ground-truth vector of the attribute value their top
@@ -45,12 +45,17 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tuple[str, Path, str]]]:
+def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, Table, list[tuple[str, Path, str]]]:
+    """The layers' simulation figures, and how well each score tells right labels from wrong ones
+    on the hidden layers by each ground-truth judge (``evaluate.held_out_judgement``)."""
     t = Table(title=f"simulation scores, probe {probe}, concepts {concepts} (labels chosen on one half, scored on the other)")
-    for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "precision", "truth corr",
-                "judged right", "right vs wrong AUROC: corr", "corr right / wrong", "AUROC: truth corr",
-                "AUROC: precision"):
+    for col in ("model", "layer", "corr mean", "corr median", "AUPRC", "p < 0.05", "precision", "truth corr"):
         t.add_column(col, justify="left" if col in ("model", "layer") else "right")
+    sep = Table(title="right vs wrong labels on the scoring half: AUROC of each score, by each judge "
+                      "(gallery: the unit's top 20 images share what the label names; auroc: the unit separates "
+                      "a value at AUROC >= 0.85 and the label names it)")
+    for col in ("model", "layer", "judge", "judged right", "corr", "corr right / wrong", "truth corr", "precision"):
+        sep.add_column(col, justify="left" if col in ("model", "layer", "judge") else "right")
     dirs = []
     for m in demo.demo_models():
         out = work / m.name
@@ -61,14 +66,17 @@ def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, list[tup
     names = {str(d): n for n, d, _ in dirs}
     for row in res["runs"]:
         s = row["simulation"]
-        j = s.get("judged")
         t.add_row(names[row["labels"]], row["layer"], _num(s["corr_mean"]), _num(s["corr_median"]),
                   _num(s["auprc_mean"]), _pct(s["significant_percent"]),
                   _pct(None if s.get("precision_mean") is None else 100 * s["precision_mean"]),
-                  _num(s.get("corr_truth_mean")), f"{j['right']} of {j['units']}" if j else "-", _num(s["right_auroc"]),
-                  f"{_num(s['corr_right'])} / {_num(s['corr_wrong'])}", _num(s.get("right_auroc_truth")),
-                  _num(s.get("right_auroc_precision")))
-    return t, dirs
+                  _num(s.get("corr_truth_mean")))
+        for judge, f in (("gallery", s), ("auroc", s.get("by_auroc"))):
+            j = (f or {}).get("judged")
+            if j:
+                sep.add_row(names[row["labels"]], row["layer"], judge, f"{j['right']} of {j['units']}",
+                            _num(f["right_auroc"]), f"{_num(f['corr_right'])} / {_num(f['corr_wrong'])}",
+                            _num(f.get("right_auroc_truth")), _num(f.get("right_auroc_precision")))
+    return t, sep, dirs
 
 
 def sanity_table(dirs: list[tuple[str, Path, str]]) -> Table:
@@ -157,8 +165,9 @@ def fit_cost(K: int = 768, N: int = 10_000, M: int = 20_000, per: int = 20, reps
 @click.option("--skip-cost", is_flag=True)
 def main(probe: str, concepts: str, markdown: str | None, skip_cost: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        scores, dirs = scores_table(probe, concepts, Path(tmp))
+        scores, separation, dirs = scores_table(probe, concepts, Path(tmp))
         console.print(scores)
+        console.print(separation)
         sanity = sanity_table(dirs)
         console.print(sanity)
     line = None if skip_cost else cost() + "\n" + fit_cost()
@@ -167,6 +176,7 @@ def main(probe: str, concepts: str, markdown: str | None, skip_cost: bool) -> No
     if markdown:
         rec = Console(record=True, width=200, file=open("/dev/null", "w"))
         rec.print(scores)
+        rec.print(separation)
         rec.print(sanity)
         if line:
             rec.print(line)

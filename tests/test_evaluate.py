@@ -282,6 +282,16 @@ def test_simulation_judges_each_scored_label_on_the_scoring_halfs_own_top_images
     assert fig["corr_right"] == pytest.approx(0.9) and fig["corr_wrong"] == pytest.approx(0.4)
     assert fig["judged"]["right"] == 1 and fig["per_neuron"]["corr_truth"] == [0.8, 0.2, 0.0]
     assert evaluate.simulation_figures(sim)["right_auroc"] is None  # no ground truth: nothing judged
+    assert fig["by_auroc"] is None
+    # by the AUROC measure on the scoring half: units 0 and 1 separate red (and stars) at AUROC 1, red
+    # first; unit 2 separates nothing. "red" names red (right), "star" does not (wrong)
+    by_auroc = evaluate.held_out_judgement(A, ["red", "star", "red"], VALUES, Y, by="auroc")
+    assert [(u["unit"], u["right"]) for u in by_auroc["units"]] == [(0, True), (1, False)]
+    fig = evaluate.simulation_figures(sim, judged, by_auroc)
+    assert fig["by_auroc"]["right_auroc"] == fig["by_auroc"]["right_auroc_truth"] == 1.0
+    assert fig["by_auroc"]["judged"] == {"units": 2, "right": 1}
+    with pytest.raises(DiscoverError, match="`by` must be"):
+        evaluate.held_out_judgement(A, ["red"] * 3, VALUES, Y, by="size")
 
 
 def test_explanation_precision_by_hand() -> None:
