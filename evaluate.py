@@ -593,7 +593,7 @@ def held_out_judgement(A: np.ndarray, labels: Sequence[str], values: list[tuple[
     if by == "auroc":
         wm = world_metrics(A[sc], labels, values, np.asarray(Y)[sc])
         return {**wm, "units": [{"unit": n["unit"], "right": n["names_value"]} for n in wm["selective_neurons"]]}
-    raise DiscoverError(f"`by` must be gallery or auroc, got {by!r}")
+    raise ValueError(f"by must be gallery or auroc, got {by!r}")  # a caller's mistake, not a user's
 
 
 def _separation(sim: dict[str, Any], judged: dict[str, Any] | None) -> dict[str, Any]:

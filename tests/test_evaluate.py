@@ -290,7 +290,7 @@ def test_simulation_judges_each_scored_label_on_the_scoring_halfs_own_top_images
     fig = evaluate.simulation_figures(sim, judged, by_auroc)
     assert fig["by_auroc"]["right_auroc"] == fig["by_auroc"]["right_auroc_truth"] == 1.0
     assert fig["by_auroc"]["judged"] == {"units": 2, "right": 1}
-    with pytest.raises(DiscoverError, match="`by` must be"):
+    with pytest.raises(ValueError, match="by must be"):
         evaluate.held_out_judgement(A, ["red"] * 3, VALUES, Y, by="size")
 
 
