@@ -53,12 +53,11 @@ SIMILARITIES = ("auto", "soft_wpmi", "wpmi", "cos3", "cos")
 
 def _labels(A: np.ndarray, P: np.ndarray, words: list[str], similarity: str, allowed: np.ndarray | None = None,
             top: np.ndarray | None = None, wins: np.ndarray | None = None,
-            threshold: float | None = None) -> list[schema.Neuron]:
+            threshold: float | None = None, fit: np.ndarray | None = None) -> list[schema.Neuron]:
     """Each neuron's label record as ``dissect`` makes it (``dissect.neuron_rows``, the gallery's
-    concepts ranked by ``dissect.gallery_fit``; no label for a dead one), with its confidence curve
-    and base rate (``dissect.add_confidence``) given the CLIP's truth ``threshold``."""
+    concepts ranked by their ``fit``, ``dissect.gallery_fit``; no label for a dead one), with its
+    confidence curve and base rate (``dissect.add_confidence``) given the CLIP's truth ``threshold``."""
     S = dissect.scores(similarity, A, P)
-    fit = None if allowed is None or threshold is None else dissect.gallery_fit(A, P, allowed, threshold)
     rows = dissect.neuron_rows("-", A, S, words, None, None, wins, allowed, top, fit)
     if threshold is not None:
         dissect.add_confidence(rows, A, P, words, threshold)
@@ -137,9 +136,11 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                     wins, top = record.read_wins(paths[hidden]), dk.top_images(Ah, dissect.TOP_IMAGES)
                     allowed = {c: dissect.gallery_mask(Ps[c], top, clip.truth_threshold, gallery_share) if check else None
                                for c in concept_sets}
+                    fit = {c: dissect.gallery_fit(Ah, Ps[c], allowed[c], clip.truth_threshold) if check else None
+                           for c in concept_sets}  # the gallery's order: one per concept set, whatever the similarity
                     for cset, sim in runs:
                         nh = _labels(Ah, Ps[cset], words[cset], dissect.layer_similarity(sim, hidden, output),
-                                     allowed[cset], top, wins, clip.truth_threshold)
+                                     allowed[cset], top, wins, clip.truth_threshold, fit[cset])
                         lh = [r.description for r in nh]
                         ti = evaluate.top_image_metrics(top, lh, values, Y)
                         wm = evaluate.world_metrics(Ah, lh, values, Y)
