@@ -12,7 +12,8 @@ world-clip trained with ``world train-clip``), and judged:
   value (>= 80 % of them), the % of those whose label names only values their top images share,
   and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
 - AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85,
-  label names that value);
+  label names that value); class-selective only: the units it leaves out that separate a class
+  (colour and shape) at AUROC >= 0.85 (:func:`class_only`);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
   out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
   the list sorted by activation (DISCOVER Table 4), by confidence (``explain``'s default) and by gain.
@@ -21,6 +22,9 @@ world-clip trained with ``world train-clip``), and judged:
     python -m benchmarks.bench_labels --signals pi --similarities auto --probes world:2000:4
     python -m benchmarks.bench_labels --markdown docs/labels_table.md  # also write the table
     python -m benchmarks.bench_labels --all-layers --signals expected --similarities auto
+    python -m benchmarks.bench_labels --signals expected --similarities auto --gallery-share 0.8,0.5,0
+
+``--gallery-share`` takes one or more shares of dissect's gallery check (0: off), one row each.
 """
 from __future__ import annotations
 
@@ -95,6 +99,19 @@ def _precision(exs: list[dict[str, Any]], rows: list[schema.Neuron], attrs: list
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
 
 
+def class_only(A: np.ndarray, values: list[tuple[str, str]], Y: np.ndarray,
+               threshold: float = evaluate.SELECTIVE_AUROC) -> int:
+    """The units that no attribute value separates at AUROC >= ``threshold`` but one of the world's
+    classes (a colour and a shape, "red star", the task the models learn) does: units of a
+    conjunction, which the AUROC measure leaves out of its selective units."""
+    colors = [j for j, (a, _) in enumerate(values) if a == "color"]
+    shapes = [j for j, (a, _) in enumerate(values) if a == "shape"]
+    C = np.stack([Y[:, c] & Y[:, s] for c in colors for s in shapes], 1)
+    best_value = np.nan_to_num(evaluate.auroc_matrix(A, Y), nan=0.0).max(0)
+    best_class = np.nan_to_num(evaluate.auroc_matrix(A, C), nan=0.0).max(0)
+    return int(((best_value < threshold) & (best_class >= threshold)).sum())
+
+
 def activation_layers(model: Any) -> list[str]:
     """Every LWTA module of a CVN, or every GELU / ReLU module of a twin (the same paths)."""
     return [name for name, m in model.named_modules()
@@ -102,13 +119,14 @@ def activation_layers(model: Any) -> list[str]:
 
 
 def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], signals: list[str],
-        similarities: list[str], n_explain: int, gallery_share: float,
+        similarities: list[str], n_explain: int, gallery_shares: list[float],
         all_layers: bool = False, summary: str = "auto", clip_spec: str = clip_backend.DEFAULT) -> list[dict[str, Any]]:
     clip = clip_backend.load_clip(clip_spec)
-    check = gallery_share > 0 and clip.truth_threshold is not None
+    shares = list(dict.fromkeys(s if s > 0 and clip.truth_threshold is not None else 0.0
+                                for s in gallery_shares))  # 0: the check off; each share once
     by_name = {m.name: m for m in demo.demo_models()}
     words = {c: concepts.load_concepts(c) for c in concept_sets}
-    runs = list(itertools.product(concept_sets, similarities))
+    runs = list(itertools.product(shares, concept_sets, similarities))
     rows = []
     for probe_spec in probe_specs:
         probe = probes.load_probe(probe_spec)
@@ -129,27 +147,29 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                 Ao, _ = record.read_activations(paths[output])
                 final = {(c, sim): evaluate.final_layer_metrics(
                     [r.description for r in _labels(Ao, Ps[c], words[c], dissect.layer_similarity(sim, output, output))],
-                    meta.classes)["accuracy_percent"] for c, sim in runs}
+                    meta.classes)["accuracy_percent"] for c, sim in itertools.product(concept_sets, similarities)}
                 for hidden in hiddens:
                     exs = _explanations(model, meta, hidden, probe, n_explain, sig, summary) if n_explain else []
                     Ah, _ = record.read_activations(paths[hidden])
                     wins, top = record.read_wins(paths[hidden]), dk.top_images(Ah, dissect.TOP_IMAGES)
-                    allowed = {c: dissect.gallery_mask(Ps[c], top, clip.truth_threshold, gallery_share) if check else None
-                               for c in concept_sets}
-                    fit = {c: dissect.gallery_fit(Ah, Ps[c], allowed[c], clip.truth_threshold) if check else None
-                           for c in concept_sets}  # the gallery's order: one per concept set, whatever the similarity
-                    for cset, sim in runs:
+                    allowed = {(g, c): dissect.gallery_mask(Ps[c], top, clip.truth_threshold, g) if g else None
+                               for g, c in itertools.product(shares, concept_sets)}
+                    fit = {k: dissect.gallery_fit(Ah, Ps[k[1]], a, clip.truth_threshold) if a is not None else None
+                           for k, a in allowed.items()}  # the gallery's order: one per share and concept set, whatever the similarity
+                    n_class_only = class_only(Ah, values, Y)
+                    for share, cset, sim in runs:
                         nh = _labels(Ah, Ps[cset], words[cset], dissect.layer_similarity(sim, hidden, output),
-                                     allowed[cset], top, wins, clip.truth_threshold, fit[cset])
+                                     allowed[share, cset], top, wins, clip.truth_threshold, fit[share, cset])
                         lh = [r.description for r in nh]
                         ti = evaluate.top_image_metrics(top, lh, values, Y)
                         wm = evaluate.world_metrics(Ah, lh, values, Y)
                         rows.append({
                             "probe": probe_spec, "concepts": cset, "model": name, "layer": hidden, "summary": summary,
-                            "signal": signal, "similarity": sim, "gallery": gallery_share if check else 0.0,
+                            "signal": signal, "similarity": sim, "gallery": share,
                             "final_accuracy": final[cset, sim], "selective": ti["selective"],
                             "named_right": ti["right_percent"], "names_world": ti["world_percent"],
-                            "auroc_selective": wm["selective"], "hidden_accuracy": wm["hidden_accuracy_percent"],
+                            "auroc_selective": wm["selective"], "class_only": n_class_only,
+                            "hidden_accuracy": wm["hidden_accuracy_percent"],
                             **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
                                for s in ("activation", "confidence", "gain")}})
     return rows
@@ -162,7 +182,8 @@ def _pct(v: float | None) -> str:
 COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("layer", "layer"), ("summary", "summary"), ("signal", "signal"),
            ("similarity", "similarity"), ("gallery", "gallery share"), ("final_accuracy", "final-layer acc. %"), ("selective", "selective"),
            ("named_right", "named right %"), ("names_world", "names the world %"),
-           ("auroc_selective", "AUROC selective"), ("hidden_accuracy", "AUROC hidden acc. %"),
+           ("auroc_selective", "AUROC selective"), ("class_only", "class-selective only"),
+           ("hidden_accuracy", "AUROC hidden acc. %"),
            ("explanation_precision_activation", "explanation precision, by activation %"),
            ("explanation_precision_confidence", "by confidence %"), ("explanation_precision_gain", "by gain %")]
 
@@ -180,8 +201,8 @@ def _cell(row: dict[str, Any], key: str) -> str:
 @click.option("--similarities", default=",".join(SIMILARITIES), show_default=True)
 @click.option("--explain", "n_explain", type=int, default=100, show_default=True,
               help="Held-out images explained for the explanation precision (0: skip).")
-@click.option("--gallery-share", type=float, default=dissect.GALLERY_SHARE, show_default=True,
-              help="dissect's gallery check of hidden-layer labels (0: off).")
+@click.option("--gallery-share", "gallery_shares", default=str(dissect.GALLERY_SHARE), show_default=True,
+              help="dissect's gallery check of hidden-layer labels, one or more shares S,S,... (0: off).")
 @click.option("--all-layers", is_flag=True, help="Every LWTA / activation layer, not only the demo's hidden layer.")
 @click.option("--summary", type=click.Choice(record.SUMMARIES), default="auto", show_default=True,
               help="How the hidden layers are summarised per image (record.summarise).")
@@ -190,7 +211,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the table as Markdown.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the rows as JSON.")
 def main(models: str | None, probes: str, concept_sets: str, signals: str, similarities: str, n_explain: int,
-         gallery_share: float, all_layers: bool, summary: str, clip_spec: str, markdown: str | None, json_out: str | None) -> None:
+         gallery_shares: str, all_layers: bool, summary: str, clip_spec: str, markdown: str | None, json_out: str | None) -> None:
     specs = dict(kv.split("=", 1) for kv in models.split(",")) if models else \
         {m.name: str(m.shipped) for m in demo.demo_models()}
     sims = [s for s in similarities.split(",") if s]
@@ -198,11 +219,17 @@ def main(models: str | None, probes: str, concept_sets: str, signals: str, simil
     if bad:
         raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {', '.join(dissect.SIMILARITY_NAMES)}",
                                  param_hint="--similarities")
-    rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, gallery_share, all_layers, summary,
+    try:
+        shares = [float(g) for g in gallery_shares.split(",") if g]
+    except ValueError:
+        shares = []
+    if not shares or not all(0 <= g <= 1 for g in shares):
+        raise click.BadParameter(f"{gallery_shares!r}: give numbers in [0, 1], e.g. 0.8,0.5", param_hint="--gallery-share")
+    rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, shares, all_layers, summary,
                clip_spec)
     table = Table(title="Labels against the world's ground truth")
     for _, title in COLUMNS:
-        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective") else "left")
+        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective", "class-selective only") else "left")
     for r in rows:
         table.add_row(*[_cell(r, k) for k, _ in COLUMNS])
     Console(width=250).print(table)
