@@ -704,10 +704,12 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
                   caption=(f"top-1 on {', '.join(map(str, tests))} held-out test images ± s.e.; " if tests else "")
                   + f"hidden layer: signal {first.get('signal')} for LWTA layers, similarity {first.get('similarity')}; "
                   "selective: >= 80 % of a unit's top 20 images share a value; named right: the label names only "
-                  "what they share; explanation precision: listed top-7 concepts that fit held-out images, sorted by "
-                  "activation (Table 4) / by confidence (explain's default)")
+                  "what they share; AUROC measure: units one attribute value separates at AUROC >= 0.85 / the % "
+                  "whose label names that value; explanation precision: listed top-7 concepts that fit held-out "
+                  "images, sorted by activation (Table 4) / by confidence (explain's default)")
     cols = ("model", "layer", "top-1 (4 samples)", "top-1 (argmax)", "mean max pi", "final-layer label acc.",
-            "selective", "named right", "names the world", "explanation precision (act. / conf.)", "active / example")
+            "selective", "named right", "names the world", "AUROC measure", "explanation precision (act. / conf.)",
+            "active / example")
     for col in cols:
         table.add_column(col, justify="left" if col in ("model", "layer") else "right")
     for name, s in summary.items():
@@ -715,6 +717,7 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
         table.add_row(label, s.get("hidden_layer", "?"), top1(s, "top1"), top1(s, "top1_argmax"),
                       "-" if s.get("max_pi") is None else f"{s['max_pi']:.3f}", pct(s.get("final_layer_accuracy")),
                       str(s.get("selective_top", "-")), pct(s.get("named_right")), pct(s.get("names_world")),
+                      f"{s.get('selective_neurons', '-')} / {pct(s.get('hidden_layer_accuracy'))}",
                       f"{pct(s.get('explanation_precision'))} / {pct(s.get('explanation_precision_confidence'))}",
                       f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
