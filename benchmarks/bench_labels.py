@@ -219,14 +219,21 @@ def main(models: str | None, probes: str, concept_sets: str, signals: str, simil
     if bad:
         raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {', '.join(dissect.SIMILARITY_NAMES)}",
                                  param_hint="--similarities")
+    bad = [s for s in signals.split(",") if s not in record.SIGNALS]
+    if bad:
+        raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {', '.join(record.SIGNALS)}",
+                                 param_hint="--signals")
     try:
         shares = [float(g) for g in gallery_shares.split(",") if g]
     except ValueError:
         shares = []
     if not shares or not all(0 <= g <= 1 for g in shares):
         raise click.BadParameter(f"{gallery_shares!r}: give numbers in [0, 1], e.g. 0.8,0.5", param_hint="--gallery-share")
-    rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, shares, all_layers, summary,
-               clip_spec)
+    try:
+        rows = run(specs, probes.split(","), concept_sets.split(","), signals.split(","), sims, n_explain, shares, all_layers,
+                   summary, clip_spec)
+    except common.DiscoverError as e:  # a bad probe, word list, model or CLIP: one line, no traceback
+        raise click.ClickException(str(e)) from None
     table = Table(title="Labels against the world's ground truth")
     for _, title in COLUMNS:
         table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective", "class-selective only") else "left")

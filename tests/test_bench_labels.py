@@ -1,5 +1,5 @@
-"""benchmarks/bench_labels.py: the class-selective count against a planted probe, and its
-``--gallery-share`` list checked before any work."""
+"""benchmarks/bench_labels.py: the class-selective count against a planted probe, and bad options
+refused in one line."""
 from __future__ import annotations
 
 import subprocess
@@ -49,3 +49,14 @@ def test_gallery_share_list_rejects_a_bad_share_before_any_work() -> None:
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2, r.stderr
         assert "--gallery-share" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_signal_and_bad_word_list_are_one_line_errors() -> None:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_labels", "--signals", "expected,foo"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--signals" in r.stderr and "foo" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_labels", "--signals", "expected", "--similarities", "auto",
+                        "--concepts", "no_such_list", "--probes", "world:50:2", "--explain", "0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "no_such_list" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
