@@ -36,10 +36,10 @@ same inputs reuses it ("cached"), any change recomputes it.
 
 The neuron signal of an LWTA layer (``signal``; other layers record their output):
 
-- ``pi`` (default): unit (b, u)'s winning probability pi_b[u] = softmax(h_b)[u] (Eq. 2), the
-  quantity DISCOVER defines a unit's function by; a conv map's spatial mean of pi is the unit's
-  win rate over its positions;
-- ``expected``: pi * h, the expected output E[xi h] of the unit;
+- ``pi``: unit (b, u)'s winning probability pi_b[u] = softmax(h_b)[u] (Eq. 2), the quantity
+  DISCOVER defines a unit's function by; a conv map's spatial mean of pi is the unit's win rate
+  over its positions;
+- ``expected`` (default, :data:`DEFAULT_SIGNAL`): pi * h, the expected output E[xi h] of the unit;
 - ``sample``: the layer's output in one posterior draw (Eq. 1), the paper's Table 4 recording;
 - ``argmax``: the output with the deterministic winner (argmax h) of each block.
 
