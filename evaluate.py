@@ -245,16 +245,36 @@ def final_layer_metrics(labels: Sequence[str], classes: Sequence[str],
             "sentence_cos": mean_pair_cosine(sentence_encode, la, cl) if sentence_encode else None}
 
 
+def class_indicators(values: list[tuple[str, str]], Y: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The world's classes of the object task ("red star": a colour and a shape) as names and an
+    N x C indicator matrix built from the attribute columns of ``Y``; none (N x 0) when the values
+    have no colour or no shape."""
+    Y = np.asarray(Y, bool)
+    colors = [j for j, (a, _) in enumerate(values) if a == "color"]
+    shapes = [j for j, (a, _) in enumerate(values) if a == "shape"]
+    names = [f"{values[c][1]} {values[s][1]}" for c in colors for s in shapes]
+    C = np.stack([Y[:, c] & Y[:, s] for c in colors for s in shapes], 1) if names else np.zeros((len(Y), 0), bool)
+    return names, C
+
+
 def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]], Y: np.ndarray,
                   threshold: float = SELECTIVE_AUROC) -> dict[str, Any]:
     """Selective neurons (best attribute-value AUROC >= ``threshold``) and the % whose label names
-    that value; per attribute too."""
+    that value; per attribute too. ``class_only``: the neurons that no attribute value separates at
+    ``threshold`` but a class of :func:`class_indicators` does (units of a colour *and* a shape,
+    which the selective count leaves out); None when the values have no classes."""
     if A.shape[0] != Y.shape[0]:
         raise DiscoverError(f"{A.shape[0]} activation rows but {Y.shape[0]} probe images")
-    S = np.nan_to_num(auroc_matrix(A, Y), nan=-np.inf)  # V x K
+    _, C = class_indicators(values, Y)
+    both = auroc_matrix(A, np.concatenate([np.asarray(Y, bool), C], 1))  # one ranking of A for values and classes
+    S = np.nan_to_num(both[:len(values)], nan=-np.inf)  # V x K
     best = S.argmax(0)
     best_auc = S[best, np.arange(A.shape[1])]
     selective = np.flatnonzero(best_auc >= threshold)
+    class_only = None
+    if C.shape[1]:
+        best_class = np.nan_to_num(both[len(values):], nan=-np.inf).max(0)
+        class_only = int(((best_auc < threshold) & (best_class >= threshold)).sum())
     by_attr: dict[str, dict[str, int]] = {}
     correct = 0
     neurons = []
@@ -270,7 +290,7 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
     n_sel = len(selective)
     finite = best_auc[np.isfinite(best_auc)]
     return {"threshold": threshold, "selective": n_sel, "selective_percent": 100.0 * n_sel / A.shape[1],
-            "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,
+            "class_only": class_only, "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,
             "mean_best_auroc": float(finite.mean()) if finite.size else None,
             "by_attribute": by_attr, "selective_neurons": neurons}
 
@@ -799,7 +819,7 @@ def table(result: dict[str, Any]):
     t = Table(title=f"label evaluation (selective: best attribute AUROC >= {result['selective_auroc']})")
     cols = ["labels", "layer", "K/U", "active/ex", "dead", "interp."]
     cols += ["out acc", "CLIP cos", "sent. cos"] if has_out else []
-    cols += ["selective", "hidden acc", "sel. (top 20)", "named right", "names world"] if has_world else []
+    cols += ["selective", "class only", "hidden acc", "sel. (top 20)", "named right", "names world"] if has_world else []
     has_expl = any(r.get("explanations") for r in runs)
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
@@ -825,8 +845,9 @@ def table(result: dict[str, Any]):
             cells += [_pct(o["accuracy_percent"]), _cos(o["clip_cos"]), _cos(o["sentence_cos"], "n/a")] if o \
                 else ["-"] * 3
         if has_world:
-            cells += [f"{w['selective']} ({w['selective_percent']:.0f}%)", _pct(w["hidden_accuracy_percent"])] if w \
-                else ["-"] * 2
+            cells += [f"{w['selective']} ({w['selective_percent']:.0f}%)",
+                      "-" if w.get("class_only") is None else str(w["class_only"]),
+                      _pct(w["hidden_accuracy_percent"])] if w else ["-"] * 3
             ti = r.get("top_images")
             right = _pct(ti["right_percent"]) if ti and not o else "-"
             cells += [str(ti["selective"]) if ti and not o else "-", right, _pct(ti["world_percent"]) if ti else "-"]

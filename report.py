@@ -277,7 +277,8 @@ def _eval_rows(evaluation: dict[str, Any] | None, sources: list[Source]) -> list
         rows.append(dict(r, run=src.name, final_accuracy=out.get("accuracy_percent"), clip_cos=out.get("clip_cos"),
                          sentence_cos=out.get("sentence_cos"),
                          hidden_accuracy=world.get("hidden_accuracy_percent"),
-                         selective=world.get("selective"), mean_best_auroc=world.get("mean_best_auroc")))
+                         selective=world.get("selective"), class_only=world.get("class_only"),
+                         mean_best_auroc=world.get("mean_best_auroc")))
     return rows
 
 

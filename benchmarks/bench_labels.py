@@ -13,7 +13,7 @@ world-clip trained with ``world train-clip``), and judged:
   and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
 - AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85,
   label names that value); class-selective only: the units it leaves out that separate a class
-  (colour and shape) at AUROC >= 0.85 (:func:`class_only`);
+  (colour and shape) at AUROC >= 0.85 (``class_only``);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
   out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
   the list sorted by activation (DISCOVER Table 4), by confidence (``explain``'s default) and by gain.
@@ -99,19 +99,6 @@ def _precision(exs: list[dict[str, Any]], rows: list[schema.Neuron], attrs: list
     return evaluate.explanation_precision(relabelled, attrs, values)["precision_percent"]
 
 
-def class_only(A: np.ndarray, values: list[tuple[str, str]], Y: np.ndarray,
-               threshold: float = evaluate.SELECTIVE_AUROC) -> int:
-    """The units that no attribute value separates at AUROC >= ``threshold`` but one of the world's
-    classes (a colour and a shape, "red star", the task the models learn) does: units of a
-    conjunction, which the AUROC measure leaves out of its selective units."""
-    colors = [j for j, (a, _) in enumerate(values) if a == "color"]
-    shapes = [j for j, (a, _) in enumerate(values) if a == "shape"]
-    C = np.stack([Y[:, c] & Y[:, s] for c in colors for s in shapes], 1)
-    best_value = np.nan_to_num(evaluate.auroc_matrix(A, Y), nan=0.0).max(0)
-    best_class = np.nan_to_num(evaluate.auroc_matrix(A, C), nan=0.0).max(0)
-    return int(((best_value < threshold) & (best_class >= threshold)).sum())
-
-
 def activation_layers(model: Any) -> list[str]:
     """Every LWTA module of a CVN, or every GELU / ReLU module of a twin (the same paths)."""
     return [name for name, m in model.named_modules()
@@ -156,7 +143,6 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                                for g, c in itertools.product(shares, concept_sets)}
                     fit = {k: dissect.gallery_fit(Ah, Ps[k[1]], a, clip.truth_threshold) if a is not None else None
                            for k, a in allowed.items()}  # the gallery's order: one per share and concept set, whatever the similarity
-                    n_class_only = class_only(Ah, values, Y)
                     for share, cset, sim in runs:
                         nh = _labels(Ah, Ps[cset], words[cset], dissect.layer_similarity(sim, hidden, output),
                                      allowed[share, cset], top, wins, clip.truth_threshold, fit[share, cset])
@@ -168,7 +154,7 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                             "signal": signal, "similarity": sim, "gallery": share,
                             "final_accuracy": final[cset, sim], "selective": ti["selective"],
                             "named_right": ti["right_percent"], "names_world": ti["world_percent"],
-                            "auroc_selective": wm["selective"], "class_only": n_class_only,
+                            "auroc_selective": wm["selective"], "class_only": wm["class_only"],
                             "hidden_accuracy": wm["hidden_accuracy_percent"],
                             **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
                                for s in ("activation", "confidence", "gain")}})

@@ -98,6 +98,7 @@ def test_hidden_layer_selective_neurons(tmp_path: Path) -> None:
     (row,) = evaluate.evaluate([str(run)])["runs"]
     w = row["world"]
     assert w["selective"] == 3 and w["correct"] == 2  # units 0, 1, 3 selective; 0 and 3 named
+    assert w["class_only"] == 0  # the fourth unit never moves: no class separates it either
     assert w["hidden_accuracy_percent"] == pytest.approx(200 / 3)
     best = {n["unit"]: (n["value"], n["auroc"], n["names_value"]) for n in w["selective_neurons"]}
     assert best == {0: ("red", 1.0, True), 1: ("star", 1.0, False), 3: ("small", 1.0, True)}
@@ -106,6 +107,40 @@ def test_hidden_layer_selective_neurons(tmp_path: Path) -> None:
     assert row["dead"] == 1 and row["output_layer"] is None
     # interpretable: score 0.1 + 0.1 k > cutoff 0.25 for units 2, 3; unit 2 is dead (NaN)
     assert row["interpretable"] == 1
+
+
+def test_class_only_counts_units_of_a_conjunction_alone() -> None:
+    rng = np.random.default_rng(0)
+    colors, shapes = ["red", "green", "blue", "pink"], ["star", "circle", "square", "heart"]
+    values = [("shape", s) for s in shapes] + [("color", c) for c in colors] + [("size", "large")]
+    N = 1600
+    color = rng.integers(0, 4, N)
+    shape = rng.integers(0, 4, N)
+    Y = np.zeros((N, len(values)), bool)
+    Y[np.arange(N), shape] = True
+    Y[np.arange(N), 4 + color] = True
+    Y[:, 8] = rng.random(N) < 0.5
+    noise = rng.normal(0, 0.1, (N, 4))
+    red_star = ((color == 0) & (shape == 0)) + noise[:, 0]  # fires on red stars only: red ~0.6, star ~0.6
+    red = (color == 0) + noise[:, 1]  # fires on every red image: red 1.0
+    large = Y[:, 8] + noise[:, 2]  # an attribute value of another attribute
+    A = np.stack([red_star, red, large, noise[:, 3]], 1)
+    # independent reference: the AUROC of each unit for each value and each class by pair counting
+    classes = np.stack([(color == c) & (shape == s) for c in range(4) for s in range(4)], 1)
+
+    def pair_auroc(a: np.ndarray, y: np.ndarray) -> float:
+        pos, neg = a[y], a[~y]
+        return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+
+    best_value = [max(pair_auroc(A[:, k], Y[:, j]) for j in range(len(values))) for k in range(4)]
+    best_class = [max(pair_auroc(A[:, k], classes[:, j]) for j in range(16)) for k in range(4)]
+    expected = sum(v < 0.85 <= c for v, c in zip(best_value, best_class))
+    assert best_value[0] < 0.85 <= best_class[0] and best_value[1] >= 0.85 and best_class[3] < 0.85
+    w = evaluate.world_metrics(A, ["red star", "red", "large", ""], values, Y)
+    assert w["class_only"] == expected == 1 and w["selective"] == 2
+    names, C = evaluate.class_indicators(values, Y)
+    assert names[0] == "red star" and len(names) == 16 and (C == classes).all()
+    assert evaluate.world_metrics(A, [""] * 4, values[:4] + values[8:], Y[:, [0, 1, 2, 3, 8]])["class_only"] is None
 
 
 def test_lwta_layer_counts_negative_winners_as_active(tmp_path: Path) -> None:
