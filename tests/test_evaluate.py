@@ -98,7 +98,7 @@ def test_hidden_layer_selective_neurons(tmp_path: Path) -> None:
     (row,) = evaluate.evaluate([str(run)])["runs"]
     w = row["world"]
     assert w["selective"] == 3 and w["correct"] == 2  # units 0, 1, 3 selective; 0 and 3 named
-    assert w["class_only"] == 0  # the fourth unit never moves: no class separates it either
+    assert w["class_only"] == 0  # units 0, 1, 3 have a value; unit 2 never moves, so no class separates it
     assert w["hidden_accuracy_percent"] == pytest.approx(200 / 3)
     best = {n["unit"]: (n["value"], n["auroc"], n["names_value"]) for n in w["selective_neurons"]}
     assert best == {0: ("red", 1.0, True), 1: ("star", 1.0, False), 3: ("small", 1.0, True)}
