@@ -196,7 +196,8 @@ def summarise(cfg: DemoConfig, metas: dict[str, dict[str, Any]], evaluation: dic
                                                                   "certainty"))
             s.update(hidden_layer=r["layer"], signal=r.get("signal"), similarity=r.get("similarity"),
                      hidden_layer_accuracy=w.get("hidden_accuracy_percent"), selective_neurons=w.get("selective"),
-                     class_only_neurons=w.get("class_only"),
+                     class_only_neurons=w.get("class_only"), class_units=w.get("class_units"),
+                     class_aware_accuracy=w.get("class_aware_percent"),
                      selective_top=ti.get("selective"), named_right=ti.get("right_percent"),
                      names_world=ti.get("world_percent"), explanation_precision=ex.get("precision_percent"),
                      explanation_precision_z=ez.get("precision_percent"),

@@ -705,7 +705,8 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
                   + f"hidden layer: signal {first.get('signal')} for LWTA layers, similarity {first.get('similarity')}; "
                   "selective: >= 80 % of a unit's top 20 images share a value; named right: the label names only "
                   "what they share; AUROC measure: units one attribute value separates at AUROC >= 0.85 / the % "
-                  "whose label names that value; explanation precision: listed top-7 concepts that fit held-out "
+                  "whose label names that value / the same when the colour or the shape of a class unit's best class "
+                  "counts (a unit a colour-and-shape class separates better than any value); explanation precision: listed top-7 concepts that fit held-out "
                   "images, sorted by activation (Table 4) / by confidence (explain's default)")
     cols = ("model", "layer", "top-1 (4 samples)", "top-1 (argmax)", "mean max pi", "final-layer label acc.",
             "selective", "named right", "names the world", "AUROC measure", "explanation precision (act. / conf.)",
@@ -717,7 +718,7 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
         table.add_row(label, s.get("hidden_layer", "?"), top1(s, "top1"), top1(s, "top1_argmax"),
                       "-" if s.get("max_pi") is None else f"{s['max_pi']:.3f}", pct(s.get("final_layer_accuracy")),
                       str(s.get("selective_top", "-")), pct(s.get("named_right")), pct(s.get("names_world")),
-                      f"{s.get('selective_neurons', '-')} / {pct(s.get('hidden_layer_accuracy'))}",
+                      f"{s.get('selective_neurons', '-')} / {pct(s.get('hidden_layer_accuracy'))} / {pct(s.get('class_aware_accuracy'))}",
                       f"{pct(s.get('explanation_precision'))} / {pct(s.get('explanation_precision_confidence'))}",
                       f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)

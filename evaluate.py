@@ -260,23 +260,32 @@ def class_indicators(values: list[tuple[str, str]], Y: np.ndarray) -> tuple[list
 def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]], Y: np.ndarray,
                   threshold: float = SELECTIVE_AUROC) -> dict[str, Any]:
     """Selective neurons (best attribute-value AUROC >= ``threshold``) and the % whose label names
-    that value; per attribute too. ``class_only``: the neurons that no attribute value separates at
-    ``threshold`` but a class of :func:`class_indicators` does (units of a colour *and* a shape,
-    which the selective count leaves out); None when the values have no classes."""
+    that value; per attribute too. With the classes of :func:`class_indicators` (else None):
+
+    - ``class_only``: the neurons that no attribute value separates at ``threshold`` but a class
+      does (units of a colour *and* a shape, which the selective count leaves out);
+    - ``class_units``: the selective neurons that their best class separates better than their best
+      value (a higher AUROC; a unit of one value scores below it on any of its classes, by the
+      share of the value's images outside the class);
+    - ``class_aware_percent``: the % of selective neurons whose label names their best value or,
+      for a class unit, a value of its best class (its colour or its shape: which of the two has
+      the higher AUROC is a matter of how the unit's other images fall, not of what it detects)."""
     if A.shape[0] != Y.shape[0]:
         raise DiscoverError(f"{A.shape[0]} activation rows but {Y.shape[0]} probe images")
-    _, C = class_indicators(values, Y)
+    class_names, C = class_indicators(values, Y)
     both = auroc_matrix(A, np.concatenate([np.asarray(Y, bool), C], 1))  # one ranking of A for values and classes
     S = np.nan_to_num(both[:len(values)], nan=-np.inf)  # V x K
     best = S.argmax(0)
     best_auc = S[best, np.arange(A.shape[1])]
     selective = np.flatnonzero(best_auc >= threshold)
-    class_only = None
-    if C.shape[1]:
-        best_class = np.nan_to_num(both[len(values):], nan=-np.inf).max(0)
-        class_only = int(((best_auc < threshold) & (best_class >= threshold)).sum())
+    has_classes = bool(C.shape[1])
+    if has_classes:
+        SC = np.nan_to_num(both[len(values):], nan=-np.inf)  # C x K
+        best_class = SC.argmax(0)
+        best_class_auc = SC[best_class, np.arange(A.shape[1])]
+        class_only = int(((best_auc < threshold) & (best_class_auc >= threshold)).sum())
     by_attr: dict[str, dict[str, int]] = {}
-    correct = 0
+    correct = aware = n_class_units = 0
     neurons = []
     for k in selective:
         attr, value = values[best[k]]
@@ -285,12 +294,23 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
         d = by_attr.setdefault(attr, {"selective": 0, "correct": 0})
         d["selective"] += 1
         d["correct"] += int(ok)
-        neurons.append({"unit": int(k), "attribute": attr, "value": value, "auroc": float(best_auc[k]),
-                        "label": labels[k], "names_value": bool(ok)})
+        n = {"unit": int(k), "attribute": attr, "value": value, "auroc": float(best_auc[k]),
+             "label": labels[k], "names_value": bool(ok)}
+        if has_classes:
+            is_class = bool(best_class_auc[k] > best_auc[k])
+            right = ok or (is_class and any(names_value(labels[k], v) for v in class_names[best_class[k]].split()))
+            n_class_units += is_class
+            aware += right
+            n.update({"class": class_names[best_class[k]], "class_auroc": float(best_class_auc[k]),
+                      "class_unit": is_class, "class_aware_right": bool(right)})
+        neurons.append(n)
     n_sel = len(selective)
     finite = best_auc[np.isfinite(best_auc)]
     return {"threshold": threshold, "selective": n_sel, "selective_percent": 100.0 * n_sel / A.shape[1],
-            "class_only": class_only, "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,
+            "class_only": class_only if has_classes else None,
+            "class_units": n_class_units if has_classes else None,
+            "class_aware_percent": 100.0 * aware / n_sel if has_classes and n_sel else None,
+            "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,
             "mean_best_auroc": float(finite.mean()) if finite.size else None,
             "by_attribute": by_attr, "selective_neurons": neurons}
 
@@ -819,7 +839,7 @@ def table(result: dict[str, Any]):
     t = Table(title=f"label evaluation (selective: best attribute AUROC >= {result['selective_auroc']})")
     cols = ["labels", "layer", "K/U", "active/ex", "dead", "interp."]
     cols += ["out acc", "CLIP cos", "sent. cos"] if has_out else []
-    cols += ["selective", "class only", "hidden acc", "sel. (top 20)", "named right", "names world"] if has_world else []
+    cols += ["selective", "class only", "hidden acc", "class-aware", "sel. (top 20)", "named right", "names world"] if has_world else []
     has_expl = any(r.get("explanations") for r in runs)
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
@@ -847,7 +867,7 @@ def table(result: dict[str, Any]):
         if has_world:
             cells += [f"{w['selective']} ({w['selective_percent']:.0f}%)",
                       "-" if w.get("class_only") is None else str(w["class_only"]),
-                      _pct(w["hidden_accuracy_percent"])] if w else ["-"] * 3
+                      _pct(w["hidden_accuracy_percent"]), _pct(w.get("class_aware_percent"))] if w else ["-"] * 4
             ti = r.get("top_images")
             right = _pct(ti["right_percent"]) if ti and not o else "-"
             cells += [str(ti["selective"]) if ti and not o else "-", right, _pct(ti["world_percent"]) if ti else "-"]

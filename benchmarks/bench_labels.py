@@ -13,7 +13,9 @@ world-clip trained with ``world train-clip``), and judged:
   and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
 - AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85,
   label names that value); class-selective only: the units it leaves out that separate a class
-  (colour and shape) at AUROC >= 0.85 (``class_only``);
+  (colour and shape) at AUROC >= 0.85 (``class_only``); class units: the selective units that
+  their best class separates better than any value, class-aware acc.: the % of selective units
+  named with their value or, for a class unit, a value of its class (``class_aware_percent``);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
   out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
   the list sorted by activation (DISCOVER Table 4), by confidence (``explain``'s default) and by gain.
@@ -155,7 +157,8 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                             "final_accuracy": final[cset, sim], "selective": ti["selective"],
                             "named_right": ti["right_percent"], "names_world": ti["world_percent"],
                             "auroc_selective": wm["selective"], "class_only": wm["class_only"],
-                            "hidden_accuracy": wm["hidden_accuracy_percent"],
+                            "hidden_accuracy": wm["hidden_accuracy_percent"], "class_units": wm["class_units"],
+                            "class_aware": wm["class_aware_percent"],
                             **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
                                for s in ("activation", "confidence", "gain")}})
     return rows
@@ -169,7 +172,8 @@ COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("l
            ("similarity", "similarity"), ("gallery", "gallery share"), ("final_accuracy", "final-layer acc. %"), ("selective", "selective"),
            ("named_right", "named right %"), ("names_world", "names the world %"),
            ("auroc_selective", "AUROC selective"), ("class_only", "class-selective only"),
-           ("hidden_accuracy", "AUROC hidden acc. %"),
+           ("hidden_accuracy", "AUROC hidden acc. %"), ("class_units", "class units"),
+           ("class_aware", "class-aware acc. %"),
            ("explanation_precision_activation", "explanation precision, by activation %"),
            ("explanation_precision_confidence", "by confidence %"), ("explanation_precision_gain", "by gain %")]
 

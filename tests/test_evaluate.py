@@ -109,29 +109,37 @@ def test_hidden_layer_selective_neurons(tmp_path: Path) -> None:
     assert row["interpretable"] == 1
 
 
-def test_class_only_counts_units_of_a_conjunction_alone() -> None:
+def pair_auroc(a: np.ndarray, y: np.ndarray) -> float:
+    """AUROC by counting pairs: P(a positive image outscores a negative one), ties half."""
+    pos, neg = a[y], a[~y]
+    return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+
+
+def class_world(N: int = 1600):
+    """A planted probe of 4 colours x 4 shapes and a size: values, Y (N x 9), colour and shape
+    indices per image, the 16 class indicators (colour-major) and a random generator."""
     rng = np.random.default_rng(0)
     colors, shapes = ["red", "green", "blue", "pink"], ["star", "circle", "square", "heart"]
     values = [("shape", s) for s in shapes] + [("color", c) for c in colors] + [("size", "large")]
-    N = 1600
     color = rng.integers(0, 4, N)
     shape = rng.integers(0, 4, N)
     Y = np.zeros((N, len(values)), bool)
     Y[np.arange(N), shape] = True
     Y[np.arange(N), 4 + color] = True
     Y[:, 8] = rng.random(N) < 0.5
+    classes = np.stack([(color == c) & (shape == s) for c in range(4) for s in range(4)], 1)
+    return values, Y, color, shape, classes, rng
+
+
+def test_class_only_counts_units_of_a_conjunction_alone() -> None:
+    values, Y, color, shape, classes, rng = class_world()
+    N = len(Y)
     noise = rng.normal(0, 0.1, (N, 4))
     red_star = ((color == 0) & (shape == 0)) + noise[:, 0]  # fires on red stars only: red ~0.6, star ~0.6
     red = (color == 0) + noise[:, 1]  # fires on every red image: red 1.0
     large = Y[:, 8] + noise[:, 2]  # an attribute value of another attribute
     A = np.stack([red_star, red, large, noise[:, 3]], 1)
     # independent reference: the AUROC of each unit for each value and each class by pair counting
-    classes = np.stack([(color == c) & (shape == s) for c in range(4) for s in range(4)], 1)
-
-    def pair_auroc(a: np.ndarray, y: np.ndarray) -> float:
-        pos, neg = a[y], a[~y]
-        return float(((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
-
     best_value = [max(pair_auroc(A[:, k], Y[:, j]) for j in range(len(values))) for k in range(4)]
     best_class = [max(pair_auroc(A[:, k], classes[:, j]) for j in range(16)) for k in range(4)]
     expected = sum(v < 0.85 <= c for v, c in zip(best_value, best_class))
@@ -140,7 +148,41 @@ def test_class_only_counts_units_of_a_conjunction_alone() -> None:
     assert w["class_only"] == expected == 1 and w["selective"] == 2
     names, C = evaluate.class_indicators(values, Y)
     assert names[0] == "red star" and len(names) == 16 and (C == classes).all()
-    assert evaluate.world_metrics(A, [""] * 4, values[:4] + values[8:], Y[:, [0, 1, 2, 3, 8]])["class_only"] is None
+    no_classes = evaluate.world_metrics(A, [""] * 4, values[:4] + values[8:], Y[:, [0, 1, 2, 3, 8]])
+    assert no_classes["class_only"] is None and no_classes["class_units"] is None
+    assert no_classes["class_aware_percent"] is None
+
+
+def test_class_aware_accuracy_takes_a_value_of_a_class_unit_s_class() -> None:
+    values, Y, color, shape, classes, rng = class_world()
+    N = len(Y)
+    noise = rng.normal(0, 0.05, (N, 5))
+    star, red = shape == 0, color == 0
+    some_stars = star & (rng.random(N) < 0.8)
+    # a red-star unit that also answers most other stars: star separates it best of the values
+    # (AUROC ~0.92), the class red star better still (1.0), red hardly (~0.56)
+    red_star_unit = 1.0 * (red & star) + 0.3 * some_stars + noise[:, 0]
+    red_unit = 1.0 * red + noise[:, 1]  # one value: each red class ties with the other reds
+    A = np.stack([red_star_unit, red_star_unit + noise[:, 2], red_star_unit + noise[:, 3], red_unit,
+                  red_unit + noise[:, 4]], 1)
+    labels = ["red", "large", "star", "red star", "star"]  # a class value / nothing of it / the value / ... / a wrong value
+    # independent reference, by pair counting
+    vals = np.array([[pair_auroc(A[:, k], Y[:, j]) for j in range(len(values))] for k in range(5)])
+    cls = np.array([[pair_auroc(A[:, k], classes[:, j]) for j in range(16)] for k in range(5)])
+    class_names = [f"{c} {s}" for c in ["red", "green", "blue", "pink"] for s in ["star", "circle", "square", "heart"]]
+    best_value = [values[j][1] for j in vals.argmax(1)]
+    is_class = cls.max(1) > vals.max(1)
+    assert best_value == ["star", "star", "star", "red", "red"] and list(is_class) == [True, True, True, False, False]
+    assert vals[0, 4] < 0.85 <= vals[0, 0]  # red alone does not separate the red-star unit
+    words = [set(class_names[j].split()) if c else set() for j, c in zip(cls.argmax(1), is_class)]
+    right = [v in lab.split() or bool(words[k] & set(lab.split())) for k, (lab, v) in enumerate(zip(labels, best_value))]
+    assert right == [True, False, True, True, False]
+    w = evaluate.world_metrics(A, labels, values, Y)
+    assert w["selective"] == 5 and w["class_units"] == int(is_class.sum()) == 3
+    assert w["hidden_accuracy_percent"] == pytest.approx(100 * 2 / 5)  # "star" and "red star" name the best value
+    assert w["class_aware_percent"] == pytest.approx(100 * sum(right) / 5)
+    per_unit = {n["unit"]: (n["class"], n["class_unit"], n["class_aware_right"]) for n in w["selective_neurons"]}
+    assert per_unit == {k: (class_names[cls[k].argmax()], bool(is_class[k]), right[k]) for k in range(5)}
 
 
 def test_lwta_layer_counts_negative_winners_as_active(tmp_path: Path) -> None:
