@@ -152,11 +152,15 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
 
 def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
     """A layer's figures: mean and median correlation, mean AUPRC, share with p < 0.05, mean
-    precision and mean truth correlation (None without them) over the live neurons."""
+    precision and mean truth correlation (None without them) over the live neurons, and the number
+    of distinct labels (``label``; None without it). A layer of at most 1 / P_VALUE distinct labels
+    has no share with p < 0.05 (None): its p-values are at least 1 / that number
+    (:func:`permutation_p`), whatever the labels explain."""
     corr, live = scores["corr"], np.isfinite(scores["corr"])
+    distinct = len({lab for lab in np.asarray(scores["label"]).tolist() if lab != ""}) if "label" in scores else None
     if not live.any():
         return {"neurons": 0, "corr_mean": None, "corr_median": None, "auprc_mean": None, "significant_percent": None,
-                "precision_mean": None, "corr_truth_mean": None}
+                "precision_mean": None, "corr_truth_mean": None, "distinct_labels": distinct}
 
     def mean_of(key: str) -> float | None:
         v = np.asarray(scores.get(key, np.full(len(corr), math.nan)), np.float64)[live]
@@ -164,8 +168,9 @@ def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
 
     return {"neurons": int(live.sum()), "corr_mean": float(corr[live].mean()), "corr_median": float(np.median(corr[live])),
             "auprc_mean": float(np.nanmean(scores["auprc"][live])),
-            "significant_percent": float(100 * np.mean(scores["p"][live] < P_VALUE)),
-            "precision_mean": mean_of("precision"), "corr_truth_mean": mean_of("corr_truth")}
+            "significant_percent": None if distinct is not None and distinct * P_VALUE <= 1
+            else float(100 * np.mean(scores["p"][live] < P_VALUE)),
+            "precision_mean": mean_of("precision"), "corr_truth_mean": mean_of("corr_truth"), "distinct_labels": distinct}
 
 
 def sanity(score: Callable[[np.ndarray, np.ndarray], np.ndarray], A: np.ndarray, C: np.ndarray,

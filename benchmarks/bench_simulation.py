@@ -67,7 +67,8 @@ def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, Table, l
     for row in res["runs"]:
         s = row["simulation"]
         t.add_row(names[row["labels"]], row["layer"], _num(s["corr_mean"]), _num(s["corr_median"]),
-                  _num(s["auprc_mean"]), _pct(s["significant_percent"]),
+                  _num(s["auprc_mean"]),
+                  f"n/a ({s.get('distinct_labels')} labels)" if s["significant_percent"] is None else _pct(s["significant_percent"]),
                   _pct(None if s.get("precision_mean") is None else 100 * s["precision_mean"]),
                   _num(s.get("corr_truth_mean")))
         for judge, f in (("gallery", s), ("auroc", s.get("by_auroc"))):

@@ -144,3 +144,15 @@ def test_truth_correlation_against_np_corrcoef_of_the_clips_verdict() -> None:
     never = simulate.held_out_scores(A, P, lambda a, p: labels, threshold=100.0)  # held true nowhere
     assert (never["corr_truth"] == 0.0).all() and np.isnan(never["corr"]).sum() == 0
     assert simulate.summary(got)["corr_truth_mean"] == pytest.approx(np.mean(got["corr_truth"]))
+
+
+def test_a_layer_of_twenty_labels_or_fewer_has_no_share_below_p_0_05() -> None:
+    """p >= 1 / (distinct labels): with 20 or fewer, p < 0.05 cannot happen, so the share is None
+    rather than 0 %; with 25 perfect labels every p is 1/25 < 0.05 (counted by hand)."""
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(400, 40))
+    P = np.concatenate([A, rng.normal(size=(400, 5))], 1)  # concept k is neuron k for k < 40
+    few = simulate.summary(simulate.held_out_scores(A, P, lambda a, p: np.arange(40) % 20))
+    assert few["distinct_labels"] == 20 and few["significant_percent"] is None and few["corr_mean"] is not None
+    many = simulate.summary(simulate.held_out_scores(A[:, :25], P, lambda a, p: np.arange(25)))
+    assert many["distinct_labels"] == 25 and many["significant_percent"] == 100.0
