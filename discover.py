@@ -485,9 +485,10 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
                    "similarity's scale (CLIP-Dissect A.8 used 0.16 with SoftWPMI).")
 @click.option("--skip-bad", is_flag=True, help="Leave unreadable probe images out (else an error).")
 @click.option("--device", default="auto", show_default=True, help="Where the model and the CLIP run: auto, cpu, cuda ...")
-@click.option("--gallery-share", type=float, default=0.8, show_default=True,
+@click.option("--gallery-share", type=float, default=0.5, show_default=True,  # dissect.GALLERY_SHARE
               help="Hidden layers, with a CLIP that has a truth threshold (world-clip): a label must hold, by "
-                   "the CLIP, on this share of the unit's 20 top images (0: off).")
+                   "the CLIP, on at least this share of the unit's 20 top images; of those concepts, the one "
+                   "that follows the unit best over the whole probe (0: off).")
 @click.option("--score", is_flag=True,
               help="Also score every label by simulation on held-out probe images: correlation, AUPRC, p-value.")
 @model_options

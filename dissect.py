@@ -41,7 +41,7 @@ AUTO_SIMILARITY = {"output": "soft_wpmi", "hidden": "wpmi"}
 TOP_IMAGES = 20
 TOP_CONCEPTS = 5
 RANDOM_QUANTILE = 0.95  # interpretable: the label scores above this quantile of a random copy's neurons
-GALLERY_SHARE = 0.8  # hidden layers: a label must hold on this share of the unit's top images
+GALLERY_SHARE = 0.5  # hidden layers: a label must hold on at least this share of the unit's top images (most of them)
 CONFIDENCE_MIN_RANK = 10  # the confidence curve's first point: the unit's 10 most active probe images
 
 

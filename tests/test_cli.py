@@ -95,3 +95,11 @@ def test_synset_class_names_read_as_their_first_lemma() -> None:
     got = concepts.readable_class_names(ids + ["my_class", "n123"])
     assert got == [lemma[i].split(",")[0].strip() for i in ids] + ["my_class", "n123"]
     assert got[0] == "tench" and concepts.readable_class_names(["a", "b"]) == ["a", "b"]
+
+
+def test_dissect_gallery_share_default_is_the_library_s() -> None:
+    import dissect
+    from discover import cli
+
+    (option,) = [p for p in cli.commands["dissect"].params if p.name == "gallery_share"]
+    assert option.default == dissect.GALLERY_SHARE

@@ -247,8 +247,9 @@ def test_the_gallery_check_applies_to_hidden_layers_only(setup: Path, monkeypatc
     monkeypatch.setattr(clip_backend, "truth_threshold", lambda spec: -1.0)  # every concept holds
     dissect.dissect(_cfg(setup, out=str(setup / "gallery"), similarity="soft_wpmi", signal="argmax"))
     lab = json.loads((setup / "gallery" / "labels.json").read_text())
-    assert lab["provenance"]["gallery_share"] == 0.8 and lab["provenance"]["truth_threshold"] == -1.0
-    assert lab["layers"]["blocks.3.mlp.act"]["gallery_share"] == 0.8 and lab["layers"]["head"]["gallery_share"] is None
+    assert lab["provenance"]["gallery_share"] == dissect.GALLERY_SHARE and lab["provenance"]["truth_threshold"] == -1.0
+    assert lab["layers"]["blocks.3.mlp.act"]["gallery_share"] == dissect.GALLERY_SHARE
+    assert lab["layers"]["head"]["gallery_share"] is None
     hidden = [n for n in lab["neurons"] if n["layer"] == "blocks.3.mlp.act" and not n["dead"]]
     assert hidden and all(n["gallery_checked"] for n in hidden)
     # every concept holds on every image, so every point of every confidence curve is 1, as is the base rate
@@ -342,7 +343,9 @@ def test_a_random_network_gets_few_interpretable_units(setup: Path, tmp_path: Pa
             lab = schema.Labels.read(tmp_path / sim)
             scores = np.array([n.similarity for n in lab.neurons_of(layer)], float)
             assert info.interpretable == int(np.sum(scores > info.cutoff))
-    fixed = dissect.dissect(_cfg(setup, **cfg, similarity="soft_wpmi", cutoff=0.16, out=str(tmp_path / "fixed")))
+    # CLIP-Dissect's own rule for its cutoff: each neuron's best-scoring concept (no gallery check)
+    fixed = dissect.dissect(_cfg(setup, **cfg, similarity="soft_wpmi", cutoff=0.16, gallery_share=0.0,
+                                 out=str(tmp_path / "fixed")))
     assert all(i.interpretable > 0.5 * i.K and i.cutoff_from == "fixed" for i in fixed["layers"].values())
 
 
