@@ -4,8 +4,9 @@
                   sim(A, P) (dissect_kernels) --> S [K x M] --> label_k = argmax_m S[k, m]
 
 With a CLIP that says when a concept is true (world-clip's truth threshold), a hidden layer's label
-is instead chosen among the concepts true of at least 80 % of the unit's top 20 images (the gallery
-check): the one whose truth follows the unit best over the whole probe (``gallery_fit``).
+is instead chosen among the concepts true of at least half (``GALLERY_SHARE``) of the unit's top 20
+images (the gallery check): the one whose truth follows the unit best over the whole probe
+(``gallery_fit``).
 
 Outputs in DIR, written atomically:
 - ``descriptions.csv``: CLIP-Dissect's columns ``layer,unit,description,similarity`` first, then
@@ -97,8 +98,8 @@ def scores(similarity: str, A: np.ndarray, P: np.ndarray, name: str | None = Non
 def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float) -> np.ndarray:
     """Which concepts the CLIP finds true of a unit's gallery: ``mask[k, m]`` is True when the
     cosine P[i, m] exceeds the CLIP's truth ``threshold`` on at least ``share`` of unit k's top
-    images ``top[k]`` (K x T indices into P's rows). A label chosen among these says no more than
-    what the unit's top images share (a "red star" only for a gallery of red stars)."""
+    images ``top[k]`` (K x T indices into P's rows). A label chosen among these names something
+    that many of the unit's top images show (a "red star" only for a gallery of mostly red stars)."""
     holds = P > np.float32(threshold)  # N x M
     return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, P.shape[1]), bool)
 

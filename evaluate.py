@@ -22,6 +22,8 @@ Figures of one labelled layer (one row):
   Mann-Whitney U, ties as average ranks). Best value = argmax AUROC; the neuron is *selective* when
   that AUROC >= 0.85; ``hidden_accuracy`` = % of selective neurons whose label names their best value
   (the label is the value or a phrase with it as a word: "striped pattern" names striped).
+  ``class_only``, ``class_units`` and ``class_aware_percent``: the same with the colour-and-shape
+  classes of the object task (:func:`world_metrics`).
 - **Every layer**: ``interpretable`` (score > the provenance cutoff tau), ``active_per_example``
   (mean over the probe of the non-zero entries per row for LWTA layers, positive entries otherwise),
   ``dead`` (never active on the probe).
@@ -245,15 +247,22 @@ def final_layer_metrics(labels: Sequence[str], classes: Sequence[str],
             "sentence_cos": mean_pair_cosine(sentence_encode, la, cl) if sentence_encode else None}
 
 
+def class_values(values: list[tuple[str, str]]) -> list[tuple[int, int]]:
+    """The world's classes of the object task as (colour, shape) index pairs into ``values``,
+    colour-major; none when the values have no colour or no shape."""
+    colors = [j for j, (a, _) in enumerate(values) if a == "color"]
+    shapes = [j for j, (a, _) in enumerate(values) if a == "shape"]
+    return [(c, s) for c in colors for s in shapes]
+
+
 def class_indicators(values: list[tuple[str, str]], Y: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """The world's classes of the object task ("red star": a colour and a shape) as names and an
+    """The classes of :func:`class_values` ("red star": a colour and a shape) as names and an
     N x C indicator matrix built from the attribute columns of ``Y``; none (N x 0) when the values
     have no colour or no shape."""
     Y = np.asarray(Y, bool)
-    colors = [j for j, (a, _) in enumerate(values) if a == "color"]
-    shapes = [j for j, (a, _) in enumerate(values) if a == "shape"]
-    names = [f"{values[c][1]} {values[s][1]}" for c in colors for s in shapes]
-    C = np.stack([Y[:, c] & Y[:, s] for c in colors for s in shapes], 1) if names else np.zeros((len(Y), 0), bool)
+    pairs = class_values(values)
+    names = [f"{values[c][1]} {values[s][1]}" for c, s in pairs]
+    C = np.stack([Y[:, c] & Y[:, s] for c, s in pairs], 1) if pairs else np.zeros((len(Y), 0), bool)
     return names, C
 
 
@@ -265,14 +274,15 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
     - ``class_only``: the neurons that no attribute value separates at ``threshold`` but a class
       does (units of a colour *and* a shape, which the selective count leaves out);
     - ``class_units``: the selective neurons that their best class separates better than their best
-      value (a higher AUROC; a unit of one value scores below it on any of its classes, by the
-      share of the value's images outside the class);
+      value (a higher AUROC; a unit of one value alone scores lower on each of its classes, because
+      the value's other images tie with the class's);
     - ``class_aware_percent``: the % of selective neurons whose label names their best value or,
       for a class unit, a value of its best class (its colour or its shape: which of the two has
       the higher AUROC is a matter of how the unit's other images fall, not of what it detects)."""
     if A.shape[0] != Y.shape[0]:
         raise DiscoverError(f"{A.shape[0]} activation rows but {Y.shape[0]} probe images")
     class_names, C = class_indicators(values, Y)
+    pairs = class_values(values)
     both = auroc_matrix(A, np.concatenate([np.asarray(Y, bool), C], 1))  # one ranking of A for values and classes
     S = np.nan_to_num(both[:len(values)], nan=-np.inf)  # V x K
     best = S.argmax(0)
@@ -298,7 +308,7 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
              "label": labels[k], "names_value": bool(ok)}
         if has_classes:
             is_class = bool(best_class_auc[k] > best_auc[k])
-            right = ok or (is_class and any(names_value(labels[k], v) for v in class_names[best_class[k]].split()))
+            right = ok or (is_class and any(names_value(labels[k], values[j][1]) for j in pairs[best_class[k]]))
             n_class_units += is_class
             aware += right
             n.update({"class": class_names[best_class[k]], "class_auroc": float(best_class_auc[k]),
@@ -876,7 +886,8 @@ def table(result: dict[str, Any]):
             cells.append(f"{_pct(e['precision_percent'])} / {_pct(ec['precision_percent']) if ec else '-'}" if e else "-")
         if has_sim:
             sm = r.get("simulation")
-            cells += ([f"{sm['corr_mean']:.3f}", _pct(sm["significant_percent"]),
+            cells += ([f"{sm['corr_mean']:.3f}", f"n/a ({sm.get('distinct_labels')} labels)"
+                       if sm["significant_percent"] is None else _pct(sm["significant_percent"]),
                        "-" if sm.get("corr_truth_mean") is None else f"{sm['corr_truth_mean']:.3f}",
                        "-" if sm.get("precision_mean") is None else _pct(100 * sm["precision_mean"])]
                       if sm and sm["corr_mean"] is not None else ["-"] * 4)

@@ -136,13 +136,17 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
     similarities, ``choose(A_part, P_part)`` the label rule (the concept index per neuron, as
     ``dissect`` picks it). Labels are chosen on one half of the probe and scored on the other.
     A neuron constant on the choosing half (it never fired there) has no label to score: NaN.
+    The permutation p-values shuffle the labels of the neurons that vary on both halves alone.
     Returns ``label`` (K concept indices), ``corr``, ``auprc``, ``p``, ``precision`` and
     ``corr_truth`` (K each; the last two NaN without the CLIP's truth ``threshold``)."""
     ch, sc = probe_split(A.shape[0], seed)
     m = np.asarray(choose(A[ch], P[ch]), np.int64)
     B = P[sc][:, m]
     chose = np.ptp(A[ch], axis=0) > 0
-    out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": permutation_p(A[sc], B, m),
+    varies = chose & (np.ptp(A[sc], axis=0) > 0)
+    p = np.full(A.shape[1], math.nan)
+    p[varies] = permutation_p(A[sc][:, varies], B[:, varies], m[varies])
+    out = {"corr": correlations(A[sc], B), "auprc": auprcs(A[sc], B), "p": p,
            "precision": np.full(A.shape[1], math.nan), "corr_truth": np.full(A.shape[1], math.nan)}
     if threshold is not None:
         held = B > threshold  # the CLIP's verdict on each held-out image and label
@@ -152,12 +156,12 @@ def held_out_scores(A: np.ndarray, P: np.ndarray, choose: Callable[[np.ndarray, 
 
 def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
     """A layer's figures: mean and median correlation, mean AUPRC, share with p < 0.05, mean
-    precision and mean truth correlation (None without them) over the live neurons, and the number
-    of distinct labels (``label``; None without it). A layer of at most 1 / P_VALUE distinct labels
-    has no share with p < 0.05 (None): its p-values are at least 1 / that number
-    (:func:`permutation_p`), whatever the labels explain."""
+    precision and mean truth correlation (None without them) over the live neurons (a finite
+    correlation), and the number of their distinct labels (``label``; None without it). A layer of
+    at most 1 / P_VALUE distinct labels has no share with p < 0.05 (None): its p-values are at
+    least 1 / that number (:func:`permutation_p` over the same neurons), whatever the labels explain."""
     corr, live = scores["corr"], np.isfinite(scores["corr"])
-    distinct = len({lab for lab in np.asarray(scores["label"]).tolist() if lab != ""}) if "label" in scores else None
+    distinct = len({lab for lab, ok in zip(np.asarray(scores["label"]).tolist(), live) if ok}) if "label" in scores else None
     if not live.any():
         return {"neurons": 0, "corr_mean": None, "corr_median": None, "auprc_mean": None, "significant_percent": None,
                 "precision_mean": None, "corr_truth_mean": None, "distinct_labels": distinct}

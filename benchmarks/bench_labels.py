@@ -226,7 +226,7 @@ def main(models: str | None, probes: str, concept_sets: str, signals: str, simil
         raise click.ClickException(str(e)) from None
     table = Table(title="Labels against the world's ground truth")
     for _, title in COLUMNS:
-        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective", "class-selective only") else "left")
+        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective", "class-selective only", "class units") else "left")
     for r in rows:
         table.add_row(*[_cell(r, k) for k, _ in COLUMNS])
     Console(width=250).print(table)

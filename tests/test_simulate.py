@@ -156,3 +156,18 @@ def test_a_layer_of_twenty_labels_or_fewer_has_no_share_below_p_0_05() -> None:
     assert few["distinct_labels"] == 20 and few["significant_percent"] is None and few["corr_mean"] is not None
     many = simulate.summary(simulate.held_out_scores(A[:, :25], P, lambda a, p: np.arange(25)))
     assert many["distinct_labels"] == 25 and many["significant_percent"] == 100.0
+
+
+def test_the_permutation_leaves_out_neurons_without_a_scored_label() -> None:
+    """A neuron that never fires on the choosing half has no label in the shuffle: 21 live neurons
+    with perfect labels and one silent neuron with a 22nd label give p = 1/21 (< 0.05, counted by
+    hand) to each live one, and the layer's 21 distinct labels a share."""
+    rng = np.random.default_rng(4)
+    A = rng.normal(size=(400, 22))
+    P = np.concatenate([A, rng.normal(size=(400, 3))], 1)
+    ch, _ = simulate.probe_split(400)
+    A[ch, 21] = 0.0  # silent where labels are chosen
+    s = simulate.held_out_scores(A, P, lambda a, p: np.arange(22))
+    assert np.isnan(s["p"][21]) and np.all(s["p"][:21] == pytest.approx(1 / 21))
+    summ = simulate.summary(s)
+    assert summ["distinct_labels"] == 21 and summ["significant_percent"] == 100.0
