@@ -268,8 +268,11 @@ def class_indicators(values: list[tuple[str, str]], Y: np.ndarray) -> tuple[list
 
 def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, str]], Y: np.ndarray,
                   threshold: float = SELECTIVE_AUROC) -> dict[str, Any]:
-    """Selective neurons (best attribute-value AUROC >= ``threshold``) and the % whose label names
-    that value; per attribute too. With the classes of :func:`class_indicators` (else None):
+    """Selective neurons (best attribute-value AUROC >= ``threshold``, among the neurons with a
+    label) and the % whose label names that value; per attribute too. ``silent``: the neurons that
+    a value or a class separates at ``threshold`` but that have no label ("": dead, never active on
+    the probe; a CVN unit that never wins can still vary in its winning probability). With the
+    classes of :func:`class_indicators` (else None):
 
     - ``class_only``: the neurons that no attribute value separates at ``threshold`` but a class
       does (units of a colour *and* a shape, which the selective count leaves out);
@@ -287,13 +290,16 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
     S = np.nan_to_num(both[:len(values)], nan=-np.inf)  # V x K
     best = S.argmax(0)
     best_auc = S[best, np.arange(A.shape[1])]
-    selective = np.flatnonzero(best_auc >= threshold)
+    labelled = np.array([bool(lab) for lab in labels], bool)
+    selective = np.flatnonzero((best_auc >= threshold) & labelled)
+    separated = best_auc >= threshold
     has_classes = bool(C.shape[1])
     if has_classes:
         SC = np.nan_to_num(both[len(values):], nan=-np.inf)  # C x K
         best_class = SC.argmax(0)
         best_class_auc = SC[best_class, np.arange(A.shape[1])]
-        class_only = int(((best_auc < threshold) & (best_class_auc >= threshold)).sum())
+        class_only = int(((best_auc < threshold) & (best_class_auc >= threshold) & labelled).sum())
+        separated |= best_class_auc >= threshold
     by_attr: dict[str, dict[str, int]] = {}
     correct = aware = n_class_units = 0
     neurons = []
@@ -317,7 +323,7 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
     n_sel = len(selective)
     finite = best_auc[np.isfinite(best_auc)]
     return {"threshold": threshold, "selective": n_sel, "selective_percent": 100.0 * n_sel / A.shape[1],
-            "class_only": class_only if has_classes else None,
+            "silent": int((separated & ~labelled).sum()), "class_only": class_only if has_classes else None,
             "class_units": n_class_units if has_classes else None,
             "class_aware_percent": 100.0 * aware / n_sel if has_classes and n_sel else None,
             "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,

@@ -279,6 +279,7 @@ def _eval_rows(evaluation: dict[str, Any] | None, sources: list[Source]) -> list
                          hidden_accuracy=world.get("hidden_accuracy_percent"),
                          selective=world.get("selective"), class_only=world.get("class_only"),
                          class_units=world.get("class_units"), class_aware=world.get("class_aware_percent"),
+                         silent=world.get("silent"),
                          mean_best_auroc=world.get("mean_best_auroc")))
     return rows
 

@@ -185,6 +185,21 @@ def test_class_aware_accuracy_takes_a_value_of_a_class_unit_s_class() -> None:
     assert per_unit == {k: (class_names[cls[k].argmax()], bool(is_class[k]), right[k]) for k in range(5)}
 
 
+def test_units_without_a_label_are_silent_not_selective() -> None:
+    """A unit with no label (dead: it never won on the probe) is neither selective nor class-only,
+    however well its signal separates a value or a class: it is counted as silent."""
+    values, Y, color, shape, classes, rng = class_world()
+    noise = rng.normal(0, 0.1, (len(Y), 3))
+    red = (color == 0) + noise[:, 0]  # separates red at AUROC 1
+    red_star = ((color == 0) & (shape == 0)) + noise[:, 1]  # separates the class red star only
+    A = np.stack([red, red_star, noise[:, 2]], 1)
+    labelled = evaluate.world_metrics(A, ["red", "red star", "x"], values, Y)
+    assert (labelled["selective"], labelled["class_only"], labelled["silent"]) == (1, 1, 0)
+    silent = evaluate.world_metrics(A, ["", "", "x"], values, Y)
+    assert (silent["selective"], silent["class_only"], silent["silent"]) == (0, 0, 2)
+    assert silent["hidden_accuracy_percent"] is None and silent["selective_neurons"] == []
+
+
 def test_lwta_layer_counts_negative_winners_as_active(tmp_path: Path) -> None:
     at = _attrs()
     red = np.array([a["color"] == "red" for a in at])
