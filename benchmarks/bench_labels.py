@@ -11,8 +11,8 @@ world-clip trained with ``world train-clip``), and judged:
 - selective / named right / names the world: units whose top 20 probe images share an attribute
   value (>= 80 % of them), the % of those whose label names only values their top images share,
   and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
-- AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85,
-  label names that value); class-selective only: the units it leaves out that separate a class
+- AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85
+  among the units with a label, label names that value); class-selective only: the units it leaves out that separate a class
   (colour and shape) at AUROC >= 0.85 (``class_only``); class units: the selective units that
   their best class separates better than any value, class-aware acc.: the % of selective units
   named with their value or, for a class unit, a value of its class (``class_aware_percent``);
