@@ -855,7 +855,7 @@ def table(result: dict[str, Any]):
     t = Table(title=f"label evaluation (selective: best attribute AUROC >= {result['selective_auroc']})")
     cols = ["labels", "layer", "K/U", "active/ex", "dead", "interp."]
     cols += ["out acc", "CLIP cos", "sent. cos"] if has_out else []
-    cols += ["selective", "class only", "hidden acc", "class-aware", "sel. (top 20)", "named right", "names world"] if has_world else []
+    cols += ["selective", "class only / silent", "hidden acc", "class-aware", "sel. (top 20)", "named right", "names world"] if has_world else []
     has_expl = any(r.get("explanations") for r in runs)
     has_cert = any(r.get("certainty") for r in runs)
     has_sim = any(r.get("simulation") for r in runs)
@@ -882,7 +882,7 @@ def table(result: dict[str, Any]):
                 else ["-"] * 3
         if has_world:
             cells += [f"{w['selective']} ({w['selective_percent']:.0f}%)",
-                      "-" if w.get("class_only") is None else str(w["class_only"]),
+                      f"{'-' if w.get('class_only') is None else w['class_only']} / {w.get('silent', '-')}",
                       _pct(w["hidden_accuracy_percent"]), _pct(w.get("class_aware_percent"))] if w else ["-"] * 4
             ti = r.get("top_images")
             right = _pct(ti["right_percent"]) if ti and not o else "-"
