@@ -20,7 +20,8 @@ Figures of one labelled layer (one row):
 - **World probes** (``world:N[:SEED]``, every layer): the attributes of each probe image are known.
   For neuron k and attribute value v, AUROC of the neuron's activations for "image has v" (exact
   Mann-Whitney U, ties as average ranks). Best value = argmax AUROC; the neuron is *selective* when
-  that AUROC >= 0.85; ``hidden_accuracy`` = % of selective neurons whose label names their best value
+  that AUROC >= 0.85 and it has a label (``silent`` when it has none: it never fires on the probe);
+  ``hidden_accuracy`` = % of selective neurons whose label names their best value
   (the label is the value or a phrase with it as a word: "striped pattern" names striped).
   ``class_only``, ``class_units`` and ``class_aware_percent``: the same with the colour-and-shape
   classes of the object task (:func:`world_metrics`).
@@ -284,6 +285,8 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
       the higher AUROC is a matter of how the unit's other images fall, not of what it detects)."""
     if A.shape[0] != Y.shape[0]:
         raise DiscoverError(f"{A.shape[0]} activation rows but {Y.shape[0]} probe images")
+    if len(labels) != A.shape[1]:
+        raise DiscoverError(f"{len(labels)} labels but {A.shape[1]} neurons")
     class_names, C = class_indicators(values, Y)
     pairs = class_values(values)
     both = auroc_matrix(A, np.concatenate([np.asarray(Y, bool), C], 1))  # one ranking of A for values and classes
@@ -327,7 +330,7 @@ def world_metrics(A: np.ndarray, labels: Sequence[str], values: list[tuple[str, 
             "class_units": n_class_units if has_classes else None,
             "class_aware_percent": 100.0 * aware / n_sel if has_classes and n_sel else None,
             "correct": correct, "hidden_accuracy_percent": 100.0 * correct / n_sel if n_sel else None,
-            "mean_best_auroc": float(finite.mean()) if finite.size else None,
+            "mean_best_auroc": float(finite.mean()) if finite.size else None,  # over every neuron
             "by_attribute": by_attr, "selective_neurons": neurons}
 
 

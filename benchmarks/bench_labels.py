@@ -12,8 +12,9 @@ world-clip trained with ``world train-clip``), and judged:
   value (>= 80 % of them), the % of those whose label names only values their top images share,
   and the % of labels that name something of the world at all (``evaluate.top_image_metrics``);
 - AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85
-  among the units with a label, label names that value); class-selective only: the units it leaves out that separate a class
-  (colour and shape) at AUROC >= 0.85 (``class_only``); class units: the selective units that
+  among the units with a label, label names that value); class-selective only: the labelled units
+  it leaves out that separate a class (colour and shape) at AUROC >= 0.85 (``class_only``); silent:
+  the units a value or a class separates that never fire on the probe (no label); class units: the selective units that
   their best class separates better than any value, class-aware acc.: the % of selective units
   named with their value or, for a class unit, a value of its class (``class_aware_percent``);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
@@ -156,7 +157,7 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                             "signal": signal, "similarity": sim, "gallery": share,
                             "final_accuracy": final[cset, sim], "selective": ti["selective"],
                             "named_right": ti["right_percent"], "names_world": ti["world_percent"],
-                            "auroc_selective": wm["selective"], "class_only": wm["class_only"],
+                            "auroc_selective": wm["selective"], "class_only": wm["class_only"], "silent": wm["silent"],
                             "hidden_accuracy": wm["hidden_accuracy_percent"], "class_units": wm["class_units"],
                             "class_aware": wm["class_aware_percent"],
                             **{f"explanation_precision_{s}": _precision(exs, nh, attrs, values, s) if exs else None
@@ -171,7 +172,7 @@ def _pct(v: float | None) -> str:
 COLUMNS = [("probe", "probe"), ("concepts", "concepts"), ("model", "model"), ("layer", "layer"), ("summary", "summary"), ("signal", "signal"),
            ("similarity", "similarity"), ("gallery", "gallery share"), ("final_accuracy", "final-layer acc. %"), ("selective", "selective"),
            ("named_right", "named right %"), ("names_world", "names the world %"),
-           ("auroc_selective", "AUROC selective"), ("class_only", "class-selective only"),
+           ("auroc_selective", "AUROC selective"), ("class_only", "class-selective only"), ("silent", "silent"),
            ("hidden_accuracy", "AUROC hidden acc. %"), ("class_units", "class units"),
            ("class_aware", "class-aware acc. %"),
            ("explanation_precision_activation", "explanation precision, by activation %"),
@@ -226,7 +227,7 @@ def main(models: str | None, probes: str, concept_sets: str, signals: str, simil
         raise click.ClickException(str(e)) from None
     table = Table(title="Labels against the world's ground truth")
     for _, title in COLUMNS:
-        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective", "class-selective only", "class units") else "left")
+        table.add_column(title, justify="right" if "%" in title or title in ("selective", "AUROC selective", "class-selective only", "silent", "class units") else "left")
     for r in rows:
         table.add_row(*[_cell(r, k) for k, _ in COLUMNS])
     Console(width=250).print(table)

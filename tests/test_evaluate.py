@@ -145,7 +145,7 @@ def test_class_only_counts_units_of_a_conjunction_alone() -> None:
     expected = sum(v < 0.85 <= c for v, c in zip(best_value, best_class))
     assert best_value[0] < 0.85 <= best_class[0] and best_value[1] >= 0.85 and best_class[3] < 0.85
     w = evaluate.world_metrics(A, ["red star", "red", "large", ""], values, Y)
-    assert w["class_only"] == expected == 1 and w["selective"] == 2
+    assert w["class_only"] == expected == 1 and w["selective"] == 2 and w["silent"] == 0  # unit 3: no label, no value
     names, C = evaluate.class_indicators(values, Y)
     assert names[0] == "red star" and len(names) == 16 and (C == classes).all()
     no_classes = evaluate.world_metrics(A, [""] * 4, values[:4] + values[8:], Y[:, [0, 1, 2, 3, 8]])
@@ -198,6 +198,7 @@ def test_units_without_a_label_are_silent_not_selective() -> None:
     silent = evaluate.world_metrics(A, ["", "", "x"], values, Y)
     assert (silent["selective"], silent["class_only"], silent["silent"]) == (0, 0, 2)
     assert silent["hidden_accuracy_percent"] is None and silent["selective_neurons"] == []
+    assert evaluate.world_metrics(A, ["", "", ""], values, Y)["silent"] == 2  # the noise unit separates nothing
 
 
 def test_lwta_layer_counts_negative_winners_as_active(tmp_path: Path) -> None:
