@@ -14,9 +14,10 @@ world-clip trained with ``world train-clip``), and judged:
 - AUROC selective / hidden acc.: the AUROC measure of ``evaluate`` (best attribute AUROC >= 0.85
   among the units with a label, label names that value); class-selective only: the labelled units
   it leaves out that separate a class (colour and shape) at AUROC >= 0.85 (``class_only``); silent:
-  the units a value or a class separates that never fire on the probe (no label); class units: the selective units that
-  their best class separates better than any value, class-aware acc.: the % of selective units
-  named with their value or, for a class unit, a value of its class (``class_aware_percent``);
+  the units a value or a class separates that never fire on the probe (no label); class units:
+  the selective units that their best class separates better than any value; class-aware acc.:
+  the % of selective units named with their value or, for a class unit, a value of its class
+  (``class_aware_percent``);
 - explanation precision: of the 7 first concepts listed for each of ``--explain`` world images held
   out of the probe (4 posterior draws), the % that fit the image (``evaluate.explanation_precision``),
   the list sorted by activation (DISCOVER Table 4), by confidence (``explain``'s default) and by gain.
