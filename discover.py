@@ -502,6 +502,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
     from rich.table import Table
 
     import dissect
+    import simulate
     from common import ensure_writable_dir
 
     if batch_size < 1:
@@ -539,8 +540,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
         if score:
             s = info.simulation
             cells += ["n/a"] * 3 if s["corr_mean"] is None else [
-                f"{s['corr_mean']:.3f}",
-                f"n/a ({s['distinct_labels']} labels)" if s["significant_percent"] is None else f"{s['significant_percent']:.0f}%",
+                f"{s['corr_mean']:.3f}", simulate.significant_text(s, lambda v: f"{v:.0f}%"),
                 "n/a" if s.get("corr_truth_mean") is None else f"{s['corr_truth_mean']:.3f}"]
         table.add_row(*cells)
     if cutoff is None:

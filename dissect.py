@@ -95,25 +95,29 @@ def scores(similarity: str, A: np.ndarray, P: np.ndarray, name: str | None = Non
     return dissect_kernels.SIMILARITIES[similarity](A, P, name=name, **precise)
 
 
-def gallery_mask(P: np.ndarray, top: np.ndarray, threshold: float, share: float) -> np.ndarray:
-    """Which concepts the CLIP finds true of a unit's gallery: ``mask[k, m]`` is True when the
-    cosine P[i, m] exceeds the CLIP's truth ``threshold`` on at least ``share`` of unit k's top
-    images ``top[k]`` (K x T indices into P's rows). A label chosen among these names something
-    that many of the unit's top images show (a "red star" only for a gallery of mostly red stars)."""
-    holds = P > np.float32(threshold)  # N x M
-    return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, P.shape[1]), bool)
+def verdicts(P: np.ndarray, threshold: float) -> np.ndarray:
+    """The CLIP's verdicts (N x M bool): True where the cosine P[i, m] of image i and concept m
+    exceeds the CLIP's truth ``threshold``, i.e. where it holds concept m true of image i."""
+    return P > np.float32(threshold)
 
 
-def gallery_fit(A: np.ndarray, P: np.ndarray, allowed: np.ndarray, threshold: float) -> np.ndarray:
+def gallery_mask(holds: np.ndarray, top: np.ndarray, share: float) -> np.ndarray:
+    """Which concepts the CLIP finds true of a unit's gallery: ``mask[k, m]`` is True when its
+    verdict ``holds[i, m]`` (:func:`verdicts`) is True on at least ``share`` of unit k's top images
+    ``top[k]`` (K x T indices into the rows). A label chosen among these names something that many
+    of the unit's top images show (a "red star" only for a gallery of mostly red stars)."""
+    return np.stack([holds[t].mean(0) >= share for t in top]) if len(top) else np.zeros((0, holds.shape[1]), bool)
+
+
+def gallery_fit(A: np.ndarray, holds: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """How well each concept of a unit's gallery (``allowed``, K x M, :func:`gallery_mask`) follows
     the unit over the whole probe: ``fit[k, m]`` is the Pearson correlation of A[:, k] (N x K) with
-    the CLIP's verdict on concept m, 1 on the images where P[i, m] exceeds its truth ``threshold``
-    and 0 elsewhere; 0 where the verdict or the unit is the same on every image; -inf where m is
-    not allowed for k. Of what a unit's top images share ("large" and "heart" for a gallery of
-    large hearts), the concept that rises and falls with the unit on every image ("heart")."""
+    the CLIP's verdict on concept m (``holds``, :func:`verdicts`: 1 where it holds m true, 0
+    elsewhere); 0 where the verdict or the unit is the same on every image; -inf where m is not
+    allowed for k. Of what a unit's top images share ("large" and "heart" for a gallery of large
+    hearts), the concept that rises and falls with the unit on every image ("heart")."""
     N, K = A.shape
     fit = np.full(allowed.shape, -np.inf)
-    holds = P > np.float32(threshold)
     rate = holds.mean(0)
     by_concept = np.ascontiguousarray(holds.T).view(np.uint8)  # M x N: a unit's concepts are rows to gather
     for k in np.flatnonzero(allowed.any(1)):
@@ -153,8 +157,9 @@ def choose_labels(similarity: str, A: np.ndarray, P: np.ndarray, threshold: floa
     S = scores(similarity, A, P)
     allowed = fit = None
     if threshold is not None and share > 0:
-        allowed = gallery_mask(P, dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0])), threshold, share)
-        fit = gallery_fit(A, P, allowed, threshold)
+        holds = verdicts(P, threshold)
+        allowed = gallery_mask(holds, dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0])), share)
+        fit = gallery_fit(A, holds, allowed)
     return label_indices(S, allowed, fit)
 
 
@@ -357,8 +362,9 @@ def _dissect(cfg: DissectConfig, log: Any) -> dict[str, Any]:
             raise DiscoverError(str(e)) from e
         checked = gallery_check and layer != out_layer  # an output layer: one class per neuron
         top = dissect_kernels.top_images(A, min(TOP_IMAGES, A.shape[0]))
-        allowed = gallery_mask(P, top, clip.truth_threshold, cfg.gallery_share) if checked else None
-        fit = gallery_fit(A, P, allowed, clip.truth_threshold) if checked else None
+        holds = verdicts(P, clip.truth_threshold) if checked else None
+        allowed = gallery_mask(holds, top, cfg.gallery_share) if checked else None
+        fit = gallery_fit(A, holds, allowed) if checked else None
         cutoff = (random_cutoff(scores(sim, record.read_activations(random_paths[layer])[0], P))
                   if cfg.cutoff is None else cfg.cutoff)
         layer_rows = neuron_rows(layer, A, S, concept_list, U, cutoff, record.read_wins(path), allowed, top, fit)

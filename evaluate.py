@@ -852,6 +852,8 @@ def table(result: dict[str, Any]):
     left out: output-layer figures without an output layer, AUROC figures without a world probe)."""
     from rich.table import Table
 
+    import simulate
+
     runs = result["runs"]
     has_out = any(r["output_layer"] for r in runs)
     has_world = any(r["world"] for r in runs)
@@ -895,8 +897,7 @@ def table(result: dict[str, Any]):
             cells.append(f"{_pct(e['precision_percent'])} / {_pct(ec['precision_percent']) if ec else '-'}" if e else "-")
         if has_sim:
             sm = r.get("simulation")
-            cells += ([f"{sm['corr_mean']:.3f}", f"n/a ({sm.get('distinct_labels')} labels)"
-                       if sm["significant_percent"] is None else _pct(sm["significant_percent"]),
+            cells += ([f"{sm['corr_mean']:.3f}", simulate.significant_text(sm, _pct),
                        "-" if sm.get("corr_truth_mean") is None else f"{sm['corr_truth_mean']:.3f}",
                        "-" if sm.get("precision_mean") is None else _pct(100 * sm["precision_mean"])]
                       if sm and sm["corr_mean"] is not None else ["-"] * 4)

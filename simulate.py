@@ -177,6 +177,13 @@ def summary(scores: dict[str, np.ndarray]) -> dict[str, Any]:
             "precision_mean": mean_of("precision"), "corr_truth_mean": mean_of("corr_truth"), "distinct_labels": distinct}
 
 
+def significant_text(figures: dict[str, Any], fmt: Callable[[float], str]) -> str:
+    """A layer's share of labels with p < P_VALUE (:func:`summary`) as ``fmt`` writes it, or, for a
+    layer with too few distinct labels to have one, "n/a (N labels)"."""
+    share = figures["significant_percent"]
+    return f"n/a ({figures.get('distinct_labels')} labels)" if share is None else fmt(share)
+
+
 def sanity(score: Callable[[np.ndarray, np.ndarray], np.ndarray], A: np.ndarray, C: np.ndarray,
            drop: float = 0.5, seed: int = 0) -> dict[str, float]:
     """The two sanity tests of "Evaluating Neuron Explanations" (ICML 2025) for a score function.

@@ -143,9 +143,11 @@ def run(specs: dict[str, str], probe_specs: list[str], concept_sets: list[str], 
                     exs = _explanations(model, meta, hidden, probe, n_explain, sig, summary) if n_explain else []
                     Ah, _ = record.read_activations(paths[hidden])
                     wins, top = record.read_wins(paths[hidden]), dk.top_images(Ah, dissect.TOP_IMAGES)
-                    allowed = {(g, c): dissect.gallery_mask(Ps[c], top, clip.truth_threshold, g) if g else None
+                    holds = {c: dissect.verdicts(Ps[c], clip.truth_threshold) for c in concept_sets} \
+                        if any(shares) else {}
+                    allowed = {(g, c): dissect.gallery_mask(holds[c], top, g) if g else None
                                for g, c in itertools.product(shares, concept_sets)}
-                    fit = {k: dissect.gallery_fit(Ah, Ps[k[1]], a, clip.truth_threshold) if a is not None else None
+                    fit = {k: dissect.gallery_fit(Ah, holds[k[1]], a) if a is not None else None
                            for k, a in allowed.items()}  # the gallery's order: one per share and concept set, whatever the similarity
                     for share, cset, sim in runs:
                         nh = _labels(Ah, Ps[cset], words[cset], dissect.layer_similarity(sim, hidden, output),

@@ -67,8 +67,7 @@ def scores_table(probe: str, concepts: str, work: Path) -> tuple[Table, Table, l
     for row in res["runs"]:
         s = row["simulation"]
         t.add_row(names[row["labels"]], row["layer"], _num(s["corr_mean"]), _num(s["corr_median"]),
-                  _num(s["auprc_mean"]),
-                  f"n/a ({s.get('distinct_labels')} labels)" if s["significant_percent"] is None else _pct(s["significant_percent"]),
+                  _num(s["auprc_mean"]), simulate.significant_text(s, _pct),
                   _pct(None if s.get("precision_mean") is None else 100 * s["precision_mean"]),
                   _num(s.get("corr_truth_mean")))
         for judge, f in (("gallery", s), ("auroc", s.get("by_auroc"))):
@@ -154,7 +153,7 @@ def fit_cost(K: int = 768, N: int = 10_000, M: int = 20_000, per: int = 20, reps
                 np.corrcoef(A[:, k].astype(np.float64), (P[:, m] > 0.5).astype(np.float64))
 
     t_base = best_time(baseline, reps)
-    t_ours = best_time(lambda: dissect.gallery_fit(A, P, allowed, 0.5), reps)
+    t_ours = best_time(lambda: dissect.gallery_fit(A, dissect.verdicts(P, 0.5), allowed), reps)
     return (f"gallery fit, K={K} N={N} M={M}, {per} concepts per neuron: {t_ours:.2f} s, "
             f"np.corrcoef per pair {t_base:.2f} s: ratio {t_base / t_ours:.2f}x")
 

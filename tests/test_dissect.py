@@ -169,7 +169,7 @@ def test_gallery_check_chooses_the_best_concept_that_holds_on_the_top_images() -
     S = rng.normal(size=(K, M))
     S[:, 0] = 10.0  # concept 0 scores best everywhere but holds nowhere it is checked
     P[:, 0] = -0.4
-    mask = dissect.gallery_mask(P, top, thr, share)
+    mask = dissect.gallery_mask(dissect.verdicts(P, thr), top, share)
     ref = np.zeros((K, M), bool)
     for k in range(K):
         for m in range(M):
@@ -205,9 +205,10 @@ def test_gallery_fit_picks_the_shared_concept_that_follows_the_unit() -> None:
                   rng.uniform(-0.5, 0.5, N)], 1).astype(np.float32)
     words = ["heart", "large", "everything", "noise"]
     top = dissect_kernels.top_images(A, 20)
-    allowed = dissect.gallery_mask(P, top, thr, 0.8)
+    holds = dissect.verdicts(P, thr)
+    allowed = dissect.gallery_mask(holds, top, 0.8)
     assert allowed[0, :3].all() and allowed[1, 1:3].all() and not allowed[1, 0]
-    fit = dissect.gallery_fit(A, P, allowed, thr)
+    fit = dissect.gallery_fit(A, holds, allowed)
     for k in range(K):
         for m in range(P.shape[1]):
             if not allowed[k, m]:
