@@ -130,21 +130,29 @@ def gallery_fit(A: np.ndarray, holds: np.ndarray, allowed: np.ndarray) -> np.nda
     return fit
 
 
+def concept_order(s: np.ndarray, ok: np.ndarray | None = None, f: np.ndarray | None = None) -> np.ndarray:
+    """One neuron's concepts in label order, as indices into its scores ``s`` (M): the concepts
+    allowed for it (``ok``, M bools, a row of :func:`gallery_mask`) first, by fit (``f``, a row of
+    :func:`gallery_fit`; None: by score) and then by score, then the others by score; equal keys in
+    concept-list order, non-finite scores last. The first is the neuron's label."""
+    order = np.argsort(-np.where(np.isfinite(s), s, -np.inf), kind="stable")
+    if ok is None:
+        return order
+    ok = ok[order]
+    first = order[ok]  # by score
+    if f is not None:
+        first = first[np.argsort(-f[first], kind="stable")]  # by fit, then by score
+    return np.concatenate([first, order[~ok]])
+
+
 def label_indices(S: np.ndarray, allowed: np.ndarray | None = None, fit: np.ndarray | None = None) -> np.ndarray:
-    """Each neuron's label, as a concept index into S's columns (K x M): among the concepts
-    ``allowed`` for it (:func:`gallery_mask`) the one that fits it best (``fit``, :func:`gallery_fit`;
-    ties and ``fit`` None: the best-scoring one); its best-scoring concept when none is allowed or
-    no mask is given; the first of equal scores (the order :func:`neuron_rows` lists them in)."""
-    S = np.where(np.isfinite(S), S, -np.inf)
-    best = S.argmax(1)
+    """Each neuron's label, as a concept index into S's columns (K x M): the first of its
+    :func:`concept_order` (among the concepts ``allowed`` for it, the one that fits it best, ties by
+    score; its best-scoring concept when none is allowed or no mask is given)."""
     if allowed is None:
-        return best
-    if fit is not None:
-        key = np.where(allowed, fit, -np.inf)
-        allowed = allowed & (key == key.max(1, keepdims=True))  # the best-fitting allowed concepts
-    masked = np.where(allowed, S, -np.inf)
-    first = np.where(np.isfinite(masked).any(1), masked.argmax(1), allowed.argmax(1))  # all -inf: the first allowed
-    return np.where(allowed.any(1), first, best)
+        return np.where(np.isfinite(S), S, -np.inf).argmax(1)
+    return np.array([concept_order(S[k], allowed[k], None if fit is None else fit[k])[0]
+                     for k in range(S.shape[0])], np.int64)
 
 
 def choose_labels(similarity: str, A: np.ndarray, P: np.ndarray, threshold: float | None = None,
@@ -190,7 +198,7 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
     score exceeds ``cutoff`` (None when there is no cutoff).
     ``allowed`` (K x M, :func:`gallery_mask`): neuron k's label is its best-fitting allowed concept
     (``fit``, :func:`gallery_fit`; without it the best-scoring one), its best concept overall when
-    none is allowed (:func:`label_indices`); ``top_concepts`` lists allowed ones first, in that order.
+    none is allowed; ``top_concepts`` lists its first :data:`TOP_CONCEPTS` in :func:`concept_order`.
     ``top``: the neurons' top images (``dissect_kernels.top_images(A, TOP_IMAGES)``) when already at hand."""
     import dissect_kernels
 
@@ -207,18 +215,12 @@ def neuron_rows(layer: str, A: np.ndarray, S: np.ndarray, concepts: list[str], U
         if dead or not np.isfinite(S[k]).any():
             rec.interpretable, rec.dead = False, True
         else:
-            order = np.argsort(-S[k], kind="stable")
-            ok = allowed[k][order] if allowed is not None else None
-            if ok is not None and ok.any():
-                first = order[ok]  # by score
-                if fit is not None:
-                    first = first[np.argsort(-fit[k, first], kind="stable")]  # by fit, then by score
-                order = np.concatenate([first, order[~ok]])
+            order = concept_order(S[k], None if allowed is None else allowed[k], None if fit is None else fit[k])
             order = order[:TOP_CONCEPTS]
             rec.description, rec.similarity = concepts[order[0]], float(S[k, order[0]])
             rec.top_concepts = [[concepts[m], float(S[k, m])] for m in order]
             rec.interpretable = None if cutoff is None else bool(S[k, order[0]] > cutoff)
-            rec.gallery_checked = None if ok is None else bool(ok.any())
+            rec.gallery_checked = None if allowed is None else bool(allowed[k].any())
         rows.append(rec)
     return rows
 
