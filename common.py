@@ -140,17 +140,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def make_console(stderr: bool = False) -> Any:
+    """A rich console as the CLI prints with: no ``:name:`` emoji codes in what a user typed (paths,
+    image names); where the stream is a pipe or a CI log, rows 200 columns wide (not the 80 rich
+    assumes there) unless ``COLUMNS`` says otherwise."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, emoji=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200
+    return console
+
+
 def progress_bar(enabled: bool = True, *, note: str | None = None, transient: bool = False,
                  stderr: bool = False) -> Any:
     """The project's rich progress bar: description, bar, n/N, ``note`` (e.g. "images"), elapsed,
     remaining. Disabled when not ``enabled``. Where its stream is not a terminal (a pipe, a CI log)
     it prints a plain line per task at every tenth of the work and at least once a minute instead
     of a bar, so a long job is never silent there."""
-    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    console = Console(stderr=stderr)
+    console = make_console(stderr=stderr)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     columns += [TextColumn(note)] if note else []
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]

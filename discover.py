@@ -17,16 +17,12 @@ import shlex
 import sys
 
 import click
-from rich.console import Console
 from rich.markup import escape
 
-from common import DiscoverError
+from common import DiscoverError, make_console
 
-console = Console()
-err_console = Console(stderr=True)
-for _c in (console, err_console):  # a pipe or CI log: full rows, not the 80 columns rich assumes there
-    if not _c.is_terminal and "COLUMNS" not in os.environ:
-        _c.width = 200
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def option_flags(command: click.Command) -> dict[str, str]:
@@ -142,10 +138,15 @@ def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | Non
     import lwta
     import models
 
+    if U is None and act is None:
+        raise DiscoverError("give --U N (a CVN) or --act gelu|relu (its plain twin)")
     model = models.build(arch, U=U, act=act, num_classes=num_classes)
     n_params = sum(p.numel() for p in model.parameters())
-    table = Table(title=f"{arch} ({'U=' + str(U) if U else act or 'default act'}): "
-                        f"{n_params:,} parameters")
+    what = f"{escape(arch)} ({'U=' + str(U) if U else act}): {n_params:,} parameters"
+    if not any(isinstance(m, lwta.LWTABase) for m in model.modules()):
+        console.print(f"{what}; no LWTA layers (a plain twin)", highlight=False)
+        return
+    table = Table(title=what)
     table.add_column("layer")
     table.add_column("type")
     table.add_column("U", justify="right")
@@ -165,7 +166,7 @@ def world_group() -> None:
 @world_group.command("export")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--n", type=int, required=True, help="Number of images.")
-@click.option("--seed", type=int, default=2, show_default=True, help="World seed (see world.py).")
+@click.option("--seed", type=click.IntRange(min=0), default=2, show_default=True, help="World seed (see world.py).")
 @click.option("--task", default="object", show_default=True, help="Class folders by this task.")
 @click.option("--size", type=int, default=64, show_default=True, help="Image side in pixels.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty OUT.")
@@ -228,8 +229,8 @@ def _zeroshot_table(title: str, acc: dict[str, float]):
 @click.option("--clip", "clip_spec", default="world-clip", show_default=True,
               help="world-clip, NAME:PRETRAINED (an open_clip tag) or NAME:/path/to/weights.")
 @click.option("--n", type=int, default=1000, show_default=True, help="Fresh world images to classify.")
-@click.option("--seed", type=int, default=777, show_default=True, help="World seed (777: CLIP evaluation).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--seed", type=click.IntRange(min=0), default=777, show_default=True, help="World seed (777: CLIP evaluation).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool) -> None:
     """Zero-shot accuracy of a CLIP on every world attribute and the 64-class object task."""
@@ -241,8 +242,9 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
         err_console.print(f"[yellow]warning:[/] seed {seed} >= 1000 renders world-clip's training images",
                           highlight=False)
     import clip_backend
+    from common import resolve_device
 
-    clip = clip_backend.load_clip(clip_spec, device=device)
+    clip = clip_backend.load_clip(clip_spec, device=str(resolve_device(device)))
     acc = clip_backend.zeroshot(clip, n=n, seed=seed)
     if as_json:
         click.echo(json.dumps({"clip": clip_spec, "fingerprint": clip.fingerprint, "n": n, "seed": seed,
@@ -256,7 +258,7 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
 @click.option("--steps", type=int, default=1800, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine schedule).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and batches.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the initialisation and batches.")
 @click.option("--pool", type=int, default=20_000, hidden=True, help="Training images rendered once.")
 @click.option("--negatives", type=int, default=0, show_default=True,
               help="Words of common English (none of concepts/world.txt) per step as extra negatives.")
@@ -304,7 +306,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
         world_clip.load(init)  # a file that is not world-clip weights: one line, before OUT is touched
     ensure_writable_dir(out, "--out", force=force or resume)
     if resume and not (Path(out) / "train_state.pt").is_file():
-        err_console.print(f"[yellow]warning:[/] {out}/train_state.pt not found: training from scratch",
+        err_console.print(f"[yellow]warning:[/] {escape(out)}/train_state.pt not found: training from scratch",
                           highlight=False)
 
     manifest = world_clip.train_clip(Path(out), steps=steps, batch_size=batch_size, lr=lr, seed=seed, pool=pool,
@@ -314,9 +316,9 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
     zs = manifest["zeroshot"]
     console.print(_zeroshot_table(f"world-clip ({steps} steps): zero-shot on {zs['n']} world images "
                                   f"(seed {zs['seed']})", zs["accuracy_percent"]))
-    console.print(f"{out}/{manifest['weights']} ({manifest['bytes'] / 1e6:.1f} MB, "
+    console.print(f"{escape(out)}/{manifest['weights']} ({manifest['bytes'] / 1e6:.1f} MB, "
                   f"{manifest['training']['train_seconds']:.0f} s); use it with "
-                  f"--clip world-clip:{out}/{manifest['weights']}", highlight=False)
+                  f"--clip world-clip:{escape(out)}/{manifest['weights']}", highlight=False)
 
 
 @cli.command("train")
@@ -349,7 +351,7 @@ def world_train_clip(out: str, steps: int, batch_size: int, lr: float, seed: int
 @click.option("--samples", type=int, default=4, show_default=True, help="Posterior samples averaged at evaluation.")
 @click.option("--amp", type=Choice(["bf16", "fp16", "off"]), default="off", show_default=True,
               help="Mixed precision on CUDA (CPU runs fp32).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--workers", type=int, default=4, show_default=True,
               help="Data-loader workers (ImageFolder; world images rendered fresh).")
 @click.option("--img-size", type=int, default=None)
@@ -375,7 +377,7 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
         sys.exit(130)
     m = meta["metrics"]
     if m:
-        console.print(f"[bold]{opts['out']}[/]: val top-1 {m['val_top1']:.2f}% "
+        console.print(f"[bold]{escape(opts['out'])}[/]: val top-1 {m['val_top1']:.2f}% "
                       f"(argmax {m['val_top1_argmax']:.2f}%) after epoch {meta['epoch'] + 1}")
     if t := meta.get("test"):
         console.print(f"test top-1 on {t['images']} held-out world images: {t['top1']:.2f}% "
@@ -393,7 +395,7 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
               show_default=True, help="auto: class token of ViT tokens, spatial mean of conv maps, vectors as is.")
 @click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners: drawn from the posterior (seeded) or the argmax.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled LWTA winners.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the sampled LWTA winners.")
 @signal_option
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--list-layers", is_flag=True, help="Print every named module with its output shape and exit.")
@@ -426,10 +428,10 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
     pr = probes.load_probe(probe, skip_bad=skip_bad) if probe else None
     if pr is not None and pr.skipped:
         err_console.print(f"[yellow]skipped {len(pr.skipped)} unreadable image(s)[/] "
-                          f"(first: {pr.skipped[0]})", highlight=False)
+                          f"(first: {escape(pr.skipped[0])})", highlight=False)
     if list_layers:
         rows = record.describe_layers(model, meta, pr)
-        table = Table(title=f"{model_spec}: output shapes for one {meta.img_size}px image")
+        table = Table(title=f"{escape(model_spec)}: output shapes for one {meta.img_size}px image")
         for col in ("layer", "type", "output shape", "U"):
             table.add_column(col, justify="right" if col == "U" else "left")
         for r in rows:
@@ -449,7 +451,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
     paths = record.record_layers(model, meta, names, pr, out, summary=summary, mode=mode, seed=seed,
                                  batch_size=batch_size, signal=signal, log=log)
     secs = time.perf_counter() - t0
-    table = Table(title=f"{pr.n} probe images ({pr.spec}) -> {out}")
+    table = Table(title=f"{pr.n} probe images ({escape(pr.spec)}) -> {escape(out)}")
     for col in ("layer", "U", "signal", "summary", "shape", "file"):
         table.add_column(col)
     for name, p in paths.items():
@@ -466,7 +468,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--layers", required=True, help="Comma-separated named_modules() paths ('lwta' = every LWTA layer).")
 @click.option("--probe", default="world:2000", show_default=True, help="world:N[:SEED] or an image folder.")
 @click.option("--concepts", default="world", show_default=True,
-              help="world, world_heldout, 20k, 10k, 3k, imagenet, places365, or a file (one concept per line).")
+              help="world, world_heldout, 20k, 10k, 3k, imagenet, or a file (one concept per line; Places365 categories too).")
 @click.option("--clip", "clip_spec", default="world-clip", show_default=True,
               help="world-clip, NAME:PRETRAINED (open_clip tag) or NAME:/path/to/weights.")
 @click.option("--similarity", type=Choice(["auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
@@ -477,7 +479,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--summary", type=Choice(["auto", "cls", "mean", "max", "identity"]), default="auto", show_default=True)
 @click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners while recording.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--interpretable-cutoff", default="random", show_default=True,
               help="A neuron is interpretable when its label scores above it. random: per layer, the 95th percentile "
@@ -529,7 +531,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
                                 gallery_share=gallery_share, skip_bad=skip_bad, device=device,
                                 build_kwargs=build_kwargs(arch, U, act), class_names=class_names, score=score)
     res = dissect.dissect(cfg)
-    table = Table(title=f"dissected {model} -> {out}")
+    table = Table(title=f"dissected {escape(model)} -> {escape(out)}")
     cols = ("layer", "neurons", "U", "signal", "similarity", "dead", "cutoff", "interpretable")
     cols += ("simulation corr (mean)", "p < 0.05", "truth corr (mean)") if score else ()
     for col in cols:
@@ -559,7 +561,7 @@ def dissect_cmd(model: str, layers: str, probe: str, concepts: str, clip_spec: s
               help="Posterior draws of the LWTA winners; reports how often each neuron wins.")
 @click.option("--mode", type=Choice(["sample", "argmax"]), default="sample", show_default=True,
               help="LWTA winners: sampled from the posterior (seeded) or the argmax.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled winners.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the sampled winners.")
 @click.option("--top", type=int, default=7, show_default=True, help="Highest active neurons shown.")
 @click.option("--bottom", type=int, default=6, show_default=True, help="Lowest active neurons shown.")
 @click.option("--sort", type=Choice(["auto", "confidence", "gain", "activation", "pi", "z"]), default="auto", show_default=True,
@@ -605,8 +607,9 @@ def explain_cmd(images: tuple[str, ...], model_spec: str, labels_dir: str, layer
         ensure_writable_dir(maps_dir, "--maps", force=True)
     results = [explain.explain_image(model, meta, labels, layer, img, samples, mode, seed, sort=sort) for img in images]
     if maps_dir:
-        for img, res in zip(images, results):
-            res["maps"] = explain.write_maps(model, meta, res, img, maps_dir, n_units=max(top, 1), seed=seed, mode=mode)
+        for img, res, stem in zip(images, results, explain.map_stems(list(images))):
+            res["maps"] = explain.write_maps(model, meta, res, img, maps_dir, n_units=max(top, 1), seed=seed,
+                                             mode=mode, stem=stem)
     if as_json:
         click.echo(json.dumps(results, indent=2))  # a list, one entry per IMG
         return
@@ -669,8 +672,8 @@ def report_cmd(results: str, out: str | None, force: bool) -> None:
 
     res = report.build(results, out, force=force)
     if res["note"]:
-        err_console.print(f"[yellow]note:[/] {res['note']}")
-    console.print(f"report: [bold]{res['index']}[/] ({res['pages']} pages, {res['images']} images)")
+        err_console.print(f"[yellow]note:[/] {escape(res['note'])}")
+    console.print(f"report: [bold]{escape(str(res['index']))}[/] ({res['pages']} pages, {res['images']} images)")
 
 
 @cli.command("demo")
@@ -724,8 +727,8 @@ def demo_cmd(out: str, U: int, epochs: int | None, train_size: int, from_scratch
                       f"{pct(s.get('explanation_precision'))} / {pct(s.get('explanation_precision_confidence'))}",
                       f"{s.get('active_per_example', 0):.1f} of {s.get('K', '?')}")
     console.print(table)
-    console.print(f"results in [bold]{out}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")
-    console.print(f"report: open [bold]{Path(out) / 'report' / 'index.html'}[/] in a browser")
+    console.print(f"results in [bold]{escape(str(out))}[/]: summary.json, evaluation.json, explanations.json, labels/*/descriptions.csv")
+    console.print(f"report: open [bold]{escape(str(Path(out) / 'report' / 'index.html'))}[/] in a browser")
 
 
 if __name__ == "__main__":

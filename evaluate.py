@@ -423,7 +423,7 @@ class LabelsRun:
     def __init__(self, labels_dir: str, model_spec: str | None, device: str = "cpu",
                  model_args: dict[str, Any] | None = None, clips: dict[str, Any] | None = None) -> None:
         self.dir = str(labels_dir)
-        self.labels = Labels.read(labels_dir)
+        self.labels = Labels.read(labels_dir, where="DIR")
         self.prov = self.labels.provenance
         self.model_spec = model_spec or self.prov.model
         # what completes the spec (a weights file's arch/U/act, a class-names file): the dissection's, then the flags'

@@ -375,6 +375,7 @@ def _num(v: Any) -> float | None:
 
 def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     """Table 4 of the paper for one image: the ``top`` highest and ``bottom`` lowest active neurons."""
+    from rich.markup import escape
     from rich.table import Table
 
     p = res["prediction"]
@@ -391,7 +392,7 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
         how += f"; {n} neurons active in some draw"
     else:
         active = f"{n}/{K} active ({100 * n / K:.2f}%)"
-    title = f"{res['image']}: [bold]{p['class']}[/] ({100 * p['probability']:.1f}%)\n{res['layer']}: {active}"
+    title = f"{escape(str(res['image']))}: [bold]{escape(p['class'])}[/] ({100 * p['probability']:.1f}%)\n{res['layer']}: {active}"
     if res.get("per_block"):
         how += f"; one row per block, its winner, sorted by {res.get('sort', 'activation')}"
     t = Table(title=title, caption=how)
@@ -428,19 +429,37 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
     return t
 
 
+def map_stems(names: list[str]) -> list[str]:
+    """The file-name stem of each image's maps (:func:`write_maps`): its file name, ``:`` as ``-``
+    (``world:2:17`` -> ``world-2-17``), with ``-2``, ``-3`` ... after a stem that an earlier image
+    has already taken (two files called ``a.png`` in different folders), so none overwrites another's."""
+    from common import slug
+
+    stems: list[str] = []
+    for name in names:
+        base = slug(Path(str(name)).name.replace(":", "-"))
+        stem, i = base, 1
+        while stem in stems:
+            i += 1
+            stem = f"{base}-{i}"
+        stems.append(stem)
+    return stems
+
+
 def write_maps(model: nn.Module, meta: ModelMeta, res: dict[str, Any], image: Any, out_dir: str | Path,
-               n_units: int = 7, seed: int = 0, mode: str = "sample") -> dict[int, str]:
+               n_units: int = 7, seed: int = 0, mode: str = "sample", stem: str | None = None) -> dict[int, str]:
     """Where the first ``n_units`` neurons of explanation ``res`` act on ``image``, as PNG overlays
     in ``out_dir`` (``maps.py``): for an LWTA layer, where the unit won (red) beside its winning
     probability pi (blue), over the positions of the layer's map or patch tokens (winners drawn in
     ``mode``, seeded with ``seed``); for any other layer its activation, scaled to its maximum on
-    the image. Returns unit -> file path."""
+    the image. Files ``STEM-LAYER-UNIT.png`` (``stem``: the image's :func:`map_stems` alone).
+    Returns unit -> file path."""
     from PIL import Image
 
     import maps
     import record
     import models
-    from common import atomic_path, slug
+    from common import atomic_path
 
     module = record.resolve_layers(model, [res["layer"]])[res["layer"]]
     pixels, name = load_image(image, meta.img_size, meta.interpolation)
@@ -450,7 +469,7 @@ def write_maps(model: nn.Module, meta: ModelMeta, res: dict[str, Any], image: An
         m = maps.layer_maps(model, module, models.to_input(pixels[None], meta, device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = slug(Path(str(name)).name.replace(":", "-"))
+    stem = stem or map_stems([name])[0]
     written = {}
     for n in res["neurons"][:n_units]:
         k = n["unit"]

@@ -178,5 +178,7 @@ def _world_probe(spec: str) -> Probe:
         raise DiscoverError(f"`probe` {spec}: expected world:N or world:N:SEED (integers)") from exc
     if n < 1:
         raise DiscoverError(f"`probe` {spec}: N must be at least 1")
+    if seed < 0:
+        raise DiscoverError(f"`probe` {spec}: SEED must be 0 or more")
     return Probe(spec=spec, names=[f"world:{seed}:{i}" for i in range(n)],
                  fingerprint=sha256_json(["world", n, seed, world.VERSION]), world_seed=seed)

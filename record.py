@@ -98,9 +98,11 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
             close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
             hint = (f"close names: {', '.join(close)}" if close else
                     f"the model has {len(modules)} named modules, e.g. {', '.join(list(modules)[:4])}")
-            raise DiscoverError(f"unknown layer {name!r}; {hint} (`list_layers` prints them all)")
+            raise DiscoverError(f"unknown layer {name!r}; {hint} (python discover.py record --list-layers "
+                                "--model MODEL prints them all)")
     if not out:
-        raise DiscoverError("`layers`: give at least one layer (`list_layers` prints them)")
+        raise DiscoverError("`layers`: give at least one layer (python discover.py record --list-layers "
+                            "--model MODEL prints them)")
     return out
 
 

@@ -82,7 +82,7 @@ def collect(root: Path) -> tuple[list[Source], dict[str, Any] | None, dict[str, 
     for d in dirs:  # unique short names: the directory name, or its path below root
         name = slug(d.name if d != root else root.resolve().name)
         names.append(name if name not in names else slug(str(d.relative_to(root))))
-    sources = [Source(n, d, Labels.read(d)) for n, d in zip(names, dirs)]
+    sources = [Source(n, d, Labels.read(d, where="RESULTS")) for n, d in zip(names, dirs)]
     summary = _read_json(root / "summary.json") if (root / "summary.json").is_file() else None
     evaluation = _read_json(root / "evaluation.json") if (root / "evaluation.json").is_file() else None
     if (root / "explanations.json").is_file():

@@ -187,23 +187,23 @@ class Labels:
                    [Neuron.from_dict(n) for n in d.get("neurons") or []])
 
     @classmethod
-    def read(cls, path: str | Path, arg: str = "labels") -> Labels:
+    def read(cls, path: str | Path, where: str = "`labels`") -> Labels:
         """The ``labels.json`` of a dissection directory, or the file itself (one-line errors naming
-        the argument ``arg`` for a missing file, bad JSON or a file that is no dissection)."""
+        the argument ``where`` for a missing file, bad JSON or a file that is no dissection)."""
         path = Path(path)
         f = path / "labels.json" if path.is_dir() else path
         if not f.is_file():
-            raise DiscoverError(f"`{arg}` {path}: no labels.json (run python discover.py dissect first)")
+            raise DiscoverError(f"{where} {path}: no labels.json (run python discover.py dissect first)")
         try:
             d = json.loads(f.read_text())
         except json.JSONDecodeError as e:
             raise DiscoverError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from e
         if not isinstance(d, dict) or not isinstance(d.get("layers"), dict) or not isinstance(d.get("neurons"), list):
-            raise DiscoverError(f"`{arg}` {path}: labels.json lacks layers/neurons (not a dissection)")
+            raise DiscoverError(f"{where} {path}: {f.name} lacks layers/neurons (not a dissection)")
         try:
             return cls.from_dict(d)
         except (TypeError, KeyError, AttributeError) as e:
-            raise DiscoverError(f"`{arg}` {path}: labels.json does not match the labels format ({e})") from e
+            raise DiscoverError(f"{where} {path}: {f.name} does not match the labels format ({e})") from e
 
     def to_dict(self) -> dict[str, Any]:
         return {"provenance": self.provenance.to_dict(), "layers": {k: v.to_dict() for k, v in self.layers.items()},

@@ -551,8 +551,6 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
                   f"at epoch {cfg.epochs}")
     elif out.exists() and any(out.iterdir()) and not force:
         raise DiscoverError(f"`out` {out} is not empty; pass `resume` to continue or `force` to overwrite")
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
     data = load_data(cfg)
@@ -597,6 +595,8 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False, progress:
     iters = len(loader)
     if iters == 0:
         raise DiscoverError(f"`batch_size` {cfg.batch_size} is larger than the training set ({len(data.train)})")
+    if d.main:  # every option checked (data, model, batch): only now is the run directory made
+        out.mkdir(parents=True, exist_ok=True)
 
     meta = {"arch": cfg.arch, "U": cfg.U, "act": None if cfg.U else (cfg.act or ("relu" if "resnet" in cfg.arch else "gelu")),
             "num_classes": len(data.classes), "img_size": cfg.img_size, "classes": data.classes,

@@ -43,6 +43,34 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], expected: st
     assert not (tmp_path / "out").exists() and r.stdout == ""
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["world", "export", "OUT", "--n", "2", "--seed", "-1"], "'--seed': -1 is not in the range x>=0"),
+    (["world", "train-clip", "--out", "OUT", "--steps", "1", "--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["dissect", "--model", "checkpoints/deit_world_u8", "--layers", "head", "--probe", "world:10:-1", "--out", "OUT"],
+     "--probe world:10:-1: SEED must be 0 or more"),
+    (["train", "--arch", "deit_world", "--U", "5", "--data", "world:object", "--out", "OUT"], "not divisible by U=5"),
+    (["train", "--arch", "deit_world", "--U", "8", "--data", "world:bogus", "--out", "OUT"],
+     "--data world:bogus: unknown task"),
+    (["layers", "--arch", "deit_world"], "give --U N (a CVN) or --act gelu|relu"),
+    (["world", "zeroshot", "--n", "3", "--device", "bogus"], "--device bogus: not a torch device"),
+    (["dissect", "--model", "checkpoints/deit_world_u8", "--layers", "nope", "--out", "OUT"],
+     "python discover.py record --list-layers --model MODEL"),
+    (["report", "RESULTS", "--out", "OUT"], "RESULTS "),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], expected: str) -> None:
+    """Negative seeds (flags and a probe's), a run's options checked before its folder is made,
+    errors that name the user's own argument (RESULTS, not a flag the command lacks)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "labels.json").write_text("{}")
+    args = [str(tmp_path / "out") if a == "OUT" else str(results) if a == "RESULTS" else a for a in args]
+    r = _cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and "Traceback" not in r.stderr
+
+
 def test_a_weights_file_takes_arch_and_class_names_in_dissect_explain_and_evaluate(tmp_path: Path) -> None:
     """A bare weights file works in every command that runs a model, given --arch/--U, and a
     --class-names file (ImageFolder spelling, underscores) names the outputs for the output-layer

@@ -207,6 +207,36 @@ def test_cli_bad_input_is_one_line(deit, tmp_path: Path) -> None:
         assert len(r.stderr.strip().splitlines()) == 1 and expected in r.stderr, r.stderr
 
 
+def test_cli_prints_paths_as_typed_and_keeps_every_images_maps(deit, tmp_path: Path) -> None:
+    """Rich markup ([red]) and emoji codes (:smile:) in an image path reach the output unchanged,
+    and two images of one file name in different folders get maps of their own (explain.map_stems)."""
+    from PIL import Image
+
+    import world
+
+    tmp, _, _ = deit
+    base = ["--model", str(tmp / "run"), "--labels", str(tmp / "labels")]
+    odd = tmp_path / "[red]x:smile:.png"
+    Image.fromarray(world.render(2, 5, 64).image).save(odd)
+    r = subprocess.run([sys.executable, str(ROOT / "discover.py"), "explain", str(odd), *base, "--top", "1",
+                        "--bottom", "0"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "COLUMNS": "400"}, timeout=300)
+    assert r.returncode == 0 and str(odd) in "".join(r.stdout.split()), r.stdout  # the title wraps
+    r = _cli("explain", str(tmp_path / "none:smile:.png"), *base)
+    assert r.exit_code == 2 and "none:smile:.png" in r.stderr, r.stderr
+    for i, sub in enumerate(("a", "b")):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(world.render(2, i, 64).image).save(tmp_path / sub / "img.png")
+    r = _cli("explain", str(tmp_path / "a" / "img.png"), str(tmp_path / "b" / "img.png"), *base, "--top", "2",
+             "--bottom", "0", "--maps", str(tmp_path / "maps"), "--json")
+    assert r.exit_code == 0, r.output
+    written = [set(res["maps"].values()) for res in json.loads(r.stdout)]
+    assert len(written[0]) == len(written[1]) == 2 and not written[0] & written[1]
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(Path(p).name for w in written for p in w)
+    assert explain.map_stems(["a/img.png", "b/img.png", "world:2:17", "c/img.png"]) == \
+        ["img.png", "img.png-2", "world-2-17", "img.png-3"]
+
+
 def test_cli_subprocess_exit_code(deit) -> None:
     tmp, _, _ = deit
     r = subprocess.run([sys.executable, str(ROOT / "discover.py"), "explain", "nowhere.png", "--model",
