@@ -468,7 +468,8 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
 @click.option("--layers", required=True, help="Comma-separated named_modules() paths ('lwta' = every LWTA layer).")
 @click.option("--probe", default="world:2000", show_default=True, help="world:N[:SEED] or an image folder.")
 @click.option("--concepts", default="world", show_default=True,
-              help="world, world_heldout, 20k, 10k, 3k, imagenet, or a file (one concept per line; Places365 categories too).")
+              help="world, world_heldout, 20k, 10k, 3k, imagenet, or a file (one concept per line, e.g. the Places365 "
+                   "categories; blank lines, repeats and case variants are dropped, the first kept).")
 @click.option("--clip", "clip_spec", default="world-clip", show_default=True,
               help="world-clip, NAME:PRETRAINED (open_clip tag) or NAME:/path/to/weights.")
 @click.option("--similarity", type=Choice(["auto", "soft_wpmi", "wpmi", "rank_reorder", "cos", "cos3"]),
