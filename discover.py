@@ -126,6 +126,12 @@ def cli() -> None:
 
 # --- models: LWTA networks ------------------------------------------------------------------------
 
+def need_u_or_act(U: int | None, act: str | None) -> None:
+    """A network to build is a CVN (--U) or its plain twin (--act): one of the two is needed."""
+    if U is None and act is None:
+        raise DiscoverError("give --U N (a CVN) or --act gelu|relu (its plain twin)")
+
+
 @cli.command("layers")
 @click.option("--arch", required=True, help="Architecture name (see models.ARCHS).")
 @click.option("--U", "U", type=int, default=None, help="Competitors per LWTA block (a CVN).")
@@ -138,8 +144,7 @@ def layers_cmd(arch: str, U: int | None, act: str | None, num_classes: int | Non
     import lwta
     import models
 
-    if U is None and act is None:
-        raise DiscoverError("give --U N (a CVN) or --act gelu|relu (its plain twin)")
+    need_u_or_act(U, act)
     model = models.build(arch, U=U, act=act, num_classes=num_classes)
     n_params = sum(p.numel() for p in model.parameters())
     what = f"{escape(arch)} ({'U=' + str(U) if U else act}): {n_params:,} parameters"
@@ -230,7 +235,8 @@ def _zeroshot_table(title: str, acc: dict[str, float]):
               help="world-clip, NAME:PRETRAINED (an open_clip tag) or NAME:/path/to/weights.")
 @click.option("--n", type=int, default=1000, show_default=True, help="Fresh world images to classify.")
 @click.option("--seed", type=click.IntRange(min=0), default=777, show_default=True, help="World seed (777: CLIP evaluation).")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu (world-clip: the path of its manifest's figures), auto (CUDA when present), cuda, cuda:1 ...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool) -> None:
     """Zero-shot accuracy of a CLIP on every world attribute and the 64-class object task."""
@@ -250,7 +256,7 @@ def world_zeroshot(clip_spec: str, n: int, seed: int, device: str, as_json: bool
         click.echo(json.dumps({"clip": clip_spec, "fingerprint": clip.fingerprint, "n": n, "seed": seed,
                                "accuracy_percent": acc}, indent=2))
     else:
-        console.print(_zeroshot_table(f"{clip_spec}: zero-shot on {n} world images (seed {seed})", acc))
+        console.print(_zeroshot_table(f"{escape(clip_spec)}: zero-shot on {n} world images (seed {seed})", acc))
 
 
 @world_group.command("train-clip")
@@ -366,8 +372,7 @@ def train_cmd(resume: bool, force: bool, **opts) -> None:
     """Train a CVN (--U) or its plain twin (--act) with the DISCOVER recipes (ELBO = CE + KL)."""
     import train
 
-    if opts["U"] is None and opts["act"] is None:
-        raise DiscoverError("give --U N (a CVN) or --act gelu|relu (its plain twin)")
+    need_u_or_act(opts["U"], opts["act"])
     try:
         meta = train.train(train.TrainConfig(**opts), resume=resume, force=force)
     except KeyboardInterrupt:
@@ -457,7 +462,7 @@ def record_cmd(model_spec: str, layers: str | None, probe: str | None, out: str 
     for name, p in paths.items():
         info = record.read_metadata(p)
         table.add_row(name, info.get("U", ""), info.get("signal", ""), info.get("summary_applied", ""),
-                      info.get("shape", ""), str(p))
+                      info.get("shape", ""), escape(str(p)))
     console.print(table)
     if any(m.endswith(": recorded") for m in done):
         console.print(f"{secs:.1f} s ({pr.n / secs:.0f} images/s, image loading included)", highlight=False)

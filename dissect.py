@@ -130,29 +130,36 @@ def gallery_fit(A: np.ndarray, holds: np.ndarray, allowed: np.ndarray) -> np.nda
     return fit
 
 
+def _allowed_first(s: np.ndarray, ok: np.ndarray, f: np.ndarray | None) -> np.ndarray:
+    """The concepts allowed for a neuron (``ok``) in label order: by fit ``f`` (None: none), then by
+    score ``s`` (non-finite as -inf), then in concept-list order."""
+    ms = np.flatnonzero(ok)
+    keys = (ms, -s[ms]) if f is None else (ms, -s[ms], -f[ms])
+    return ms[np.lexsort(keys)]  # the last key sorts first
+
+
 def concept_order(s: np.ndarray, ok: np.ndarray | None = None, f: np.ndarray | None = None) -> np.ndarray:
     """One neuron's concepts in label order, as indices into its scores ``s`` (M): the concepts
     allowed for it (``ok``, M bools, a row of :func:`gallery_mask`) first, by fit (``f``, a row of
     :func:`gallery_fit`; None: by score) and then by score, then the others by score; equal keys in
     concept-list order, non-finite scores last. The first is the neuron's label."""
-    order = np.argsort(-np.where(np.isfinite(s), s, -np.inf), kind="stable")
+    s = np.where(np.isfinite(s), s, -np.inf)
     if ok is None:
-        return order
-    ok = ok[order]
-    first = order[ok]  # by score
-    if f is not None:
-        first = first[np.argsort(-f[first], kind="stable")]  # by fit, then by score
-    return np.concatenate([first, order[~ok]])
+        return np.argsort(-s, kind="stable")
+    rest = np.flatnonzero(~ok)
+    return np.concatenate([_allowed_first(s, ok, f), rest[np.argsort(-s[rest], kind="stable")]])
 
 
 def label_indices(S: np.ndarray, allowed: np.ndarray | None = None, fit: np.ndarray | None = None) -> np.ndarray:
     """Each neuron's label, as a concept index into S's columns (K x M): the first of its
     :func:`concept_order` (among the concepts ``allowed`` for it, the one that fits it best, ties by
     score; its best-scoring concept when none is allowed or no mask is given)."""
-    if allowed is None:
-        return np.where(np.isfinite(S), S, -np.inf).argmax(1)
-    return np.array([concept_order(S[k], allowed[k], None if fit is None else fit[k])[0]
-                     for k in range(S.shape[0])], np.int64)
+    S = np.where(np.isfinite(S), S, -np.inf)
+    best = S.argmax(1)
+    if allowed is not None:
+        for k in np.flatnonzero(allowed.any(1)):
+            best[k] = _allowed_first(S[k], allowed[k], None if fit is None else fit[k])[0]
+    return best
 
 
 def choose_labels(similarity: str, A: np.ndarray, P: np.ndarray, threshold: float | None = None,

@@ -850,6 +850,7 @@ def _cos(v: float | None, na: str = "-") -> str:
 def table(result: dict[str, Any]):
     """One rich table: rows = labels dir x layer, columns = the figures (columns that no row has are
     left out: output-layer figures without an output layer, AUROC figures without a world probe)."""
+    from rich.markup import escape
     from rich.table import Table
 
     import simulate
@@ -878,7 +879,8 @@ def table(result: dict[str, Any]):
         short = {d: d for d in dirs}
     for r in runs:
         o, w = r["output_layer"], r["world"]
-        cells = [f"{short[r['labels']]}\n[dim]{r['similarity'] or '?'}, {r.get('signal') or '?'}[/]", r["layer"],
+        cells = [f"{escape(short[r['labels']])}\n[dim]{r['similarity'] or '?'}, {r.get('signal') or '?'}[/]",
+                 escape(r["layer"]),
                  f"{r['K']}/{r['U']}" if r["U"] else str(r["K"]),
                  f"{r['active_per_example']:.1f} ({r['active_percent']:.0f}%)", str(r["dead"]),
                  _pct(r["interpretable_percent"])]
@@ -915,5 +917,5 @@ def table(result: dict[str, Any]):
                                else f"{short[r['labels']]} {r['layer']}: {n}" for r in runs for n in r["notes"]))
     if has_out and result["sentence_model"].startswith("n/a"):
         notes.append(f"sent. cos: {result['sentence_model']}")
-    t.caption = "\n".join(notes) or None
+    t.caption = escape("\n".join(notes)) or None
     return t

@@ -416,9 +416,9 @@ def table(res: dict[str, Any], top: int = 7, bottom: int = 6):
         if gap is not None and j == gap:
             t.add_row("…", "", *(["", ""] if blocks else []), f"[dim]{len(neurons) - top - bottom} more[/]",
                       *([""] if conf else []), *([""] if gain else []), "", "", *([""] if sampled else []))
-        concept = r["concept"] or "[dim](dead)[/]"
+        concept = escape(r["concept"]) if r["concept"] else "[dim](dead)[/]"
         if r["concept"] and r["interpretable"] is False:
-            concept = f"[dim]{r['concept']}[/]"
+            concept = f"[dim]{concept}[/]"
         score = "-" if r["score"] is None else f"{r['score']:.3f}"
         pi = "-" if r.get("pi") is None else f"{r['pi']:.2f}"
         c, g = r.get("confidence"), r.get("gain")

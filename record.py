@@ -399,7 +399,8 @@ def _record(model: nn.Module, meta: ModelMeta, modules: dict[str, nn.Module], pr
                         if c != 1:
                             raise DiscoverError(f"layer {n} runs {c} times per forward "
                                                 f"({'never' if not c else 'a shared module'}); "
-                                                "record another layer (`list_layers` shows the calls)")
+                                                "record another layer (python discover.py record --list-layers "
+                                                "--model MODEL shows the calls)")
                     early[0] = True
                 for n, (values, how, meaning) in results.items():
                     blocks = {"activations": values.cpu().numpy()}

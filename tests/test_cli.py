@@ -55,7 +55,7 @@ def test_usage_errors_are_one_line(tmp_path: Path, args: list[str], expected: st
     (["world", "zeroshot", "--n", "3", "--device", "bogus"], "--device bogus: not a torch device"),
     (["dissect", "--model", "checkpoints/deit_world_u8", "--layers", "nope", "--out", "OUT"],
      "python discover.py record --list-layers --model MODEL"),
-    (["report", "RESULTS", "--out", "OUT"], "RESULTS "),
+    (["report", "RESULTS", "--out", "OUT"], "RESULTS {results}: labels.json lacks layers/neurons"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], expected: str) -> None:
     """Negative seeds (flags and a probe's), a run's options checked before its folder is made,
@@ -67,7 +67,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str
     r = _cli(*args)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert expected in lines[0], lines[0]
+    assert expected.format(results=results) in lines[0], lines[0]
     assert not (tmp_path / "out").exists() and "Traceback" not in r.stderr
 
 
