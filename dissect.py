@@ -131,8 +131,8 @@ def gallery_fit(A: np.ndarray, holds: np.ndarray, allowed: np.ndarray) -> np.nda
 
 
 def _allowed_first(s: np.ndarray, ok: np.ndarray, f: np.ndarray | None) -> np.ndarray:
-    """The concepts allowed for a neuron (``ok``) in label order: by fit ``f`` (None: none), then by
-    score ``s`` (non-finite as -inf), then in concept-list order."""
+    """The concepts allowed for a neuron (``ok``) in label order: by fit ``f`` (None: no fit, so
+    by score alone), then by score ``s`` (non-finite as -inf), then in concept-list order."""
     ms = np.flatnonzero(ok)
     keys = (ms, -s[ms]) if f is None else (ms, -s[ms], -f[ms])
     return ms[np.lexsort(keys)]  # the last key sorts first

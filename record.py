@@ -75,6 +75,7 @@ SUMMARIES = ("auto", "cls", "mean", "max", "identity")
 SIGNALS = ("pi", "expected", "sample", "argmax")  # what an LWTA layer's neuron vector is made of
 DEFAULT_SIGNAL = "expected"  # pi*h: a decisive CVN's pi saturates at 1 on many images (docs/labels.md)
 FORMAT_VERSION = "2"  # of the activation files; bump to invalidate every cached recording
+LIST_LAYERS = "python discover.py record --list-layers --model MODEL"  # the command that lists a model's layers
 
 
 # --- layers and summaries -------------------------------------------------------------------------
@@ -98,11 +99,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Modu
             close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
             hint = (f"close names: {', '.join(close)}" if close else
                     f"the model has {len(modules)} named modules, e.g. {', '.join(list(modules)[:4])}")
-            raise DiscoverError(f"unknown layer {name!r}; {hint} (python discover.py record --list-layers "
-                                "--model MODEL prints them all)")
+            raise DiscoverError(f"unknown layer {name!r}; {hint} ({LIST_LAYERS} prints them all)")
     if not out:
-        raise DiscoverError("`layers`: give at least one layer (python discover.py record --list-layers "
-                            "--model MODEL prints them)")
+        raise DiscoverError(f"`layers`: give at least one layer ({LIST_LAYERS} prints them)")
     return out
 
 
@@ -399,8 +398,7 @@ def _record(model: nn.Module, meta: ModelMeta, modules: dict[str, nn.Module], pr
                         if c != 1:
                             raise DiscoverError(f"layer {n} runs {c} times per forward "
                                                 f"({'never' if not c else 'a shared module'}); "
-                                                "record another layer (python discover.py record --list-layers "
-                                                "--model MODEL shows the calls)")
+                                                f"record another layer ({LIST_LAYERS} shows the calls)")
                     early[0] = True
                 for n, (values, how, meaning) in results.items():
                     blocks = {"activations": values.cpu().numpy()}
